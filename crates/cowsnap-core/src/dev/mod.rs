@@ -1,0 +1,143 @@
+//! Block devices: the positional, thread-safe I/O interface every layer is built on.
+//!
+//! A [`BlockDevice`] has no cursor; every call names its byte offset, and calls may come from
+//! many threads at once. Implementations: [`FileDevice`] (a file or a block device, with
+//! positional I/O), [`MemDevice`] (sparse, in memory), [`FaultyDevice`] (fails chosen
+//! ranges or the Nth operation) and [`GatedDevice`] (holds chosen operations until a test
+//! releases them, so that races are reproduced in a chosen order). Targets are devices too.
+
+mod faulty;
+mod file;
+mod gated;
+mod mem;
+
+pub use faulty::{FaultRule, FaultyDevice, OpKind};
+pub use file::FileDevice;
+pub use gated::{Gate, GatedDevice};
+pub use mem::MemDevice;
+
+use crate::error::{Error, Result};
+use crate::units::is_sector_aligned;
+
+/// Force unit access: when set, a write is durable once it returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fua {
+    /// Durable only after a later successful [`BlockDevice::flush`].
+    #[default]
+    No,
+    /// Durable when the write returns `Ok`.
+    Yes,
+}
+
+/// A block device with positional, thread-safe I/O and no cursor.
+///
+/// **Durability contract.** Writes that return `Ok` between two flushes may reach stable
+/// media in any order, and a crash may tear any of them at sector granularity. When
+/// [`flush`](Self::flush) returns `Ok`, every write that returned `Ok` before the flush was
+/// called is durable. A write with [`Fua::Yes`] is durable when it returns `Ok`. Reads see
+/// every write that returned `Ok` before the read was issued; concurrent writes to the same
+/// sectors have no defined order.
+///
+/// **Requests.** Offsets and lengths are in bytes, multiples of 512, and inside
+/// `0..size()`; implementations check this with [`check_request`] and answer
+/// [`Error::Misaligned`] or [`Error::OutOfRange`].
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Size in bytes (a multiple of 512).
+    fn size(&self) -> u64;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes `buf` at `offset`; durable on return when `fua` is [`Fua::Yes`].
+    fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()>;
+
+    /// Makes every write that returned before this call durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Tells the device that `offset..offset+len` is no longer needed. What it reads
+    /// afterwards is unspecified unless the device documents it (files read zeros).
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        Err(Error::Unsupported("discard"))
+    }
+
+    /// Makes `offset..offset+len` read as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        let zeros = vec![0u8; ZERO_BUF.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_at(&zeros[..n as usize], offset + done, Fua::No)?;
+            done += n;
+        }
+        if fua == Fua::Yes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A short human-readable name for messages (a path, `mem`, ...).
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+const ZERO_BUF: u64 = 1 << 20;
+
+/// Checks that `offset..offset+len` is sector-aligned and inside a device of `size` bytes.
+pub fn check_request(size: u64, offset: u64, len: u64) -> Result<()> {
+    if !is_sector_aligned(offset) || !is_sector_aligned(len) {
+        return Err(Error::Misaligned { offset, len });
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
+        (**self).write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
+        (**self).write_zeroes(offset, len, fua)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_checked() {
+        assert!(check_request(4096, 0, 4096).is_ok());
+        assert!(matches!(
+            check_request(4096, 512, 4096),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_request(4096, 1, 512),
+            Err(Error::Misaligned { .. })
+        ));
+        assert!(matches!(
+            check_request(4096, u64::MAX - 511, 512),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+}

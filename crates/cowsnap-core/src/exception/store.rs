@@ -1,0 +1,124 @@
+//! The exception store interface: where completed exceptions are kept, and the commit rule.
+//!
+//! A store hands out free chunks on its COW device ([`prepare`](ExceptionStore::prepare)),
+//! makes exceptions durable ([`commit`](ExceptionStore::commit)), and can be marked invalid.
+//! The core never writes store metadata itself; it writes *data* chunks to the COW device
+//! and then asks the store to commit. Stores are shared between request threads, so their
+//! methods take `&self` and lock inside; a persistent store groups concurrent commits into
+//! one metadata write.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use super::table::Exception;
+use crate::dev::BlockDevice;
+use crate::error::{Error, Result};
+use crate::units::{Chunk, ChunkSize};
+
+/// The store types of the kernel's snapshot table: `N`, `P` and `PO`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreKind {
+    /// `N`: exceptions only in memory; lost when the snapshot is deactivated.
+    Transient,
+    /// `P` (`overflow == false`) or `PO`: exceptions in the kernel's on-disk format.
+    Persistent {
+        /// `PO`: a snapshot write that finds the COW full fails with EIO and marks the
+        /// snapshot *overflowed* (reads keep working) instead of invalidating it.
+        overflow: bool,
+    },
+}
+
+impl StoreKind {
+    /// True for `PO`.
+    pub fn overflow_allowed(self) -> bool {
+        matches!(self, StoreKind::Persistent { overflow: true })
+    }
+}
+
+impl fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreKind::Transient => "N",
+            StoreKind::Persistent { overflow: false } => "P",
+            StoreKind::Persistent { overflow: true } => "PO",
+        })
+    }
+}
+
+impl FromStr for StoreKind {
+    type Err = Error;
+    /// Parses `N`, `P` or `PO` (any case), as the kernel's table does.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "N" => Ok(StoreKind::Transient),
+            "P" => Ok(StoreKind::Persistent { overflow: false }),
+            "PO" => Ok(StoreKind::Persistent { overflow: true }),
+            _ => Err(Error::InvalidArgument(format!(
+                "store type {s:?} is not N, P or PO"
+            ))),
+        }
+    }
+}
+
+/// Space use of a store, in sectors, with the kernel's meanings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Sectors in use on the COW device, header and metadata included.
+    pub allocated_sectors: u64,
+    /// Size of the COW device in sectors.
+    pub total_sectors: u64,
+    /// Sectors used by the header and metadata.
+    pub metadata_sectors: u64,
+}
+
+/// What loading a store found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// No metadata: a new store was formatted (or a transient store started empty).
+    Fresh,
+    /// Valid metadata; its exceptions were passed to the sink.
+    Valid,
+    /// The header marks the snapshot invalid; no exceptions were loaded.
+    Invalid,
+}
+
+/// Where exceptions are kept.
+///
+/// **Commit contract.** The caller writes an exception's data chunk to the COW device,
+/// and only then calls [`commit`](Self::commit). When `commit` returns `Ok`, the data and
+/// the metadata of every exception in the batch are durable, and so are those of every
+/// exception prepared before them: commits happen in allocation order, so a crash never
+/// leaves a committed exception after an uncommitted one (no leaked chunks). A prepared
+/// exception that will never be committed (its copy failed) must be given to
+/// [`abort`](Self::abort), or later commits could wait for it forever.
+pub trait ExceptionStore: Send + Sync + fmt::Debug {
+    /// The store type.
+    fn kind(&self) -> StoreKind;
+
+    /// The chunk size (for persistent stores, the one in the header).
+    fn chunk_size(&self) -> ChunkSize;
+
+    /// The COW device holding data and metadata.
+    fn cow(&self) -> &Arc<dyn BlockDevice>;
+
+    /// Reads the metadata and passes every committed exception to `sink`, in commit order.
+    /// Formats a fresh store. Called once, before the snapshot is activated.
+    fn load(&self, sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome>;
+
+    /// Allocates a COW chunk for `old`. Persists nothing. [`Error::CowFull`] when none is
+    /// free.
+    fn prepare(&self, old: Chunk) -> Result<Chunk>;
+
+    /// Makes `batch` durable (see the commit contract). On error the store is invalid.
+    fn commit(&self, batch: &[Exception]) -> Result<()>;
+
+    /// Gives up a prepared exception whose copy failed.
+    fn abort(&self, e: &Exception);
+
+    /// Marks the store invalid, on disk too where it has a header. Idempotent.
+    fn invalidate(&self) -> Result<()>;
+
+    /// Space use, in the kernel's numbers.
+    fn usage(&self) -> Usage;
+}

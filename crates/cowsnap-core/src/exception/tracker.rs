@@ -1,0 +1,386 @@
+//! The exception tracker: completed table, pending exceptions and tracked reads of one
+//! exception space (one snapshot's COW, or one relocation target's spare area).
+//!
+//! It answers the two routing questions atomically per chunk:
+//! * [`route_read`](ExceptionTracker::route_read): remapped (read the new chunk), or not
+//!   remapped, in which case the read of the old chunk is *tracked* until its guard drops;
+//! * [`route_write`](ExceptionTracker::route_write): remapped, pending (wait on it), or
+//!   new: the caller now owns a fresh pending exception and must copy, commit and
+//!   [`complete`](ExceptionTracker::complete) it.
+//!
+//! Invariant: a chunk's completed exception is inserted under the same shard lock that
+//! routes reads, so once `complete` returns no new read of that chunk is sent to the old
+//! location; [`wait_reads_drained`](ExceptionTracker::wait_reads_drained) then waits, woken
+//! by the last tracked read's end (no polling), for the reads that were already there.
+//! Locks are per shard of chunks; no lock is held while I/O runs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+use super::table::{Exception, ExceptionTable};
+use crate::error::{Error, Result};
+use crate::units::Chunk;
+
+const SHARDS: usize = 64;
+
+/// A pending exception: the chunk is being copied; requests that need it wait here.
+#[derive(Debug, Default)]
+pub struct PendingException {
+    outcome: Mutex<Option<Result<Chunk, String>>>,
+    done: Condvar,
+}
+
+impl PendingException {
+    /// Blocks until the exception completes; returns its new chunk, or why it failed.
+    pub fn wait(&self) -> Result<Chunk, String> {
+        let mut o = self.outcome.lock();
+        loop {
+            if let Some(r) = o.as_ref() {
+                return r.clone();
+            }
+            self.done.wait(&mut o);
+        }
+    }
+
+    fn finish(&self, r: Result<Chunk, String>) {
+        *self.outcome.lock() = Some(r);
+        self.done.notify_all();
+    }
+}
+
+/// A pending exception created by [`ExceptionTracker::route_write`]; its owner must copy the
+/// chunk, commit it to the store and hand it back to [`ExceptionTracker::complete`] or
+/// [`ExceptionTracker::fail`]. Dropping it unfinished fails it, so waiters never hang.
+#[derive(Debug)]
+pub struct OwnedPending {
+    /// The exception being made.
+    pub exception: Exception,
+    pending: Arc<PendingException>,
+    shard: usize,
+    tracker: Option<Arc<TrackerInner>>,
+}
+
+impl Drop for OwnedPending {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracker.take() {
+            t.finish(
+                self.shard,
+                self.exception,
+                Err("abandoned".into()),
+                &self.pending,
+            );
+        }
+    }
+}
+
+/// Where a read of one chunk goes.
+#[derive(Debug)]
+pub enum ReadRoute {
+    /// Read the new chunk.
+    Remapped(Chunk),
+    /// Read the old chunk; the read stays tracked until the guard drops.
+    Unmapped(TrackedRead),
+}
+
+/// Where a write of one chunk goes.
+#[derive(Debug)]
+pub enum WriteRoute {
+    /// The chunk has a completed exception. `reads_in_flight` tells whether reads routed to
+    /// the old chunk before it completed may still be running.
+    Remapped {
+        /// The new chunk.
+        new: Chunk,
+        /// Reads of the old location may still be in flight.
+        reads_in_flight: bool,
+    },
+    /// Another request is making the exception: wait on it.
+    Wait(Arc<PendingException>),
+    /// This request made a new pending exception and owns it.
+    Own(OwnedPending),
+}
+
+/// A read routed to the old location; ends its tracking when dropped.
+#[derive(Debug)]
+pub struct TrackedRead {
+    tracker: Arc<TrackerInner>,
+    chunk: Chunk,
+}
+
+impl Drop for TrackedRead {
+    fn drop(&mut self) {
+        self.tracker.untrack(self.chunk);
+    }
+}
+
+#[derive(Debug, Default)]
+struct ShardState {
+    pending: HashMap<Chunk, Arc<PendingException>>,
+    tracked: HashMap<Chunk, u32>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    state: Mutex<ShardState>,
+    drained: Condvar,
+}
+
+#[derive(Debug)]
+struct TrackerInner {
+    table: RwLock<ExceptionTable>,
+    shards: Box<[Shard]>,
+    drain_waits: AtomicU64,
+}
+
+/// Completed table, pending exceptions and tracked reads of one exception space.
+#[derive(Clone, Debug)]
+pub struct ExceptionTracker {
+    inner: Arc<TrackerInner>,
+}
+
+fn shard_of(c: Chunk) -> usize {
+    // Fibonacci hashing spreads neighbouring chunks over shards.
+    (c.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
+}
+
+impl TrackerInner {
+    fn untrack(&self, c: Chunk) {
+        let shard = &self.shards[shard_of(c)];
+        let mut st = shard.state.lock();
+        if let Some(n) = st.tracked.get_mut(&c) {
+            *n -= 1;
+            if *n == 0 {
+                st.tracked.remove(&c);
+                shard.drained.notify_all();
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        shard: usize,
+        e: Exception,
+        r: Result<(), String>,
+        pending: &PendingException,
+    ) {
+        let mut st = self.shards[shard].state.lock();
+        let outcome = match r {
+            Ok(()) => match self.table.write().insert(e) {
+                Ok(()) => Ok(e.new),
+                Err(err) => Err(err.to_string()),
+            },
+            Err(why) => Err(why),
+        };
+        st.pending.remove(&e.old);
+        drop(st);
+        pending.finish(outcome);
+    }
+}
+
+impl ExceptionTracker {
+    /// A tracker over the completed exceptions in `table` (loaded from a store).
+    pub fn new(table: ExceptionTable) -> Self {
+        ExceptionTracker {
+            inner: Arc::new(TrackerInner {
+                table: RwLock::new(table),
+                shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+                drain_waits: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The completed exception of `old`, if any.
+    pub fn lookup(&self, old: Chunk) -> Option<Chunk> {
+        self.inner.table.read().lookup(old)
+    }
+
+    /// Routes a read of chunk `old`; see [`ReadRoute`].
+    pub fn route_read(&self, old: Chunk) -> ReadRoute {
+        let mut st = self.inner.shards[shard_of(old)].state.lock();
+        if let Some(new) = self.inner.table.read().lookup(old) {
+            return ReadRoute::Remapped(new);
+        }
+        *st.tracked.entry(old).or_insert(0) += 1;
+        ReadRoute::Unmapped(TrackedRead {
+            tracker: self.inner.clone(),
+            chunk: old,
+        })
+    }
+
+    /// Routes a write of chunk `old`; when the chunk has neither a completed nor a pending
+    /// exception, calls `allocate(old)` for a new chunk and returns [`WriteRoute::Own`].
+    pub fn route_write(
+        &self,
+        old: Chunk,
+        allocate: impl FnOnce(Chunk) -> Result<Chunk>,
+    ) -> Result<WriteRoute> {
+        let shard = shard_of(old);
+        let mut st = self.inner.shards[shard].state.lock();
+        if let Some(new) = self.inner.table.read().lookup(old) {
+            return Ok(WriteRoute::Remapped {
+                new,
+                reads_in_flight: st.tracked.contains_key(&old),
+            });
+        }
+        if let Some(p) = st.pending.get(&old) {
+            return Ok(WriteRoute::Wait(p.clone()));
+        }
+        let new = allocate(old)?;
+        let pending = Arc::new(PendingException::default());
+        st.pending.insert(old, pending.clone());
+        Ok(WriteRoute::Own(OwnedPending {
+            exception: Exception { old, new },
+            pending,
+            shard,
+            tracker: Some(self.inner.clone()),
+        }))
+    }
+
+    /// The owner's copy is committed: insert the completed exception, wake the waiters.
+    pub fn complete(&self, mut owned: OwnedPending) -> Result<()> {
+        owned.tracker = None;
+        self.inner
+            .finish(owned.shard, owned.exception, Ok(()), &owned.pending);
+        match owned.pending.wait() {
+            Ok(_) => Ok(()),
+            Err(why) => Err(Error::Invalid(why)),
+        }
+    }
+
+    /// The owner's copy or commit failed: drop the pending exception, waking waiters with
+    /// `why`.
+    pub fn fail(&self, mut owned: OwnedPending, why: &str) {
+        owned.tracker = None;
+        self.inner.finish(
+            owned.shard,
+            owned.exception,
+            Err(why.into()),
+            &owned.pending,
+        );
+    }
+
+    /// Blocks until no read routed to the old chunk `old` is in flight.
+    ///
+    /// Call it only after `old` has a completed exception (or its owner gave up), so that
+    /// no new read can be routed there meanwhile.
+    pub fn wait_reads_drained(&self, old: Chunk) {
+        let shard = &self.inner.shards[shard_of(old)];
+        let mut st = shard.state.lock();
+        if !st.tracked.contains_key(&old) {
+            return;
+        }
+        self.inner.drain_waits.fetch_add(1, Ordering::SeqCst);
+        while st.tracked.contains_key(&old) {
+            shard.drained.wait(&mut st);
+        }
+    }
+
+    /// How many times a caller had to wait in [`wait_reads_drained`](Self::wait_reads_drained)
+    /// (tests observe races through it).
+    pub fn drain_waits(&self) -> u64 {
+        self.inner.drain_waits.load(Ordering::SeqCst)
+    }
+
+    /// Reads of the old chunk `old` in flight now.
+    pub fn reads_in_flight(&self, old: Chunk) -> u32 {
+        let st = self.inner.shards[shard_of(old)].state.lock();
+        st.tracked.get(&old).copied().unwrap_or(0)
+    }
+
+    /// Pending exceptions now.
+    pub fn pending_count(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.state.lock().pending.len())
+            .sum()
+    }
+
+    /// A copy of the completed table.
+    pub fn table_snapshot(&self) -> ExceptionTable {
+        self.inner.table.read().clone()
+    }
+
+    /// Completed exceptions.
+    pub fn completed_count(&self) -> u64 {
+        self.inner.table.read().len()
+    }
+
+    /// Runs `f` on the completed table (for status and dump code).
+    pub fn with_table<R>(&self, f: impl FnOnce(&ExceptionTable) -> R) -> R {
+        f(&self.inner.table.read())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_routes_own_then_wait_then_remapped() {
+        let t = ExceptionTracker::new(ExceptionTable::new());
+        let c = Chunk(7);
+        let owned = match t.route_write(c, |_| Ok(Chunk(2))).unwrap() {
+            WriteRoute::Own(o) => o,
+            r => panic!("expected Own, got {r:?}"),
+        };
+        let waiter = match t
+            .route_write(c, |_| panic!("no second allocation"))
+            .unwrap()
+        {
+            WriteRoute::Wait(p) => p,
+            r => panic!("expected Wait, got {r:?}"),
+        };
+        let th = std::thread::spawn(move || waiter.wait());
+        t.complete(owned).unwrap();
+        assert_eq!(th.join().unwrap(), Ok(Chunk(2)));
+        assert!(matches!(
+            t.route_write(c, |_| panic!()).unwrap(),
+            WriteRoute::Remapped {
+                new: Chunk(2),
+                reads_in_flight: false
+            }
+        ));
+        assert_eq!(t.pending_count(), 0);
+    }
+
+    #[test]
+    fn tracked_reads_hold_drain_until_dropped() {
+        let t = ExceptionTracker::new(ExceptionTable::new());
+        let c = Chunk(3);
+        let r = match t.route_read(c) {
+            ReadRoute::Unmapped(g) => g,
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(t.reads_in_flight(c), 1);
+        let o = match t.route_write(c, |_| Ok(Chunk(9))).unwrap() {
+            WriteRoute::Own(o) => o,
+            r => panic!("{r:?}"),
+        };
+        t.complete(o).unwrap();
+        assert!(matches!(t.route_read(c), ReadRoute::Remapped(Chunk(9))));
+        let t2 = t.clone();
+        let th = std::thread::spawn(move || t2.wait_reads_drained(c));
+        while t.drain_waits() == 0 {
+            std::thread::yield_now();
+        }
+        drop(r);
+        th.join().unwrap();
+        assert_eq!(t.reads_in_flight(c), 0);
+    }
+
+    #[test]
+    fn dropped_owner_fails_waiters() {
+        let t = ExceptionTracker::new(ExceptionTable::new());
+        let o = t.route_write(Chunk(1), |_| Ok(Chunk(5))).unwrap();
+        let w = match t.route_write(Chunk(1), |_| Ok(Chunk(6))).unwrap() {
+            WriteRoute::Wait(p) => p,
+            r => panic!("{r:?}"),
+        };
+        drop(o);
+        assert!(w.wait().is_err());
+        assert_eq!(t.lookup(Chunk(1)), None);
+    }
+}

@@ -1,0 +1,25 @@
+//! cowsnap-core: copy-on-write snapshots of block devices, the device-mapper snapshot
+//! design rebuilt in userspace.
+//!
+//! Vocabulary (defined in full in ARCHITECTURE.md): an *origin* is the live device; a
+//! *snapshot* is its content frozen at activation, made of the origin plus a *COW device*;
+//! both are cut into *chunks*. Before an origin chunk first changes, its old data is copied
+//! to the COW device and an *exception* (`origin chunk -> COW chunk`) is *committed* to the
+//! snapshot's *store*. While the copy runs the exception is *pending*. A snapshot whose COW
+//! fills up or fails becomes *invalid*.
+//!
+//! Layers, bottom up: [`units`] and [`dev`] (block devices), the generic [`exception`]
+//! layer and the [`copy`] engine (which know nothing of snapshots), and the [`target`]s
+//! (origin and snapshot policy). The library knows nothing of NBD, FUSE or the CLI.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod copy;
+pub mod dev;
+pub mod error;
+pub mod exception;
+pub mod target;
+pub mod units;
+
+pub use error::{Error, ErrorKind, Result};
