@@ -31,18 +31,27 @@ const SHARDS: usize = 64;
 pub struct PendingException {
     outcome: Mutex<Option<Result<Chunk, String>>>,
     done: Condvar,
+    waiters: AtomicU64,
 }
 
 impl PendingException {
     /// Blocks until the exception completes; returns its new chunk, or why it failed.
     pub fn wait(&self) -> Result<Chunk, String> {
         let mut o = self.outcome.lock();
+        if o.is_none() {
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+        }
         loop {
             if let Some(r) = o.as_ref() {
                 return r.clone();
             }
             self.done.wait(&mut o);
         }
+    }
+
+    /// How many requests have waited on this exception (tests observe races by it).
+    pub fn waiters(&self) -> u64 {
+        self.waiters.load(Ordering::SeqCst)
     }
 
     fn finish(&self, r: Result<Chunk, String>) {
@@ -287,6 +296,12 @@ impl ExceptionTracker {
     pub fn reads_in_flight(&self, old: Chunk) -> u32 {
         let st = self.inner.shards[shard_of(old)].state.lock();
         st.tracked.get(&old).copied().unwrap_or(0)
+    }
+
+    /// The pending exception of chunk `old`, if one is in flight.
+    pub fn pending(&self, old: Chunk) -> Option<Arc<PendingException>> {
+        let st = self.inner.shards[shard_of(old)].state.lock();
+        st.pending.get(&old).cloned()
     }
 
     /// Pending exceptions now.

@@ -1,0 +1,11 @@
+//! Targets: the devices the engine exposes, in device-mapper's terms.
+//!
+//! [`Origin`] is the live device whose writes copy data out to its snapshots;
+//! [`Snapshot`] is a frozen view of it made of the origin plus a COW device. Both are
+//! [`BlockDevice`](crate::dev::BlockDevice)s, so front ends serve them like any device.
+
+mod origin;
+mod snapshot;
+
+pub use origin::Origin;
+pub use snapshot::{Snapshot, SnapshotStatus};

@@ -1,0 +1,251 @@
+//! The origin target: the live device; every write first copies what it overwrites into
+//! every active snapshot.
+//!
+//! An origin write runs in this order, and only this order:
+//! 1. *route*: for each chunk it touches and each active, valid snapshot, find a completed
+//!    exception, join a pending one, or create one (allocating its COW chunk);
+//! 2. *copy*: for each chunk this request owns in some snapshots, read the origin chunk once
+//!    and write it to all of their COW devices (snapshots grouped by chunk size);
+//! 3. *commit*: per snapshot, one store commit for the batch (data durable before metadata);
+//!    complete the pending exceptions, waking requests queued on them;
+//! 4. *wait*: for the pending exceptions other requests own (S3: the write waits on the
+//!    exceptions themselves, nothing is moved between them), then for snapshot reads still
+//!    reading these chunks from the origin (S1, S4);
+//! 5. *write* the origin.
+//!
+//! The snapshot list sits behind a read-write lock that writes hold in shared mode from
+//! step 1 to 5; activating or removing a snapshot takes it exclusively, so a snapshot
+//! joins between writes, never in the middle of one (S2; the kernel's origin suspend).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::snapshot::{OwnedBatch, Snapshot};
+use crate::copy::{Copier, CopyDest};
+use crate::dev::{check_request, BlockDevice, Fua};
+use crate::error::{Error, Result};
+use crate::exception::{PendingException, WriteRoute};
+use crate::units::Chunk;
+
+/// The origin: a device with snapshots.
+pub struct Origin {
+    dev: Arc<dyn BlockDevice>,
+    copier: Arc<Copier>,
+    /// Active snapshots, sorted by chunk size (largest first, as the kernel keeps them).
+    snapshots: RwLock<Vec<Arc<Snapshot>>>,
+    activations_waiting: AtomicU64,
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin")
+            .field("dev", &self.dev.describe())
+            .field("snapshots", &self.snapshots.read().len())
+            .finish()
+    }
+}
+
+impl Origin {
+    /// An origin over `dev`, copying through `copier`.
+    pub fn new(dev: Arc<dyn BlockDevice>, copier: Arc<Copier>) -> Arc<Origin> {
+        Arc::new(Origin {
+            dev,
+            copier,
+            snapshots: RwLock::new(Vec::new()),
+            activations_waiting: AtomicU64::new(0),
+        })
+    }
+
+    /// The underlying device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    /// The copier shared by this origin's snapshots.
+    pub fn copier(&self) -> &Arc<Copier> {
+        &self.copier
+    }
+
+    /// The active snapshots.
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        self.snapshots.read().clone()
+    }
+
+    /// Activations that found origin writes in flight and are waiting for them to finish
+    /// (tests observe S2 by it).
+    pub fn activations_waiting(&self) -> u64 {
+        self.activations_waiting.load(Ordering::SeqCst)
+    }
+
+    /// Activates a loaded snapshot: from now on origin writes copy into it. Waits for
+    /// origin writes in flight to finish first, so none of them is half in the snapshot.
+    pub fn activate(&self, snap: &Arc<Snapshot>) -> Result<()> {
+        if !Arc::ptr_eq(snap.origin_device(), &self.dev) {
+            return Err(Error::InvalidArgument(
+                "snapshot was loaded for another origin".into(),
+            ));
+        }
+        let mut list = match self.snapshots.try_write() {
+            Some(list) => list,
+            None => {
+                // Origin writes are in flight: wait for them to drain.
+                self.activations_waiting.fetch_add(1, Ordering::SeqCst);
+                let list = self.snapshots.write();
+                self.activations_waiting.fetch_sub(1, Ordering::SeqCst);
+                list
+            }
+        };
+        if list.iter().any(|s| Arc::ptr_eq(s, snap)) || snap.is_active() {
+            return Err(Error::Busy("snapshot is already active".into()));
+        }
+        list.push(snap.clone());
+        list.sort_by_key(|s| std::cmp::Reverse(s.chunk_size()));
+        snap.active.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Deactivates a snapshot: origin writes stop copying into it and its I/O fails.
+    /// Waits for origin writes in flight to finish first.
+    pub fn deactivate(&self, snap: &Arc<Snapshot>) -> Result<()> {
+        let mut list = self.snapshots.write();
+        let before = list.len();
+        list.retain(|s| !Arc::ptr_eq(s, snap));
+        if list.len() == before {
+            return Err(Error::InvalidArgument("snapshot is not active".into()));
+        }
+        snap.active.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Steps 1 to 4 of an origin write of `offset..offset+len`: after it returns, every
+    /// active valid snapshot holds its own copy of every chunk in the range, and no snapshot
+    /// read of those chunks is still reading the origin.
+    fn copy_out(&self, snaps: &[Arc<Snapshot>], offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        // (snapshot index, chunk) pairs whose tracked reads must drain before the write.
+        let mut drains: Vec<(usize, Chunk)> = Vec::new();
+        let mut waits: Vec<(usize, Chunk, Arc<PendingException>)> = Vec::new();
+        let mut batches: Vec<OwnedBatch> = (0..snaps.len()).map(|_| Vec::new()).collect();
+        let mut group_start = 0;
+        while group_start < snaps.len() {
+            let cs = snaps[group_start].chunk_size();
+            let group_end = snaps[group_start..]
+                .iter()
+                .position(|s| s.chunk_size() != cs)
+                .map_or(snaps.len(), |p| group_start + p);
+            for c in cs.chunk_range(offset, len).map(Chunk) {
+                let mut owners: Vec<usize> = Vec::new();
+                for (i, s) in snaps.iter().enumerate().take(group_end).skip(group_start) {
+                    if !s.is_valid() {
+                        continue;
+                    }
+                    match s.exceptions().route_write(c, |old| s.store().prepare(old)) {
+                        Ok(WriteRoute::Remapped {
+                            reads_in_flight, ..
+                        }) => {
+                            if reads_in_flight {
+                                drains.push((i, c));
+                            }
+                        }
+                        Ok(WriteRoute::Wait(p)) => waits.push((i, c, p)),
+                        Ok(WriteRoute::Own(o)) => {
+                            batches[i].push(o);
+                            owners.push(i);
+                        }
+                        Err(e) => s.invalidate(&format!("unable to allocate exception: {e}")),
+                    }
+                }
+                if owners.is_empty() {
+                    continue;
+                }
+                // Read the origin chunk once; write it to every snapshot that needs it.
+                let dests: Vec<CopyDest<'_>> = owners
+                    .iter()
+                    .map(|&i| {
+                        let o = batches[i]
+                            .last()
+                            .map(|o| o.exception.new)
+                            .unwrap_or_default();
+                        CopyDest {
+                            dev: &**snaps[i].cow(),
+                            offset: cs.byte_offset(o),
+                        }
+                    })
+                    .collect();
+                let report = self.copier.copy(
+                    &*self.dev,
+                    cs.byte_offset(c),
+                    snaps[group_start].origin_chunk_len(c),
+                    &dests,
+                    None,
+                );
+                for (k, &i) in owners.iter().enumerate() {
+                    if let Some(why) = report.dest_error(k) {
+                        if let Some(o) = batches[i].pop() {
+                            snaps[i].fail_owned(o, &why);
+                        }
+                    } else {
+                        drains.push((i, c));
+                    }
+                }
+            }
+            group_start = group_end;
+        }
+        for (i, batch) in batches.into_iter().enumerate() {
+            // A failed commit invalidates that snapshot; the origin write goes on.
+            let _ = snaps[i].commit_owned(batch);
+        }
+        for (i, c, p) in waits {
+            // A failed exception means its snapshot is invalid now; go on either way.
+            let _ = p.wait();
+            drains.push((i, c));
+        }
+        for (i, c) in drains {
+            snaps[i].exceptions().wait_reads_drained(c);
+        }
+    }
+}
+
+impl BlockDevice for Origin {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
+        check_request(self.size(), offset, buf.len() as u64)?;
+        let snaps = self.snapshots.read();
+        self.copy_out(&snaps, offset, buf.len() as u64);
+        self.dev.write_at(buf, offset, fua)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.dev.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        let snaps = self.snapshots.read();
+        self.copy_out(&snaps, offset, len);
+        self.dev.discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        let snaps = self.snapshots.read();
+        self.copy_out(&snaps, offset, len);
+        self.dev.write_zeroes(offset, len, fua)
+    }
+
+    fn describe(&self) -> String {
+        format!("origin({})", self.dev.describe())
+    }
+}

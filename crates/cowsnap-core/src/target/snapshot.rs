@@ -1,0 +1,419 @@
+//! The snapshot target: the origin as it was when the snapshot was activated.
+//!
+//! Reads of a chunk with a completed exception go to the COW device; other reads go to the
+//! origin and are *tracked* until they end, so that an origin write of that chunk waits for
+//! them (races S1 and S4). A write first makes sure the chunk has an exception: it waits on
+//! a pending one, or makes one by copying the origin chunk into a fresh COW chunk with the
+//! written bytes merged in (a write covering the whole chunk skips the origin read), commits
+//! it, and only then is acknowledged. A snapshot takes part in origin writes only once it is
+//! loaded and activated (S2): [`Snapshot::load`] builds it from its store, then
+//! [`Origin::activate`](super::Origin::activate) registers it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::origin::Origin;
+use crate::copy::{Copier, CopyDest, Overlay};
+use crate::dev::{check_request, BlockDevice, Fua};
+use crate::error::{Error, Result};
+use crate::exception::{
+    ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute,
+    StoreKind, Usage, WriteRoute,
+};
+use crate::units::{Chunk, ChunkSize};
+
+const VALID: u8 = 0;
+const OVERFLOW: u8 = 1;
+const INVALID: u8 = 2;
+
+/// The snapshot's status, as the kernel's status line reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotStatus {
+    /// Dropped: reads and writes fail.
+    Invalid,
+    /// `PO` store full on a snapshot write: writes fail, reads work.
+    Overflow,
+    /// Valid, with its space use.
+    Usage(Usage),
+}
+
+impl fmt::Display for SnapshotStatus {
+    /// `Invalid`, `Overflow`, or `<allocated>/<total> <metadata>` (sectors).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnapshotStatus::Invalid => f.write_str("Invalid"),
+            SnapshotStatus::Overflow => f.write_str("Overflow"),
+            SnapshotStatus::Usage(u) => write!(
+                f,
+                "{}/{} {}",
+                u.allocated_sectors, u.total_sectors, u.metadata_sectors
+            ),
+        }
+    }
+}
+
+/// A snapshot of an origin.
+pub struct Snapshot {
+    origin_dev: Arc<dyn BlockDevice>,
+    store: Arc<dyn ExceptionStore>,
+    cow: Arc<dyn BlockDevice>,
+    chunk_size: ChunkSize,
+    exceptions: ExceptionTracker,
+    copier: Arc<Copier>,
+    state: AtomicU8,
+    invalid_reason: Mutex<Option<String>>,
+    pub(super) active: AtomicBool,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("cow", &self.cow.describe())
+            .field("store", &self.store.kind())
+            .field("chunk_size", &self.chunk_size)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+/// Exceptions a request owns, grouped for one commit.
+pub(super) type OwnedBatch = Vec<OwnedPending>;
+
+impl Snapshot {
+    /// Builds a snapshot of `origin` from `store`: reads the store's metadata into the
+    /// exception table. The snapshot is not active: it sees no origin writes and serves
+    /// no I/O until [`Origin::activate`](super::Origin::activate).
+    pub fn load(origin: &Origin, store: Arc<dyn ExceptionStore>) -> Result<Arc<Snapshot>> {
+        let mut table = ExceptionTable::new();
+        let origin_chunks = store.chunk_size().chunks_covering(origin.size());
+        let cow_chunks = store.chunk_size().whole_chunks(store.cow().size());
+        let outcome = store.load(&mut |e| {
+            if e.old.0 >= origin_chunks {
+                return Err(Error::Corrupt {
+                    device: store.cow().describe(),
+                    offset: 0,
+                    reason: format!(
+                        "exception for origin chunk {} but the origin has {origin_chunks} chunks",
+                        e.old
+                    ),
+                });
+            }
+            if e.new.0 >= cow_chunks {
+                return Err(Error::Corrupt {
+                    device: store.cow().describe(),
+                    offset: 0,
+                    reason: format!(
+                        "exception points at COW chunk {} but the COW has {cow_chunks} chunks",
+                        e.new
+                    ),
+                });
+            }
+            table.insert(e).map_err(|err| Error::Corrupt {
+                device: store.cow().describe(),
+                offset: 0,
+                reason: format!("duplicate exception: {err}"),
+            })
+        })?;
+        let state = if outcome == LoadOutcome::Invalid {
+            INVALID
+        } else {
+            VALID
+        };
+        Ok(Arc::new(Snapshot {
+            origin_dev: origin.device().clone(),
+            cow: store.cow().clone(),
+            chunk_size: store.chunk_size(),
+            store,
+            exceptions: ExceptionTracker::new(table),
+            copier: origin.copier().clone(),
+            state: AtomicU8::new(state),
+            invalid_reason: Mutex::new(
+                (state == INVALID).then(|| "the COW header marks the snapshot invalid".into()),
+            ),
+            active: AtomicBool::new(false),
+        }))
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.chunk_size
+    }
+
+    /// The origin device this snapshot was loaded for.
+    pub fn origin_device(&self) -> &Arc<dyn BlockDevice> {
+        &self.origin_dev
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ExceptionStore> {
+        &self.store
+    }
+
+    /// The COW device.
+    pub fn cow(&self) -> &Arc<dyn BlockDevice> {
+        &self.cow
+    }
+
+    /// The exception tracker (tests and tools inspect it).
+    pub fn exceptions(&self) -> &ExceptionTracker {
+        &self.exceptions
+    }
+
+    /// True once activated and until deactivated.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// True unless invalid (an overflowed snapshot is still valid).
+    pub fn is_valid(&self) -> bool {
+        self.state.load(Ordering::SeqCst) != INVALID
+    }
+
+    /// Why the snapshot is invalid, if it is.
+    pub fn invalid_reason(&self) -> Option<String> {
+        self.invalid_reason.lock().clone()
+    }
+
+    /// The kernel-style status.
+    pub fn status(&self) -> SnapshotStatus {
+        match self.state.load(Ordering::SeqCst) {
+            INVALID => SnapshotStatus::Invalid,
+            OVERFLOW => SnapshotStatus::Overflow,
+            _ => SnapshotStatus::Usage(self.store.usage()),
+        }
+    }
+
+    /// Drops the snapshot: later I/O fails, the store records it (header `valid = 0`).
+    pub fn invalidate(&self, reason: &str) {
+        if self.state.swap(INVALID, Ordering::SeqCst) == INVALID {
+            return;
+        }
+        *self.invalid_reason.lock() = Some(reason.to_string());
+        // Best effort, as in the kernel: the snapshot is invalid in memory either way.
+        let _ = self.store.invalidate();
+    }
+
+    fn check_io(&self) -> Result<()> {
+        if !self.is_active() {
+            return Err(Error::Busy("snapshot is not active".into()));
+        }
+        if !self.is_valid() {
+            return Err(Error::Invalid(
+                self.invalid_reason().unwrap_or_else(|| "invalid".into()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Allocation failed for a snapshot write: `PO` overflows, `P` and `N` invalidate.
+    fn on_full_snapshot_write(&self, e: Error) -> Error {
+        if self.store.kind().overflow_allowed() {
+            let _ =
+                self.state
+                    .compare_exchange(VALID, OVERFLOW, Ordering::SeqCst, Ordering::SeqCst);
+            Error::Overflow
+        } else {
+            self.invalidate(&format!("unable to allocate exception: {e}"));
+            e
+        }
+    }
+
+    /// Commits a batch of exceptions this request copied, then completes them (waking the
+    /// requests queued on them). On failure the snapshot is invalidated and the pending
+    /// exceptions fail.
+    pub(super) fn commit_owned(&self, batch: OwnedBatch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let exceptions: Vec<_> = batch.iter().map(|o| o.exception).collect();
+        match self.store.commit(&exceptions) {
+            Ok(()) => {
+                let mut first_err = None;
+                for o in batch {
+                    if let Err(e) = self.exceptions.complete(o) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                first_err.map_or(Ok(()), Err)
+            }
+            Err(e) => {
+                let why = format!("exception commit failed: {e}");
+                self.invalidate(&why);
+                for o in batch {
+                    self.exceptions.fail(o, &why);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives up an owned exception whose copy failed.
+    pub(super) fn fail_owned(&self, o: OwnedPending, why: &str) {
+        self.store.abort(&o.exception);
+        self.invalidate(why);
+        self.exceptions.fail(o, why);
+    }
+
+    /// Byte range of the origin chunk `c`, clipped to the origin (the last chunk may be
+    /// partial).
+    pub(super) fn origin_chunk_len(&self, c: Chunk) -> u64 {
+        let start = self.chunk_size.byte_offset(c);
+        self.chunk_size
+            .bytes()
+            .min(self.origin_dev.size().saturating_sub(start))
+    }
+
+    fn write_pieces(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let cs = self.chunk_size;
+        let mut owned: OwnedBatch = Vec::new();
+        let mut later = Vec::new();
+        for piece in cs.split(offset, buf.len() as u64) {
+            let route = self
+                .exceptions
+                .route_write(piece.chunk, |old| self.store.prepare(old));
+            match route {
+                Ok(WriteRoute::Own(o)) => {
+                    let data = &buf[piece.buf_range()];
+                    let report = self.copier.copy(
+                        &*self.origin_dev,
+                        cs.byte_offset(piece.chunk),
+                        self.origin_chunk_len(piece.chunk),
+                        &[CopyDest {
+                            dev: &*self.cow,
+                            offset: cs.byte_offset(o.exception.new),
+                        }],
+                        Some(Overlay {
+                            offset: piece.offset_in_chunk,
+                            data,
+                        }),
+                    );
+                    if let Some(why) = report.dest_error(0) {
+                        self.fail_owned(o, &why);
+                        // Finish what this request owns before failing.
+                        for o in owned {
+                            self.fail_owned(o, &why);
+                        }
+                        return Err(Error::Invalid(why));
+                    }
+                    owned.push(o);
+                }
+                Ok(WriteRoute::Remapped { .. }) | Ok(WriteRoute::Wait(_)) => later.push(piece),
+                Err(e) => {
+                    let err = match e {
+                        Error::CowFull { .. } => self.on_full_snapshot_write(e),
+                        e => e,
+                    };
+                    // What this request already copied is committed, so nothing leaks and
+                    // nobody waits forever; the write as a whole fails.
+                    let _ = self.commit_owned(owned);
+                    return Err(err);
+                }
+            }
+        }
+        // The store's commit makes the copies durable before their metadata.
+        self.commit_owned(owned)?;
+        for piece in later {
+            let new = loop {
+                match self.exceptions.route_write(piece.chunk, |_| {
+                    Err(Error::Busy("exception vanished".into()))
+                })? {
+                    WriteRoute::Remapped { new, .. } => break new,
+                    WriteRoute::Wait(p) => {
+                        p.wait().map_err(Error::Invalid)?;
+                    }
+                    WriteRoute::Own(o) => {
+                        // Unreachable: the allocator above refuses.
+                        self.exceptions.fail(o, "unexpected");
+                        return Err(Error::Busy("exception vanished".into()));
+                    }
+                }
+            };
+            self.cow.write_at(
+                &buf[piece.buf_range()],
+                cs.byte_offset(new) + piece.offset_in_chunk,
+                Fua::No,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Snapshot {
+    fn size(&self) -> u64 {
+        self.origin_dev.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_request(self.size(), offset, buf.len() as u64)?;
+        self.check_io()?;
+        let cs = self.chunk_size;
+        for piece in cs.split(offset, buf.len() as u64) {
+            let dst = &mut buf[piece.buf_range()];
+            match self.exceptions.route_read(piece.chunk) {
+                ReadRoute::Remapped(new) => self
+                    .cow
+                    .read_at(dst, cs.byte_offset(new) + piece.offset_in_chunk)?,
+                ReadRoute::Unmapped(_tracked) => {
+                    self.origin_dev.read_at(dst, offset + piece.buf_offset)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
+        check_request(self.size(), offset, buf.len() as u64)?;
+        self.check_io()?;
+        if self.state.load(Ordering::SeqCst) == OVERFLOW {
+            return Err(Error::Overflow);
+        }
+        self.write_pieces(buf, offset)?;
+        if fua == Fua::Yes {
+            self.cow.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.check_io()?;
+        self.cow.flush()
+    }
+
+    /// Discard is advisory and the snapshot keeps its data: a no-op, as in the kernel
+    /// without `discard_zeroes_cow`.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        self.check_io()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        let step = self.chunk_size.bytes().max(1 << 20);
+        let zeros = vec![0u8; step.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(step);
+            self.write_at(&zeros[..n as usize], offset + done, Fua::No)?;
+            done += n;
+        }
+        if fua == Fua::Yes {
+            self.cow.flush()?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("snapshot({})", self.cow.describe())
+    }
+}
+
+/// Convenience for tests and tools: the store kind of a snapshot.
+impl Snapshot {
+    /// The store type.
+    pub fn store_kind(&self) -> StoreKind {
+        self.store.kind()
+    }
+}

@@ -1,0 +1,241 @@
+//! Origin and snapshot semantics through the public API: copy-on-write, snapshot writes,
+//! I/O at any sector-aligned offset crossing chunks, COW full, errors and statuses.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use cowsnap_core::dev::{BlockDevice, FaultRule, FaultyDevice, Fua, MemDevice, OpKind};
+use cowsnap_core::exception::{ExceptionStore, TransientStore};
+use cowsnap_core::target::{Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::ErrorKind;
+
+#[test]
+fn origin_write_preserves_snapshot_view() {
+    let (origin, _) = mem_origin(256 * KIB, 1);
+    let before = read(&*origin, 0, 256 * KIB);
+    let snap = transient_snapshot(&origin, 256 * KIB, cs(8));
+    origin
+        .write_at(&pattern(2, 4096, 8192), 4096, Fua::No)
+        .unwrap();
+    assert_eq!(read(&*snap, 0, 256 * KIB), before);
+    assert_eq!(read(&*origin, 4096, 8192), pattern(2, 4096, 8192));
+    assert_eq!(snap.exceptions().completed_count(), 2);
+    // A second write to the same chunks copies nothing more.
+    origin
+        .write_at(&pattern(3, 4096, 512), 4096, Fua::No)
+        .unwrap();
+    assert_eq!(snap.exceptions().completed_count(), 2);
+    assert_eq!(read(&*snap, 0, 256 * KIB), before);
+}
+
+#[test]
+fn snapshot_writes_do_not_touch_the_origin() {
+    let (origin, _) = mem_origin(128 * KIB, 1);
+    let orig = read(&*origin, 0, 128 * KIB);
+    let snap = transient_snapshot(&origin, 128 * KIB, cs(16));
+    // Partial chunk: the rest of the chunk must come from the origin copy.
+    snap.write_at(&pattern(5, 512, 1024), 512, Fua::Yes)
+        .unwrap();
+    let mut expect = orig.clone();
+    expect[512..1536].copy_from_slice(&pattern(5, 512, 1024));
+    assert_eq!(read(&*snap, 0, 128 * KIB), expect);
+    assert_eq!(read(&*origin, 0, 128 * KIB), orig);
+}
+
+#[test]
+fn whole_chunk_snapshot_write_skips_the_origin_read() {
+    let mem = Arc::new(MemDevice::new(64 * KIB));
+    let counting = Arc::new(FaultyDevice::new(mem));
+    let origin = Origin::new(counting.clone(), Default::default());
+    let snap = transient_snapshot(&origin, 64 * KIB, cs(8));
+    snap.write_at(&pattern(9, 8192, 8192), 8192, Fua::No)
+        .unwrap();
+    assert_eq!(counting.count(OpKind::Read), 0, "full chunks need no copy");
+    snap.write_at(&pattern(9, 0, 512), 0, Fua::No).unwrap();
+    assert_eq!(
+        counting.count(OpKind::Read),
+        1,
+        "a partial chunk is copied first"
+    );
+    assert_eq!(read(&*snap, 8192, 8192), pattern(9, 8192, 8192));
+}
+
+#[test]
+fn unaligned_multi_chunk_io_is_correct_everywhere() {
+    // Every sector-aligned offset and length in a window crossing chunk boundaries, on a
+    // fresh origin+snapshot each time, checked against a plain byte-vector model.
+    for (chunk, step) in [(8u64, 1536u64), (16, 2560)] {
+        let size = 64 * KIB;
+        let mut off = 0;
+        while off < 20 * KIB {
+            for len in [512, 1024, 4096 - 512, 4096 + 512, 3 * 4096 + 1024] {
+                let (origin, _) = mem_origin(size, 7);
+                let mut model_origin = read(&*origin, 0, size);
+                let snap = transient_snapshot(&origin, size * 2, cs(chunk));
+                let mut model_snap = model_origin.clone();
+                let w = pattern(off + len, off, len);
+                origin.write_at(&w, off, Fua::No).unwrap();
+                model_origin[off as usize..(off + len) as usize].copy_from_slice(&w);
+                let sw = pattern(off * 3 + 1, off + 512, len);
+                snap.write_at(&sw, off + 512, Fua::No).unwrap();
+                model_snap[(off + 512) as usize..(off + 512 + len) as usize].copy_from_slice(&sw);
+                assert_eq!(
+                    read(&*origin, 0, size),
+                    model_origin,
+                    "origin off={off} len={len}"
+                );
+                assert_eq!(
+                    read(&*snap, 0, size),
+                    model_snap,
+                    "snap off={off} len={len}"
+                );
+                // Reads at the same odd offsets agree with the model too.
+                assert_eq!(
+                    read(&*snap, off, len),
+                    model_snap[off as usize..(off + len) as usize]
+                );
+            }
+            off += step;
+        }
+    }
+}
+
+#[test]
+fn misaligned_and_out_of_range_requests_are_refused() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let snap = transient_snapshot(&origin, 64 * KIB, cs(8));
+    let mut b = vec![0u8; 512];
+    for dev in [&*origin as &dyn BlockDevice, &*snap] {
+        assert_eq!(
+            dev.read_at(&mut b, 100).unwrap_err().kind(),
+            ErrorKind::Misaligned
+        );
+        assert_eq!(
+            dev.write_at(&b, 64 * KIB, Fua::No).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            dev.read_at(&mut b[..100], 0).unwrap_err().kind(),
+            ErrorKind::Misaligned
+        );
+    }
+}
+
+#[test]
+fn cow_full_on_origin_write_invalidates_and_origin_goes_on() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let snap = transient_snapshot(&origin, 2 * 4096, cs(8));
+    origin.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
+    origin.write_at(&[2u8; 4096], 4096, Fua::No).unwrap();
+    assert!(matches!(snap.status(), SnapshotStatus::Usage(_)));
+    assert_eq!(snap.status().to_string(), "16/16 0");
+    origin.write_at(&[3u8; 4096], 8192, Fua::No).unwrap();
+    assert_eq!(snap.status(), SnapshotStatus::Invalid);
+    assert_eq!(snap.status().to_string(), "Invalid");
+    assert_eq!(read(&*origin, 8192, 4096), vec![3u8; 4096]);
+    let mut b = vec![0u8; 512];
+    let e = snap.read_at(&mut b, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert_eq!(e.errno(), 5);
+    // Later origin writes skip the invalid snapshot.
+    origin.write_at(&[4u8; 4096], 12288, Fua::No).unwrap();
+}
+
+#[test]
+fn cow_full_on_snapshot_write_invalidates_a_transient_store() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let snap = transient_snapshot(&origin, 4096, cs(8));
+    snap.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
+    let e = snap.write_at(&[1u8; 512], 4096, Fua::No).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::CowFull);
+    assert_eq!(snap.status(), SnapshotStatus::Invalid);
+}
+
+#[test]
+fn copy_errors_invalidate_only_the_failing_snapshot() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let before = read(&*origin, 0, 64 * KIB);
+    let bad_cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(64 * KIB))));
+    bad_cow.add_rule(FaultRule::Nth {
+        kind: OpKind::Write,
+        n: 1,
+    });
+    let bad = snapshot_on(&origin, bad_cow, cs(8));
+    let good = transient_snapshot(&origin, 64 * KIB, cs(8));
+    origin.write_at(&[7u8; 4096], 0, Fua::No).unwrap();
+    assert_eq!(bad.status(), SnapshotStatus::Invalid);
+    assert!(bad.invalid_reason().unwrap().contains("copy write failed"));
+    assert_eq!(read(&*good, 0, 64 * KIB), before);
+}
+
+#[test]
+fn snapshots_with_different_chunk_sizes_each_keep_their_view() {
+    let (origin, _) = mem_origin(256 * KIB, 1);
+    let before = read(&*origin, 0, 256 * KIB);
+    let snaps: Vec<_> = [8, 16, 128, 8]
+        .iter()
+        .map(|&c| transient_snapshot(&origin, 512 * KIB, cs(c)))
+        .collect();
+    origin
+        .write_at(&pattern(4, 60 * KIB, 70 * KIB), 60 * KIB, Fua::No)
+        .unwrap();
+    for s in &snaps {
+        assert_eq!(
+            read(&**s, 0, 256 * KIB),
+            before,
+            "chunk size {}",
+            s.chunk_size()
+        );
+    }
+}
+
+#[test]
+fn snapshot_io_before_activation_and_after_removal_is_refused() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let store = Arc::new(TransientStore::new(
+        Arc::new(MemDevice::new(64 * KIB)),
+        cs(8),
+    ));
+    let snap = Snapshot::load(&origin, store.clone()).unwrap();
+    let mut b = vec![0u8; 512];
+    assert_eq!(snap.read_at(&mut b, 0).unwrap_err().kind(), ErrorKind::Busy);
+    // Not active: origin writes do not copy into it.
+    origin.write_at(&[1u8; 512], 0, Fua::No).unwrap();
+    assert_eq!(store.usage().allocated_sectors, 0);
+    origin.activate(&snap).unwrap();
+    assert_eq!(origin.activate(&snap).unwrap_err().kind(), ErrorKind::Busy);
+    snap.read_at(&mut b, 0).unwrap();
+    origin.deactivate(&snap).unwrap();
+    assert_eq!(snap.read_at(&mut b, 0).unwrap_err().kind(), ErrorKind::Busy);
+    assert!(origin.snapshots().is_empty());
+}
+
+#[test]
+fn discard_and_write_zeroes_on_the_origin_copy_out_first() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let before = read(&*origin, 0, 64 * KIB);
+    let snap = transient_snapshot(&origin, 64 * KIB, cs(8));
+    origin.write_zeroes(4096, 8192, Fua::No).unwrap();
+    origin.discard(16384, 4096).unwrap();
+    assert_eq!(read(&*origin, 4096, 8192), vec![0u8; 8192]);
+    assert_eq!(read(&*snap, 0, 64 * KIB), before);
+    // Snapshot write_zeroes really zeroes the snapshot's view.
+    snap.write_zeroes(0, 6144, Fua::No).unwrap();
+    assert_eq!(read(&*snap, 0, 6144), vec![0u8; 6144]);
+    assert_eq!(read(&*snap, 6144, 2048), before[6144..8192]);
+}
+
+#[test]
+fn last_partial_chunk_of_the_origin_is_handled() {
+    // 20 KiB origin with 16 KiB chunks: the second chunk is only 4 KiB long.
+    let (origin, _) = mem_origin(20 * KIB, 3);
+    let before = read(&*origin, 0, 20 * KIB);
+    let snap = transient_snapshot(&origin, 64 * KIB, cs(32));
+    origin.write_at(&[1u8; 4096], 16 * KIB, Fua::No).unwrap();
+    snap.write_at(&[2u8; 512], 16 * KIB + 512, Fua::No).unwrap();
+    let mut expect = before.clone();
+    expect[16 * 1024 + 512..16 * 1024 + 1024].fill(2);
+    assert_eq!(read(&*snap, 0, 20 * KIB), expect);
+}
