@@ -1,6 +1,6 @@
 //! Helpers shared by the engine's integration tests: building origins and snapshots over
 //! memory, gated and counting devices, and data patterns.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::Arc;
 
