@@ -357,7 +357,7 @@ fn s3_sixteen_snapshots_and_a_bounded_pool_never_deadlock() {
         w.join().unwrap();
     }
     for s in &snaps {
-        assert_eq!(read(&**s, 0, 128 * KIB), &before[..128 * 1024 as usize]);
+        assert_eq!(read(&**s, 0, 128 * KIB), &before[..128 * 1024]);
         assert_eq!(s.exceptions().pending_count(), 0);
     }
 }
