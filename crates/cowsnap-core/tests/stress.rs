@@ -32,6 +32,9 @@ const C_START: u64 = A_END + WRITERS * B_BLOCK;
 const C_BLOCK: u64 = 192 * KIB;
 const OPS_PER_WRITER: u64 = 400;
 
+/// The writes one origin writer made, in order: (offset, data).
+type WriteLog = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+
 /// The byte ranges owned by origin writer `t`.
 fn owned_ranges(t: u64) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = (0..A_END / SLOT)
@@ -84,7 +87,7 @@ fn concurrent_writers_and_readers_with_eight_snapshots_and_a_live_one() {
         .map(|_| Arc::new(Mutex::new((*initial).clone())))
         .collect();
 
-    let logs: Vec<Arc<Mutex<Vec<(u64, Vec<u8>)>>>> = (0..WRITERS)
+    let logs: Vec<WriteLog> = (0..WRITERS)
         .map(|_| Arc::new(Mutex::new(Vec::new())))
         .collect();
     let acked: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
