@@ -8,6 +8,8 @@
 //!   origin chunk is read once for all snapshots, unrelated chunks are never blocked;
 //! * S4 — an origin write waits for snapshot reads still reading the chunk from the origin.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

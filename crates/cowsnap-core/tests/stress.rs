@@ -10,6 +10,8 @@
 //! hold, for each writer, exactly the state after some prefix of its writes that includes
 //! every write acknowledged before the snapshot was requested: a consistent, untorn cut.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
