@@ -11,6 +11,7 @@ use rustix::fs::FallocateFlags;
 
 use super::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
+use crate::units::is_sector_aligned;
 
 /// A file or block device used as a [`BlockDevice`].
 #[derive(Debug)]
@@ -53,7 +54,7 @@ impl FileDevice {
                 .seek(SeekFrom::End(0))
                 .map_err(|e| Error::io("seek", 0, name.clone(), e))?
         };
-        if size % 512 != 0 {
+        if !is_sector_aligned(size) {
             return Err(Error::InvalidArgument(format!(
                 "{name}: size {size} bytes is not a multiple of 512"
             )));
@@ -71,7 +72,7 @@ impl FileDevice {
     pub fn create(path: impl AsRef<Path>, size: u64) -> Result<Self> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        if size % 512 != 0 {
+        if !is_sector_aligned(size) {
             return Err(Error::InvalidArgument(format!(
                 "{name}: size {size} bytes is not a multiple of 512"
             )));

@@ -7,6 +7,7 @@ use parking_lot::RwLock;
 
 use super::{check_request, BlockDevice, Fua};
 use crate::error::Result;
+use crate::units::{Sector, SECTOR_SIZE};
 
 const PAGE_SHIFT: u32 = 16;
 const PAGE: u64 = 1 << PAGE_SHIFT;
@@ -29,7 +30,7 @@ impl std::fmt::Debug for MemDevice {
 impl MemDevice {
     /// A zero-filled device of `size` bytes (rounded up to a sector).
     pub fn new(size: u64) -> Self {
-        let size = size.div_ceil(512) * 512;
+        let size = Sector(size.div_ceil(SECTOR_SIZE)).bytes();
         let n = size.div_ceil(PAGE) as usize;
         MemDevice {
             size,

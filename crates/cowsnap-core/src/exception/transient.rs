@@ -12,7 +12,7 @@ use super::store::{ExceptionStore, LoadOutcome, StoreKind, Usage};
 use super::table::Exception;
 use crate::dev::BlockDevice;
 use crate::error::{Error, Result};
-use crate::units::{Chunk, ChunkSize};
+use crate::units::{Chunk, ChunkSize, Sector};
 
 /// The transient exception store.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl ExceptionStore for TransientStore {
 
     fn prepare(&self, _old: Chunk) -> Result<Chunk> {
         let mut next = self.next_free.lock();
-        let size = self.cow.size() >> 9;
+        let size = Sector::floor_bytes(self.cow.size()).0;
         let cs = self.chunk_size.sectors();
         if size < *next + cs {
             return Err(Error::CowFull {
@@ -61,7 +61,7 @@ impl ExceptionStore for TransientStore {
                 total: size / cs,
             });
         }
-        let c = self.chunk_size.chunk_of(crate::units::Sector(*next));
+        let c = self.chunk_size.chunk_of(Sector(*next));
         *next += cs;
         Ok(c)
     }
@@ -79,7 +79,7 @@ impl ExceptionStore for TransientStore {
     fn usage(&self) -> Usage {
         Usage {
             allocated_sectors: *self.next_free.lock(),
-            total_sectors: self.cow.size() >> 9,
+            total_sectors: Sector::floor_bytes(self.cow.size()).0,
             metadata_sectors: 0,
         }
     }
