@@ -19,6 +19,7 @@ pub mod copy;
 pub mod dev;
 pub mod error;
 pub mod exception;
+pub mod pool;
 pub mod target;
 pub mod units;
 

@@ -78,6 +78,8 @@ impl ChunkSize {
     pub const MIN_SECTORS: u64 = 8;
     /// Largest chunk size: 2^21 sectors, 1 GiB (the kernel refuses 2^22).
     pub const MAX_SECTORS: u64 = 1 << 21;
+    /// The smallest chunk size, 4 KiB: lvm2's default.
+    pub const MIN: ChunkSize = ChunkSize { shift: 3 };
     /// The kernel's default chunk size for persistent stores: 32 sectors, 16 KiB.
     pub const DEFAULT: ChunkSize = ChunkSize { shift: 5 };
 

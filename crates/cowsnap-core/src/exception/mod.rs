@@ -16,11 +16,13 @@
 //! persistent format holds `{old, new}` pairs unchanged) and the copier, and supplies only
 //! that policy. See ARCHITECTURE.md, "Reusing the exception layer".
 
+pub mod persistent;
 mod store;
 mod table;
 mod tracker;
 mod transient;
 
+pub use persistent::PersistentStore;
 pub use store::{ExceptionStore, LoadOutcome, StoreKind, Usage};
 pub use table::{AlreadyMapped, Exception, ExceptionTable};
 pub use tracker::{

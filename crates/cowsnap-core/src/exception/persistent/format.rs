@@ -85,9 +85,9 @@ pub fn check_header(raw: &RawHeader, device: &str) -> Result<HeaderState> {
             device,
             0,
             format!(
-                "bad magic {:#010x} (bytes {:02x?}): not a dm-snapshot COW device (want \"SnAp\", {SNAP_MAGIC:#010x})",
+                "bad magic {:#010x} (\"{}\"): not a dm-snapshot COW device (want \"SnAp\", {SNAP_MAGIC:#010x})",
                 raw.magic,
-                raw.magic.to_le_bytes()
+                raw.magic.to_le_bytes().escape_ascii()
             ),
         ));
     }
@@ -163,7 +163,9 @@ impl Geometry {
 
     /// Byte offset of area `a`.
     pub fn area_offset(&self, a: u64) -> u64 {
-        self.area_location(a).0.saturating_mul(self.chunk_size.bytes())
+        self.area_location(a)
+            .0
+            .saturating_mul(self.chunk_size.bytes())
     }
 
     /// True when chunk `c` is an area slot.
@@ -330,9 +332,7 @@ mod tests {
         assert_eq!(h.len(), 8192);
         assert_eq!(
             &h[..16],
-            &[
-                0x53, 0x6e, 0x41, 0x70, 1, 0, 0, 0, 1, 0, 0, 0, 0x10, 0, 0, 0
-            ]
+            &[0x53, 0x6e, 0x41, 0x70, 1, 0, 0, 0, 1, 0, 0, 0, 0x10, 0, 0, 0]
         );
         assert!(h[16..].iter().all(|&b| b == 0));
         assert_eq!(
@@ -400,7 +400,10 @@ mod tests {
         let g = Geometry::new(cs(8));
         let es = vec![Exception::new(5, 2), Exception::new(9, 3)];
         let buf = encode_area(&es, &g);
-        assert_eq!(&buf[..16], &[5, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            &buf[..16],
+            &[5, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]
+        );
         let a = decode_area(&buf, &g, 0, "t").unwrap();
         assert_eq!(a.entries, es);
         assert!(!a.full && !a.junk_after_terminator);
@@ -410,7 +413,11 @@ mod tests {
         assert_eq!(a.entries.len(), 256);
         let mut junk = encode_area(&es, &g);
         junk[100] = 1;
-        assert!(decode_area(&junk, &g, 0, "t").unwrap().junk_after_terminator);
+        assert!(
+            decode_area(&junk, &g, 0, "t")
+                .unwrap()
+                .junk_after_terminator
+        );
         assert!(decode_area(&junk[..100], &g, 0, "t").is_err());
     }
 
@@ -418,7 +425,7 @@ mod tests {
     fn entries_pointing_at_metadata_or_past_the_end_are_refused() {
         let g = Geometry::new(cs(8));
         assert!(validate_entry(&Exception::new(1, 2), &g, 16, 0, 0, "t").is_ok());
-        for bad in [1u64, 16, 258, u64::MAX] {
+        for bad in [1u64, 258, 300, u64::MAX] {
             let e = validate_entry(&Exception::new(1, bad), &g, 300, 0, 3, "t");
             assert!(
                 matches!(e, Err(Error::Corrupt { offset, .. }) if offset == 4096 + 3 * 16 + 8),

@@ -1,0 +1,136 @@
+//! Reading persistent metadata from a COW device: the header, then the chain of areas.
+//!
+//! Shared by the store's load and by the inspection tools, which differ only in what they
+//! do with a bad entry (the store refuses the COW, `cow check` lists findings).
+
+use std::collections::HashSet;
+
+use super::format::{self, AreaContents, Geometry, RawHeader};
+use crate::dev::BlockDevice;
+use crate::error::{Error, Result};
+use crate::exception::Exception;
+
+/// Reads the raw header fields from sector 0 of `cow`.
+pub fn read_raw_header(cow: &dyn BlockDevice) -> Result<RawHeader> {
+    let device = cow.describe();
+    if cow.size() < 512 {
+        return Err(format::corrupt(
+            &device,
+            0,
+            format!(
+                "the device has {} bytes, too small to hold a header",
+                cow.size()
+            ),
+        ));
+    }
+    let mut buf = [0u8; 512];
+    cow.read_at(&mut buf, 0)?;
+    format::decode_raw_header(&buf, &device)
+}
+
+/// Reads area 0, 1, ... until the first that is not full, calling `f` with each. A full
+/// area whose successor lies past the end of the COW is corrupt. Returns the index of the
+/// last area read (the *current* area).
+pub fn walk_areas(
+    cow: &dyn BlockDevice,
+    geo: &Geometry,
+    f: &mut dyn FnMut(u64, &AreaContents) -> Result<()>,
+) -> Result<u64> {
+    let device = cow.describe();
+    let cs = geo.chunk_size();
+    let cow_chunks = cs.whole_chunks(cow.size());
+    let mut buf = vec![0u8; cs.bytes_usize()];
+    let mut area = 0u64;
+    loop {
+        let loc = geo.area_location(area);
+        if loc.0 >= cow_chunks {
+            let why = if area == 0 {
+                format!(
+                    "metadata area 0 (chunk 1) is past the end of the COW ({cow_chunks} whole chunks)"
+                )
+            } else {
+                format!(
+                    "metadata area {} is full, so area {area} must follow at chunk {loc}, past the end of the COW ({cow_chunks} whole chunks)",
+                    area - 1
+                )
+            };
+            return Err(format::corrupt(&device, geo.area_offset(area), why));
+        }
+        cow.read_at(&mut buf, geo.area_offset(area))?;
+        let contents = format::decode_area(&buf, geo, area, &device)?;
+        f(area, &contents)?;
+        if !contents.full {
+            return Ok(area);
+        }
+        area += 1;
+    }
+}
+
+/// What [`load_exceptions`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// The current (last) area.
+    pub current_area: u64,
+    /// Its entries.
+    pub current_entries: Vec<Exception>,
+    /// Largest `new` chunk seen.
+    pub max_new: Option<u64>,
+    /// Stray bytes after the terminator of the current area.
+    pub junk_after_terminator: bool,
+    /// Number of exceptions.
+    pub count: u64,
+}
+
+/// Reads and validates every entry of a valid store, passing each to `sink` in order.
+/// Refuses entries whose `new` chunk is past the COW or on a metadata chunk, and
+/// duplicate `old` or `new` chunks, naming the byte offset of the bad entry.
+pub fn load_exceptions(
+    cow: &dyn BlockDevice,
+    geo: &Geometry,
+    sink: &mut dyn FnMut(Exception) -> Result<()>,
+) -> Result<Loaded> {
+    let device = cow.describe();
+    let cow_chunks = geo.chunk_size().whole_chunks(cow.size());
+    let mut olds: HashSet<u64> = HashSet::new();
+    let mut news: HashSet<u64> = HashSet::new();
+    let mut loaded = Loaded::default();
+    let current = walk_areas(cow, geo, &mut |area, contents| {
+        for (j, e) in contents.entries.iter().enumerate() {
+            let j = j as u64;
+            format::validate_entry(e, geo, cow_chunks, area, j, &device)?;
+            if !olds.insert(e.old.0) {
+                return Err(dup(&device, geo, area, j, e, "origin chunk", e.old.0));
+            }
+            if !news.insert(e.new.0) {
+                return Err(dup(&device, geo, area, j, e, "COW chunk", e.new.0));
+            }
+            loaded.max_new = Some(loaded.max_new.map_or(e.new.0, |m| m.max(e.new.0)));
+            loaded.count += 1;
+            sink(*e)?;
+        }
+        loaded.current_entries = contents.entries.clone();
+        loaded.junk_after_terminator = contents.junk_after_terminator;
+        Ok(())
+    })?;
+    loaded.current_area = current;
+    Ok(loaded)
+}
+
+fn dup(
+    device: &str,
+    geo: &Geometry,
+    area: u64,
+    j: u64,
+    e: &Exception,
+    what: &str,
+    c: u64,
+) -> Error {
+    format::corrupt(
+        device,
+        geo.entry_offset(area, j),
+        format!(
+            "area {area} entry {j} ({} -> {}): {what} {c} appears twice",
+            e.old, e.new
+        ),
+    )
+}

@@ -1,0 +1,266 @@
+//! The pool manifest: the table of a pool's volumes, as JSON, replaced atomically.
+//!
+//! `pool.json` lists the origins (image files or block devices) and the snapshots (origin,
+//! COW file, store type, chunk size). It is rewritten whole on every change: write a
+//! temporary file, fsync it, rename it over the old one, fsync the directory. After a crash
+//! the manifest is the old one or the new one, never a mix. Decoding validates everything
+//! (names, references, store types, chunk sizes) and never panics on a bad file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::exception::StoreKind;
+use crate::units::ChunkSize;
+
+/// File name of the manifest inside the pool directory.
+pub const MANIFEST: &str = "pool.json";
+/// The manifest format version this code writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// One origin volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginEntry {
+    /// Volume name (also the NBD export name).
+    pub name: String,
+    /// Image file or block device; relative paths are inside the pool directory.
+    pub path: PathBuf,
+    /// True when the pool created the file (and may delete it).
+    pub owned: bool,
+}
+
+/// One snapshot volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// Volume name.
+    pub name: String,
+    /// Name of its origin.
+    pub origin: String,
+    /// COW file or device; relative paths are inside the pool directory.
+    pub cow: PathBuf,
+    /// `N`, `P` or `PO`.
+    pub store: String,
+    /// Chunk size in sectors.
+    pub chunk_sectors: u64,
+    /// True when the pool created the COW file (and may delete it).
+    pub owned: bool,
+}
+
+impl SnapshotEntry {
+    /// The store type.
+    pub fn store_kind(&self) -> Result<StoreKind> {
+        self.store.parse()
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> Result<ChunkSize> {
+        ChunkSize::from_sectors(self.chunk_sectors)
+            .map_err(|e| Error::InvalidArgument(format!("snapshot {}: {e}", self.name)))
+    }
+}
+
+/// The whole manifest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version, [`MANIFEST_VERSION`].
+    pub version: u32,
+    /// Origins, in creation order.
+    pub origins: Vec<OriginEntry>,
+    /// Snapshots, in creation order.
+    pub snapshots: Vec<SnapshotEntry>,
+}
+
+/// Checks a volume name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`
+/// or `-` (names become file names and NBD export names).
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid volume name {name:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+        )))
+    }
+}
+
+impl Manifest {
+    /// An empty manifest.
+    pub fn new() -> Self {
+        Manifest {
+            version: MANIFEST_VERSION,
+            ..Default::default()
+        }
+    }
+
+    /// The origin called `name`.
+    pub fn origin(&self, name: &str) -> Option<&OriginEntry> {
+        self.origins.iter().find(|o| o.name == name)
+    }
+
+    /// The snapshot called `name`.
+    pub fn snapshot(&self, name: &str) -> Option<&SnapshotEntry> {
+        self.snapshots.iter().find(|s| s.name == name)
+    }
+
+    /// True when a volume of either kind is called `name`.
+    pub fn has_volume(&self, name: &str) -> bool {
+        self.origin(name).is_some() || self.snapshot(name).is_some()
+    }
+
+    /// Checks names, uniqueness, references, store types and chunk sizes.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != MANIFEST_VERSION {
+            return Err(Error::InvalidArgument(format!(
+                "manifest version {} is not supported (this cowsnap reads version {MANIFEST_VERSION})",
+                self.version
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for name in self
+            .origins
+            .iter()
+            .map(|o| &o.name)
+            .chain(self.snapshots.iter().map(|s| &s.name))
+        {
+            check_name(name)?;
+            if !seen.insert(name) {
+                return Err(Error::InvalidArgument(format!(
+                    "manifest names volume {name:?} twice"
+                )));
+            }
+        }
+        for s in &self.snapshots {
+            if self.origin(&s.origin).is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {:?} refers to unknown origin {:?}",
+                    s.name, s.origin
+                )));
+            }
+            s.store_kind()?;
+            s.chunk_size()?;
+        }
+        Ok(())
+    }
+
+    /// Reads and validates the manifest of the pool in `dir`.
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST);
+        let text = fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::InvalidArgument(format!(
+                    "{} is not a cowsnap pool (no {MANIFEST}); create one with `cowsnap --pool {} init`",
+                    dir.display(),
+                    dir.display()
+                ))
+            } else {
+                Error::io("read", 0, path.display().to_string(), e)
+            }
+        })?;
+        let m: Manifest = serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
+            device: path.display().to_string(),
+            offset: 0,
+            reason: format!("not a valid manifest: {e}"),
+        })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Replaces the manifest of the pool in `dir` atomically (write, fsync, rename, fsync
+    /// the directory).
+    pub fn store(&self, dir: &Path) -> Result<()> {
+        self.validate()?;
+        let io = |op: &'static str, p: &Path| {
+            let name = p.display().to_string();
+            move |e| Error::io(op, 0, name, e)
+        };
+        let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+        let dst = dir.join(MANIFEST);
+        let mut text = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode manifest: {e}")))?;
+        text.push(b'\n');
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(io("create", &tmp))?;
+            f.write_all(&text).map_err(io("write", &tmp))?;
+            f.sync_all().map_err(io("fsync", &tmp))?;
+        }
+        fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let mut m = Manifest::new();
+        m.origins.push(OriginEntry {
+            name: "base".into(),
+            path: "base.img".into(),
+            owned: true,
+        });
+        m.snapshots.push(SnapshotEntry {
+            name: "snap1".into(),
+            origin: "base".into(),
+            cow: "snap1.cow".into(),
+            store: "P".into(),
+            chunk_sectors: 8,
+            owned: true,
+        });
+        m
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "vm-1.disk", "A_b"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_validates() {
+        let dir = std::env::temp_dir().join(format!("cowsnap-manifest-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let m = sample();
+        m.store(&dir).unwrap();
+        assert_eq!(Manifest::load(&dir).unwrap(), m);
+
+        let mut bad = sample();
+        bad.snapshots[0].origin = "nope".into();
+        assert!(bad.validate().is_err());
+        let mut bad = sample();
+        bad.snapshots[0].name = "base".into();
+        assert!(bad.validate().is_err());
+        let mut bad = sample();
+        bad.snapshots[0].chunk_sectors = 12;
+        assert!(bad.validate().is_err());
+
+        fs::write(dir.join(MANIFEST), b"{\"version\": 1, \"origins\": [").unwrap();
+        let e = Manifest::load(&dir).unwrap_err();
+        assert!(e.to_string().contains("pool.json"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(Manifest::load(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("not a cowsnap pool"));
+    }
+}

@@ -1,0 +1,285 @@
+//! `cowsnap serve`: the daemon that exports every volume of a pool over NBD.
+//!
+//! It takes the pool's lock (a second daemon is refused), activates every origin and
+//! snapshot, exports each as an NBD export named after the volume, listens on
+//! `POOL/nbd.sock` (mode 0600) unless told otherwise or socket-activated, and answers pool
+//! commands on `POOL/control.sock`. SIGTERM or SIGINT stop it cleanly: no new connections,
+//! requests in flight finish, every export and COW is flushed, the sockets are removed.
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use cowsnap_core::copy::Copier;
+use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
+use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::control::{self, Reply, Request};
+use crate::volume::request_from_control;
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen, repeatable: `unix:PATH` or `tcp:HOST:PORT`. Default: the unix
+    /// socket POOL/nbd.sock (mode 0600); TCP only when asked. Under systemd socket
+    /// activation (LISTEN_FDS) the inherited sockets are used instead.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Export this volume read-only (repeatable).
+    #[arg(long = "read-only", value_name = "NAME")]
+    pub read_only: Vec<String>,
+}
+
+enum Addr {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+fn parse_addr(s: &str) -> Result<Addr> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            bail!("--listen {s}: empty socket path");
+        }
+        Ok(Addr::Unix(PathBuf::from(p)))
+    } else if let Some(hp) = s.strip_prefix("tcp:") {
+        if !hp.contains(':') {
+            bail!("--listen {s}: expected tcp:HOST:PORT");
+        }
+        Ok(Addr::Tcp(hp.to_string()))
+    } else {
+        bail!("--listen {s}: expected unix:PATH or tcp:HOST:PORT")
+    }
+}
+
+/// Removes a stale socket file at `path`; refuses one a live server still answers on.
+fn clear_socket_path(path: &Path) -> Result<()> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running server", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn private(path: &Path) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))
+}
+
+fn export_for(
+    active: &ActivePool,
+    name: &str,
+    read_only: &HashSet<String>,
+) -> Result<Arc<dyn Export>> {
+    let (kind, dev) = active
+        .volume(name)
+        .ok_or_else(|| anyhow!("no volume called {name:?}"))?;
+    let info = active
+        .info(name)
+        .ok_or_else(|| anyhow!("no volume called {name:?}"))?;
+    let mut e = DeviceExport::new(dev)
+        .read_only(read_only.contains(name))
+        // A flush is a device-wide fdatasync, so it covers every connection's writes.
+        .multi_conn(true)
+        .description(format!("cowsnap {} {name}", kind_word(kind)));
+    let path = PathBuf::from(&info.path);
+    e = match kind {
+        // An origin reads its image file directly: its holes are exact.
+        VolumeKind::Origin
+            if std::fs::metadata(&path)
+                .map(|m| m.is_file())
+                .unwrap_or(false) =>
+        {
+            e.seek_holes(&path)?
+        }
+        // A snapshot's view mixes COW and origin: report zeros only where it reads zeros.
+        _ => e.scan_zeroes(),
+    };
+    Ok(Arc::new(e))
+}
+
+fn kind_word(k: VolumeKind) -> &'static str {
+    match k {
+        VolumeKind::Origin => "origin",
+        VolumeKind::Snapshot => "snapshot",
+    }
+}
+
+fn handle(
+    req: Request,
+    active: &ActivePool,
+    server: &Server,
+    read_only: &HashSet<String>,
+) -> Reply {
+    let result = (|| -> Result<Reply> {
+        match req {
+            Request::List => Ok(Reply::volumes(active.list())),
+            Request::Status { name } => {
+                let info = active
+                    .info(&name)
+                    .ok_or_else(|| anyhow!("no volume called {name:?}"))?;
+                Ok(Reply::volumes(vec![info]))
+            }
+            Request::CreateSnapshot {
+                name,
+                origin,
+                cow_size,
+                cow_path,
+                chunk_sectors,
+                transient,
+                overflow,
+            } => {
+                let req = request_from_control(
+                    name.clone(),
+                    origin,
+                    cow_size,
+                    cow_path,
+                    chunk_sectors,
+                    transient,
+                    overflow,
+                )?;
+                let (info, warning) = active.create_snapshot(&req)?;
+                server
+                    .add_export(name.clone(), export_for(active, &name, read_only)?)
+                    .map_err(|e| anyhow!("{e}"))?;
+                eprintln!("cowsnap: created snapshot {name}");
+                Ok(Reply {
+                    warning,
+                    ..Reply::volumes(vec![info])
+                })
+            }
+            Request::RemoveSnapshot { name } => {
+                if active.snapshot(&name).is_none() {
+                    bail!("no snapshot called {name:?}");
+                }
+                server.remove_export(&name);
+                active.remove_snapshot(&name)?;
+                eprintln!("cowsnap: removed snapshot {name}");
+                Ok(Reply::volumes(Vec::new()))
+            }
+        }
+    })();
+    result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
+    let addrs: Vec<Addr> = args
+        .listen
+        .iter()
+        .map(|s| parse_addr(s))
+        .collect::<Result<_>>()?;
+    let _lock = PoolLock::acquire(dir)?;
+    let pool = Pool::open(dir)?;
+    let (active, warnings) = ActivePool::activate(pool, Arc::new(Copier::default()))?;
+    let active = Arc::new(active);
+    for w in &warnings {
+        eprintln!("cowsnap: warning: {w}");
+    }
+    let read_only: HashSet<String> = args.read_only.iter().cloned().collect();
+    for n in &read_only {
+        if active.volume(n).is_none() {
+            bail!("--read-only {n}: no volume called {n:?} in this pool");
+        }
+    }
+    let read_only = Arc::new(read_only);
+    let log: cowsnap_nbd::server::LogFn = Arc::new(|line: &str| eprintln!("cowsnap: nbd: {line}"));
+    let server = Arc::new(Server::new(ServerConfig {
+        log: Some(log),
+        ..ServerConfig::default()
+    }));
+    for name in active.volume_names() {
+        server
+            .add_export(name.clone(), export_for(&active, &name, &read_only)?)
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+
+    let mut sockets = Vec::new();
+    let mut endpoints = Vec::new();
+    if activation::is_socket_activated() {
+        for l in activation::listeners_from_env()? {
+            endpoints.push("an inherited socket (LISTEN_FDS) for export {NAME}".to_string());
+            server.listen(l)?;
+        }
+    } else {
+        let addrs = if addrs.is_empty() {
+            vec![Addr::Unix(dir.join("nbd.sock"))]
+        } else {
+            addrs
+        };
+        for a in addrs {
+            match a {
+                Addr::Unix(p) => {
+                    clear_socket_path(&p)?;
+                    server
+                        .listen_unix(&p)
+                        .with_context(|| format!("listening on {}", p.display()))?;
+                    private(&p)?;
+                    endpoints.push(format!("nbd+unix:///{{NAME}}?socket={}", p.display()));
+                    sockets.push(p);
+                }
+                Addr::Tcp(hp) => {
+                    let bound = server
+                        .listen_tcp(hp.as_str())
+                        .with_context(|| format!("listening on tcp:{hp}"))?;
+                    endpoints.push(format!("nbd://{bound}/{{NAME}}"));
+                }
+            }
+        }
+    }
+
+    let ctl_path = control::socket_path(dir);
+    clear_socket_path(&ctl_path)?;
+    let ctl = UnixListener::bind(&ctl_path)
+        .with_context(|| format!("binding the control socket {}", ctl_path.display()))?;
+    private(&ctl_path)?;
+    sockets.push(ctl_path);
+    {
+        let (active, server, read_only) = (active.clone(), server.clone(), read_only.clone());
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in ctl.incoming().flatten() {
+                    let r =
+                        control::serve_one(stream, |req| handle(req, &active, &server, &read_only));
+                    if let Err(e) = r {
+                        eprintln!("cowsnap: control: {e:#}");
+                    }
+                }
+            })?;
+    }
+
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    println!("cowsnap: serving pool {}", dir.display());
+    for name in active.volume_names() {
+        for ep in &endpoints {
+            println!("  {name}: {}", ep.replace("{NAME}", &name));
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let sig = signals.forever().next();
+    eprintln!(
+        "cowsnap: stopping on signal {}",
+        sig.map(|s| s.to_string()).unwrap_or_default()
+    );
+    let flushed = server.shutdown();
+    let flushed_all = active.flush_all();
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    flushed.context("flushing exports")?;
+    flushed_all.context("flushing the pool")?;
+    eprintln!("cowsnap: stopped");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,358 @@
+//! Pool commands: `init`, `origin create|add`, `snapshot create|remove`, `list`, `status`.
+//!
+//! Snapshot commands, `list` and `status` go to the running daemon through the control
+//! socket when there is one, so they act on the live volumes; otherwise they take the
+//! pool's lock and act on the files. Both paths print the same output. `--json` output is
+//! the [`VolumeInfo`] structure documented in docs/cli.md.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use cowsnap_core::copy::Copier;
+use cowsnap_core::pool::{CowSpec, Pool, PoolLock, SnapshotRequest, VolumeInfo, VolumeKind};
+use cowsnap_core::units::{parse_size, ChunkSize};
+
+use crate::control::{self, Reply, Request};
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+fn chunk_arg(s: &str) -> Result<ChunkSize, String> {
+    let bytes = parse_size(s)?;
+    ChunkSize::from_bytes(bytes).map_err(|e| e.to_string())
+}
+
+/// `cowsnap origin ...`
+#[derive(Debug, Subcommand)]
+pub enum OriginCommand {
+    /// Create a new sparse origin image inside the pool.
+    ///
+    /// Example: cowsnap --pool /srv/pool origin create vm1 --size 20G
+    Create {
+        /// Volume name (also its NBD export name).
+        name: String,
+        /// Size, with K/M/G/T suffixes (binary).
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+    },
+    /// Add an existing image file or block device as an origin (never deleted by cowsnap).
+    ///
+    /// Example: cowsnap --pool /srv/pool origin add data --path /dev/vg/data
+    Add {
+        /// Volume name.
+        name: String,
+        /// The image file or block device.
+        #[arg(long)]
+        path: PathBuf,
+    },
+}
+
+/// `cowsnap snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Create a snapshot of an origin: its content frozen now.
+    ///
+    /// With a running daemon the snapshot is taken live: every write acknowledged before
+    /// the command started is in it. Examples:
+    ///   cowsnap --pool P snapshot create before-upgrade --origin vm1 --cow-size 2G
+    ///   cowsnap --pool P snapshot create lvsnap --origin data --cow /dev/vg/snap-cow
+    Create(SnapshotCreate),
+    /// Remove a snapshot (its COW file too, if the pool created it).
+    Remove {
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+/// Arguments of `snapshot create`.
+#[derive(Debug, Args)]
+pub struct SnapshotCreate {
+    /// Snapshot name.
+    name: String,
+    /// The origin to snapshot.
+    #[arg(long)]
+    origin: String,
+    /// Size of a new COW file inside the pool (K/M/G/T). It holds the old copies of
+    /// changed origin chunks plus metadata; when full, the snapshot becomes invalid.
+    #[arg(long, value_parser = size_arg, required_unless_present = "cow", conflicts_with = "cow")]
+    cow_size: Option<u64>,
+    /// Adopt an existing COW file or device: one written by the Linux kernel (an LVM
+    /// snapshot's COW volume) keeps its exceptions and its chunk size; a zeroed one is
+    /// formatted.
+    #[arg(long)]
+    cow: Option<PathBuf>,
+    /// Chunk size, a power of two from 4K to 1G (default 4K). An adopted COW's header wins.
+    #[arg(long, value_parser = chunk_arg)]
+    chunk_size: Option<ChunkSize>,
+    /// Transient store: exceptions only in the daemon's memory, lost when it stops.
+    #[arg(long, conflicts_with = "overflow")]
+    transient: bool,
+    /// When a snapshot write finds the COW full, fail it and mark the snapshot
+    /// `Overflow` (reads keep working) instead of invalidating the snapshot (store `PO`).
+    #[arg(long)]
+    overflow: bool,
+    /// Print the new snapshot's status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Resolves `--pool`/`$COWSNAP_POOL`.
+pub fn pool_dir(pool: Option<&Path>) -> Result<PathBuf> {
+    pool.map(Path::to_path_buf).ok_or_else(|| {
+        anyhow!("no pool given: pass --pool DIR or set COWSNAP_POOL (create one with `cowsnap --pool DIR init`)")
+    })
+}
+
+fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
+    let lock = PoolLock::acquire(dir)?;
+    let pool = Pool::open(dir)?;
+    Ok((lock, pool))
+}
+
+fn daemon_reply(reply: Reply) -> Result<Reply> {
+    if reply.ok {
+        Ok(reply)
+    } else {
+        bail!(reply.error.unwrap_or_else(|| "the daemon refused".into()))
+    }
+}
+
+/// `cowsnap init`.
+pub fn init(dir: &Path) -> Result<ExitCode> {
+    Pool::init(dir)?;
+    println!("initialised pool {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cowsnap origin ...`.
+pub fn origin(dir: &Path, cmd: OriginCommand) -> Result<ExitCode> {
+    if control::call(dir, &Request::List)?.is_some() {
+        bail!("a daemon is serving this pool: stop it to add origins (origins are added offline)");
+    }
+    let (_lock, mut pool) = locked(dir)?;
+    match cmd {
+        OriginCommand::Create { name, size } => {
+            let e = pool.create_origin(&name, size)?;
+            println!(
+                "created origin {name}: {} ({size} bytes)",
+                pool.resolve(&e.path).display()
+            );
+        }
+        OriginCommand::Add { name, path } => {
+            let e = pool.add_origin(&name, &path)?;
+            println!("added origin {name}: {}", e.path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cowsnap snapshot ...`.
+pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
+    match cmd {
+        SnapshotCommand::Create(a) => {
+            let req = Request::CreateSnapshot {
+                name: a.name.clone(),
+                origin: a.origin.clone(),
+                cow_size: a.cow_size,
+                cow_path: a.cow.clone(),
+                chunk_sectors: a.chunk_size.map(|c| c.sectors()),
+                transient: a.transient,
+                overflow: a.overflow,
+            };
+            let (info, warning) = match control::call(dir, &req)? {
+                Some(reply) => {
+                    let mut r = daemon_reply(reply)?;
+                    let info = r
+                        .volumes
+                        .pop()
+                        .ok_or_else(|| anyhow!("the daemon sent no status"))?;
+                    (info, r.warning)
+                }
+                None => {
+                    let (_lock, mut pool) = locked(dir)?;
+                    let (entry, warning) = pool.create_snapshot(&request_of(&a))?;
+                    let list = pool.list_offline(Arc::new(Copier::default()))?;
+                    let info = list
+                        .into_iter()
+                        .find(|v| v.name == entry.name)
+                        .ok_or_else(|| anyhow!("snapshot vanished"))?;
+                    (info, warning)
+                }
+            };
+            if let Some(w) = warning {
+                eprintln!("cowsnap: warning: {w}");
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!(
+                    "created snapshot {} of {} ({} store, {} chunks): {}",
+                    info.name,
+                    info.origin.as_deref().unwrap_or("?"),
+                    info.store.as_deref().unwrap_or("?"),
+                    info.chunk_size.map(human).unwrap_or_default(),
+                    info.path
+                );
+            }
+        }
+        SnapshotCommand::Remove { name } => {
+            match control::call(dir, &Request::RemoveSnapshot { name: name.clone() })? {
+                Some(reply) => {
+                    daemon_reply(reply)?;
+                }
+                None => {
+                    let (_lock, mut pool) = locked(dir)?;
+                    pool.remove_snapshot(&name)?;
+                }
+            }
+            println!("removed snapshot {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The core request of `snapshot create`'s arguments.
+pub fn request_of(a: &SnapshotCreate) -> SnapshotRequest {
+    SnapshotRequest {
+        name: a.name.clone(),
+        origin: a.origin.clone(),
+        cow: match (&a.cow, a.cow_size) {
+            (Some(p), _) => CowSpec::Path(p.clone()),
+            (None, s) => CowSpec::Size(s.unwrap_or(0)),
+        },
+        chunk_size: a.chunk_size,
+        transient: a.transient,
+        overflow: a.overflow,
+    }
+}
+
+fn volumes(dir: &Path) -> Result<Vec<VolumeInfo>> {
+    match control::call(dir, &Request::List)? {
+        Some(reply) => Ok(daemon_reply(reply)?.volumes),
+        None => {
+            let (_lock, pool) = locked(dir)?;
+            Ok(pool.list_offline(Arc::new(Copier::default()))?)
+        }
+    }
+}
+
+/// `cowsnap list`.
+pub fn list(dir: &Path, json: bool) -> Result<ExitCode> {
+    let vols = volumes(dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vols)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<8} {:>8} {:<12} {:<5} {:>6}  STATUS",
+        "NAME", "KIND", "SIZE", "ORIGIN", "STORE", "CHUNK"
+    );
+    for v in &vols {
+        println!(
+            "{:<20} {:<8} {:>8} {:<12} {:<5} {:>6}  {}",
+            v.name,
+            kind_name(v.kind),
+            human(v.size),
+            v.origin.as_deref().unwrap_or("-"),
+            v.store.as_deref().unwrap_or("-"),
+            v.chunk_size.map(human).unwrap_or_else(|| "-".into()),
+            if v.kind == VolumeKind::Origin {
+                "active".to_string()
+            } else {
+                v.status.clone()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cowsnap status [NAME]`: dmsetup-style lines `NAME: 0 <sectors> <target> <status>`.
+pub fn status(dir: &Path, name: Option<&str>, json: bool) -> Result<ExitCode> {
+    let mut vols = volumes(dir)?;
+    if let Some(n) = name {
+        vols.retain(|v| v.name == n);
+        if vols.is_empty() {
+            bail!("no volume called {n:?} in pool {}", dir.display());
+        }
+    }
+    if json {
+        let out = if name.is_some() {
+            serde_json::to_string_pretty(&vols[0])?
+        } else {
+            serde_json::to_string_pretty(&vols)?
+        };
+        println!("{out}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for v in &vols {
+        let target = match v.kind {
+            VolumeKind::Origin => "snapshot-origin",
+            VolumeKind::Snapshot => "snapshot",
+        };
+        println!("{}: 0 {} {target} {}", v.name, v.size / 512, v.status)
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn kind_name(k: VolumeKind) -> &'static str {
+    match k {
+        VolumeKind::Origin => "origin",
+        VolumeKind::Snapshot => "snapshot",
+    }
+}
+
+/// Bytes with a binary suffix: 4096 -> 4K, 1073741824 -> 1G, 1536 -> 1536.
+pub fn human(n: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{suffix}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// Parses a control request's snapshot arguments into a core request.
+pub fn request_from_control(
+    name: String,
+    origin: String,
+    cow_size: Option<u64>,
+    cow_path: Option<PathBuf>,
+    chunk_sectors: Option<u64>,
+    transient: bool,
+    overflow: bool,
+) -> Result<SnapshotRequest> {
+    let chunk_size = chunk_sectors
+        .map(ChunkSize::from_sectors)
+        .transpose()
+        .context("bad chunk size")?;
+    let cow = match (cow_path, cow_size) {
+        (Some(p), _) => CowSpec::Path(p),
+        (None, Some(s)) => CowSpec::Size(s),
+        (None, None) => bail!("give --cow-size or --cow"),
+    };
+    Ok(SnapshotRequest {
+        name,
+        origin,
+        cow,
+        chunk_size,
+        transient,
+        overflow,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(4096), "4K");
+        assert_eq!(human(1 << 30), "1G");
+        assert_eq!(human(1536), "1536");
+        assert_eq!(human(0), "0");
+    }
+}
