@@ -3,7 +3,8 @@
 //! It takes the pool's lock (a second daemon is refused), activates every origin and
 //! snapshot, exports each as an NBD export named after the volume, listens on
 //! `POOL/nbd.sock` (mode 0600) unless told otherwise or socket-activated, and answers pool
-//! commands on `POOL/control.sock`. SIGTERM or SIGINT stop it cleanly: no new connections,
+//! commands on `POOL/control.sock`. With `--fuse DIR` each volume is also the file
+//! `DIR/NAME`. SIGTERM or SIGINT stop it cleanly: no new connections,
 //! requests in flight finish, every export and COW is flushed, the sockets are removed.
 
 use std::collections::HashSet;
@@ -17,6 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
+use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -35,6 +37,27 @@ pub struct ServeArgs {
     /// Export this volume read-only (repeatable).
     #[arg(long = "read-only", value_name = "NAME")]
     pub read_only: Vec<String>,
+    /// Also show every volume as the file DIR/NAME (FUSE; made if missing), which
+    /// `losetup` can attach: `losetup -f --show DIR/NAME`.
+    #[arg(long, value_name = "DIR")]
+    pub fuse: Option<PathBuf>,
+}
+
+/// The pool's volumes as FUSE files.
+struct PoolVolumes {
+    active: Arc<ActivePool>,
+    read_only: Arc<HashSet<String>>,
+}
+
+impl VolumeSource for PoolVolumes {
+    fn names(&self) -> Vec<String> {
+        self.active.volume_names()
+    }
+    fn get(&self, name: &str) -> Option<(Arc<dyn cowsnap_core::dev::BlockDevice>, bool)> {
+        self.active
+            .volume(name)
+            .map(|(_, dev)| (dev, self.read_only.contains(name)))
+    }
 }
 
 enum Addr {
@@ -258,6 +281,22 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
             })?;
     }
 
+    let fuse = match &args.fuse {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the FUSE directory {}", dir.display()))?;
+            let source = Arc::new(PoolVolumes {
+                active: active.clone(),
+                read_only: read_only.clone(),
+            });
+            let m = cowsnap_fuse::mount(source, dir)
+                .with_context(|| format!("mounting the volume files on {}", dir.display()))?;
+            endpoints.push(format!("file {}/{{NAME}}", dir.display()));
+            Some(m)
+        }
+        None => None,
+    };
+
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     println!("cowsnap: serving pool {}", dir.display());
     for name in active.volume_names() {
@@ -273,6 +312,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         "cowsnap: stopping on signal {}",
         sig.map(|s| s.to_string()).unwrap_or_default()
     );
+    drop(fuse);
     let flushed = server.shutdown();
     let flushed_all = active.flush_all();
     for s in &sockets {
