@@ -1,0 +1,613 @@
+//! The real `cowsnap` binary, really started, driven by real clients: qemu-io, qemu-img,
+//! nbdinfo, nbdcopy, fio (nbd engine), and ext4 through a FUSE file and a loop device.
+//!
+//! A test that needs a tool fails when the tool is missing under CI (`CI` set); elsewhere
+//! it prints a SKIP line and returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// True when every tool is there; under CI a missing tool fails the test.
+fn require(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !ci(),
+        "{test}: required tools missing under CI: {missing:?}"
+    );
+    eprintln!("SKIP {test}: missing {missing:?} (CI would fail)");
+    false
+}
+
+/// Runs a command, failing the test with its output if it fails.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pool in a fresh temporary directory.
+struct TestPool {
+    dir: PathBuf,
+}
+
+impl TestPool {
+    fn new(tag: &str) -> TestPool {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "cs-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = TestPool { dir };
+        run(p.cmd().arg("init"));
+        p
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("COWSNAP_POOL", &self.dir);
+        c
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock().display())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `cowsnap serve`; stopped with SIGTERM when dropped.
+struct Daemon {
+    child: Child,
+    output: std::sync::Arc<parking_lot_free::Lines>,
+}
+
+/// A tiny line collector (no extra dependency).
+mod parking_lot_free {
+    use std::sync::Mutex;
+    #[derive(Default)]
+    pub struct Lines(pub Mutex<Vec<String>>);
+}
+
+impl Daemon {
+    fn start(pool: &TestPool, args: &[&str]) -> Daemon {
+        let mut child = pool
+            .cmd()
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cowsnap serve");
+        let lines = std::sync::Arc::new(parking_lot_free::Lines::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.starts_with("cowsnap: serving") {
+                    let _ = tx.send(());
+                }
+                l2.0.lock().unwrap().push(line);
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let l3 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l3.0.lock().unwrap().push(line);
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("cowsnap serve did not start: {:?}", lines.0.lock().unwrap());
+        }
+        Daemon {
+            child,
+            output: lines,
+        }
+    }
+
+    fn output(&self) -> Vec<String> {
+        self.output.0.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then waits; returns the exit status and the daemon's output.
+    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let st = self.terminate();
+        (st, self.output())
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cowsnap serve did not stop on SIGTERM: {:?}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
+}
+
+fn qemu_io(target: &str, cmd: &str) -> String {
+    stdout(&run(
+        Command::new("qemu-io").args(["-f", "raw", "-c", cmd, target])
+    ))
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = run(Command::new("sha256sum").arg(path));
+    stdout(&out).split_whitespace().next().unwrap().to_string()
+}
+
+/// A local raw image of `size` bytes, zero-filled (sparse).
+fn raw_image(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+#[test]
+fn qemu_io_live_snapshot_and_qemu_img_compare() {
+    if !require("qemu_io_live_snapshot", &["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let pool = TestPool::new("qemu");
+    run(pool
+        .cmd()
+        .args(["origin", "create", "disk", "--size", "32M"]));
+    let d = Daemon::start(&pool, &[]);
+    // The pattern before the snapshot, written through NBD and into a reference image.
+    let old_ref = pool.path("ref-old.img");
+    let new_ref = pool.path("ref-new.img");
+    raw_image(&old_ref, 32 << 20);
+    for (cmd, off) in [("write -P 0xaa 0 4M", 0), ("write -P 0x5c 20M 3M", 1)] {
+        let _ = off;
+        qemu_io(&pool.uri("disk"), cmd);
+        qemu_io(old_ref.to_str().unwrap(), cmd);
+    }
+    // Snapshot live, while the daemon serves the origin.
+    let out = run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "snap",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "16M",
+        "--json",
+    ]));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(info["status"], "16/32768 16");
+    std::fs::copy(&old_ref, &new_ref).unwrap();
+    for cmd in [
+        "write -P 0xbb 1M 1M",
+        "write -P 0xcc 4094k 8k",
+        "write -P 0xdd 31M 1M",
+    ] {
+        qemu_io(&pool.uri("disk"), cmd);
+        qemu_io(new_ref.to_str().unwrap(), cmd);
+    }
+    // The snapshot keeps the old pattern, the origin has the new one.
+    assert!(qemu_io(&pool.uri("snap"), "read -P 0xaa 1M 1M").contains("read 1048576/1048576"));
+    assert!(qemu_io(&pool.uri("disk"), "read -P 0xbb 1M 1M").contains("read 1048576/1048576"));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        old_ref.to_str().unwrap(),
+        &pool.uri("snap"),
+    ]));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        new_ref.to_str().unwrap(),
+        &pool.uri("disk"),
+    ]));
+    // A snapshot write changes the snapshot only.
+    qemu_io(&pool.uri("snap"), "write -P 0xee 8M 64k");
+    assert!(qemu_io(&pool.uri("snap"), "read -P 0xee 8M 64k").contains("read 65536/65536"));
+    assert!(qemu_io(&pool.uri("disk"), "read -P 0 8M 64k").contains("read 65536/65536"));
+    let (st, _) = d.stop();
+    assert!(st.success());
+}
+
+#[test]
+fn nbdinfo_nbdcopy_fio_and_restart() {
+    if !require(
+        "nbdinfo_nbdcopy_fio",
+        &["nbdinfo", "nbdcopy", "fio", "qemu-io"],
+    ) {
+        return;
+    }
+    let pool = TestPool::new("copy");
+    run(pool
+        .cmd()
+        .args(["origin", "create", "disk", "--size", "64M"]));
+    run(pool
+        .cmd()
+        .args(["origin", "create", "other", "--size", "8M"]));
+    let d = Daemon::start(&pool, &[]);
+    qemu_io(&pool.uri("disk"), "write -P 0x11 0 8M");
+    qemu_io(&pool.uri("disk"), "write -P 0x22 40M 2M");
+    // Reference of the snapshot view: the origin as it is now, copied out.
+    let reference = pool.path("reference.img");
+    run(Command::new("nbdcopy").args([&pool.uri("disk"), reference.to_str().unwrap()]));
+    run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "snap",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "48M",
+    ]));
+    // Every export is listed with its size.
+    let list = stdout(&run(Command::new("nbdinfo").args([
+        "--list",
+        &format!("nbd+unix:///?socket={}", pool.sock().display()),
+    ])));
+    for (name, size) in [
+        ("disk", 67108864u64),
+        ("other", 8388608),
+        ("snap", 67108864),
+    ] {
+        let at = list
+            .find(&format!("export=\"{name}\""))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{list}"));
+        assert!(
+            list[at..].contains(&format!("export-size: {size}")),
+            "{name} size:\n{list}"
+        );
+    }
+    // fio with verification, 16 requests in flight, on the origin (copy-out under load)
+    // and on the snapshot.
+    for export in ["disk", "snap"] {
+        let out = run(Command::new("fio").args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", pool.uri(export)),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=16M",
+            "--offset=12M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randrepeat=0",
+            "--output-format=terse",
+        ]));
+        let terse = stdout(&out);
+        // Terse field 5 is the error count.
+        let err = terse.split(';').nth(4).unwrap_or("?");
+        assert_eq!(err, "0", "fio errors on {export}: {terse}");
+    }
+    // The snapshot's view below the fio region is untouched; nbdcopy it out. Its first
+    // 12 MiB equal the reference's.
+    let copy = pool.path("snap-copy.img");
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), copy.to_str().unwrap()]));
+    let head = |p: &Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        let mut b = vec![0u8; 12 << 20];
+        f.read_exact(&mut b).unwrap();
+        b
+    };
+    assert!(
+        head(&copy) == head(&reference),
+        "snapshot differs from the reference"
+    );
+    let before = pool.path("before.img");
+    std::fs::rename(&copy, &before).unwrap();
+    let disk_before = pool.path("disk-before.img");
+    run(Command::new("nbdcopy").args([&pool.uri("disk"), disk_before.to_str().unwrap()]));
+
+    // Restart: stop, start again, every volume reads the same.
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+    assert!(out.iter().any(|l| l.contains("stopped")), "{out:?}");
+    let d = Daemon::start(&pool, &[]);
+    let after = pool.path("after.img");
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
+    assert_eq!(sha256_of(&before), sha256_of(&after));
+    let disk_after = pool.path("disk-after.img");
+    run(Command::new("nbdcopy").args([&pool.uri("disk"), disk_after.to_str().unwrap()]));
+    assert_eq!(sha256_of(&disk_before), sha256_of(&disk_after));
+    drop(d);
+}
+
+#[test]
+fn ext4_through_fuse_and_loop_with_a_live_snapshot() {
+    let tools = [
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+        "fsfreeze",
+        "fusermount3",
+    ];
+    if !require("ext4_through_fuse", &tools) {
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
+        assert!(!ci(), "/dev/fuse or /dev/loop-control missing under CI");
+        eprintln!("SKIP ext4_through_fuse: no /dev/fuse or loop devices");
+        return;
+    }
+    let pool = TestPool::new("ext4");
+    run(pool
+        .cmd()
+        .args(["origin", "create", "disk", "--size", "64M"]));
+    let files = pool.path("files");
+    let d = Daemon::start(&pool, &["--fuse", files.to_str().unwrap()]);
+    let loop_dev = stdout(&run(Command::new("losetup").args([
+        "-f",
+        "--show",
+        files.join("disk").to_str().unwrap(),
+    ])))
+    .trim()
+    .to_string();
+    let m1 = pool.path("m1");
+    let m2 = pool.path("m2");
+    std::fs::create_dir_all(&m1).unwrap();
+    std::fs::create_dir_all(&m2).unwrap();
+    let cleanup = Cleanup(vec![
+        format!("umount {} 2>/dev/null", m2.display()),
+        format!("umount {} 2>/dev/null", m1.display()),
+        format!("losetup -d {loop_dev} 2>/dev/null"),
+    ]);
+    run(Command::new("mkfs.ext4").args(["-q", &loop_dev]));
+    run(Command::new("mount").args([&loop_dev, m1.to_str().unwrap()]));
+    std::fs::write(m1.join("a.txt"), b"version one\n").unwrap();
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(m1.join("big"), &big).unwrap();
+    run(&mut Command::new("sync"));
+    let sum_a = sha256_of(&m1.join("a.txt"));
+    let sum_big = sha256_of(&m1.join("big"));
+    // Freeze the filesystem for the instant of the snapshot, as LVM users do.
+    run(Command::new("fsfreeze").args(["-f", m1.to_str().unwrap()]));
+    let created = pool
+        .cmd()
+        .args([
+            "snapshot",
+            "create",
+            "snap",
+            "--origin",
+            "disk",
+            "--cow-size",
+            "32M",
+        ])
+        .output()
+        .unwrap();
+    run(Command::new("fsfreeze").args(["-u", m1.to_str().unwrap()]));
+    assert!(created.status.success(), "{created:?}");
+    std::fs::write(m1.join("a.txt"), b"version two\n").unwrap();
+    std::fs::remove_file(m1.join("big")).unwrap();
+    run(&mut Command::new("sync"));
+    assert!(
+        files.join("snap").exists(),
+        "the new snapshot's file appears live"
+    );
+    let snap_loop = stdout(&run(Command::new("losetup").args([
+        "-r",
+        "-f",
+        "--show",
+        files.join("snap").to_str().unwrap(),
+    ])))
+    .trim()
+    .to_string();
+    let mut cleanup = cleanup;
+    cleanup
+        .0
+        .insert(1, format!("losetup -d {snap_loop} 2>/dev/null"));
+    let fsck = Command::new("e2fsck")
+        .args(["-n", "-f", &snap_loop])
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "e2fsck -n on the snapshot: {fsck:?}");
+    run(Command::new("mount").args(["-o", "ro", &snap_loop, m2.to_str().unwrap()]));
+    assert_eq!(std::fs::read(m2.join("a.txt")).unwrap(), b"version one\n");
+    assert_eq!(sha256_of(&m2.join("a.txt")), sum_a);
+    assert_eq!(sha256_of(&m2.join("big")), sum_big);
+    assert_eq!(std::fs::read(m1.join("a.txt")).unwrap(), b"version two\n");
+    drop(cleanup);
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+}
+
+/// Shell commands run when dropped, to leave no mount or loop device behind.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = Command::new("sh").args(["-c", c]).status();
+        }
+    }
+}
+
+#[test]
+fn a_second_daemon_bad_clients_and_bad_arguments_are_refused_cleanly() {
+    if !require("refusals", &["qemu-io"]) {
+        return;
+    }
+    let pool = TestPool::new("refuse");
+    run(pool
+        .cmd()
+        .args(["origin", "create", "disk", "--size", "8M"]));
+    let d = Daemon::start(&pool, &[]);
+    // A second daemon on the same pool: one clear line, non-zero exit.
+    let second = pool.cmd().arg("serve").output().unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another cowsnap process"), "{err}");
+    // Clients that break the protocol do not disturb the others.
+    {
+        let mut s = UnixStream::connect(pool.sock()).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        s.write_all(&[0, 0]).unwrap(); // truncated client flags, then hang up
+    }
+    {
+        let mut s = UnixStream::connect(pool.sock()).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        s.write_all(&[0, 0, 0, 3]).unwrap();
+        s.write_all(b"garbage that is not IHAVEOPT").unwrap();
+    }
+    assert!(qemu_io(&pool.uri("disk"), "write -P 0x42 0 64k").contains("wrote 65536/65536"));
+    assert!(qemu_io(&pool.uri("disk"), "read -P 0x42 0 64k").contains("read 65536/65536"));
+    // Bad arguments: one line, non-zero.
+    for args in [
+        vec!["list", "--bogus"],
+        vec!["origin", "create", "x", "--size", "12Q"],
+        vec![
+            "snapshot",
+            "create",
+            "s",
+            "--origin",
+            "nope",
+            "--cow-size",
+            "4M",
+        ],
+        vec![
+            "snapshot",
+            "create",
+            "s",
+            "--origin",
+            "disk",
+            "--cow-size",
+            "4M",
+            "--chunk-size",
+            "3K",
+        ],
+        vec!["status", "missing"],
+    ] {
+        let out = pool.cmd().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+        assert!(err.starts_with("cowsnap: error:"), "{args:?}: {err}");
+    }
+    // Without --pool or COWSNAP_POOL.
+    let out = Command::new(BIN)
+        .arg("list")
+        .env_remove("COWSNAP_POOL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pool"));
+    drop(d);
+}
+
+#[test]
+fn json_outputs_are_stable() {
+    let pool = TestPool::new("json");
+    run(pool
+        .cmd()
+        .args(["origin", "create", "disk", "--size", "8M"]));
+    run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "1M",
+        "--overflow",
+        "--chunk-size",
+        "8K",
+    ]));
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout(&run(pool.cmd().args(["list", "--json"])))).unwrap();
+    let arr = list.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    assert_eq!(arr[0]["name"], "disk");
+    assert_eq!(arr[0]["kind"], "origin");
+    assert_eq!(arr[1]["kind"], "snapshot");
+    assert_eq!(arr[1]["store"], "PO");
+    assert_eq!(arr[1]["chunk_size"], 8192);
+    assert_eq!(arr[1]["status"], "32/2048 32");
+    assert_eq!(arr[1]["usage"]["metadata_sectors"], 32);
+    let status = stdout(&run(pool.cmd().args(["status"])));
+    assert!(
+        status.contains("s: 0 16384 snapshot 32/2048 32"),
+        "{status}"
+    );
+    assert!(status.contains("disk: 0 16384 snapshot-origin"), "{status}");
+}
