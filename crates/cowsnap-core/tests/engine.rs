@@ -241,3 +241,56 @@ fn last_partial_chunk_of_the_origin_is_handled() {
     expect[16 * 1024 + 512..16 * 1024 + 1024].fill(2);
     assert_eq!(read(&*snap, 0, 20 * KIB), expect);
 }
+
+/// A device that panics on one chosen write, standing in for a bug in a request thread.
+#[derive(Debug)]
+struct PanicOnWrite {
+    inner: MemDevice,
+    panic_at: std::sync::atomic::AtomicI64,
+}
+
+impl BlockDevice for PanicOnWrite {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> cowsnap_core::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> cowsnap_core::Result<()> {
+        if self.panic_at.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            panic!("simulated bug while copying");
+        }
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> cowsnap_core::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[test]
+fn a_request_that_panics_mid_copy_never_blocks_later_commits() {
+    use cowsnap_core::exception::persistent::PersistentStore;
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let cow = Arc::new(PanicOnWrite {
+        inner: MemDevice::new(256 * KIB),
+        panic_at: std::sync::atomic::AtomicI64::new(i64::MAX),
+    });
+    let store = PersistentStore::open(cow.clone(), Some(cs(8)), false).unwrap();
+    let snap = Snapshot::load(&origin, Arc::new(store)).unwrap();
+    origin.activate(&snap).unwrap();
+    // The next COW write (the copy of chunk 0) panics.
+    cow.panic_at.store(1, std::sync::atomic::Ordering::SeqCst);
+    let o = origin.clone();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        o.write_at(&[1u8; 4096], 0, Fua::No)
+    }));
+    assert!(r.is_err(), "the write panicked");
+    // The abandoned allocation was aborted: a later write to another chunk completes
+    // (its commit does not wait for the dead one), and the snapshot is invalid.
+    let o = origin.clone();
+    let later = std::thread::spawn(move || o.write_at(&[2u8; 4096], 8192, Fua::No));
+    wait_until(|| later.is_finished());
+    later.join().unwrap().unwrap();
+    assert_eq!(snap.status(), SnapshotStatus::Invalid);
+    assert_eq!(snap.exceptions().pending_count(), 0);
+}

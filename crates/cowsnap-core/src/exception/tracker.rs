@@ -63,24 +63,43 @@ impl PendingException {
 /// A pending exception created by [`ExceptionTracker::route_write`]; its owner must copy the
 /// chunk, commit it to the store and hand it back to [`ExceptionTracker::complete`] or
 /// [`ExceptionTracker::fail`]. Dropping it unfinished fails it, so waiters never hang.
-#[derive(Debug)]
 pub struct OwnedPending {
     /// The exception being made.
     pub exception: Exception,
     pending: Arc<PendingException>,
     shard: usize,
     tracker: Option<Arc<TrackerInner>>,
+    abandon: Option<AbandonHook>,
+}
+
+/// What to do when an owned pending exception is dropped unfinished (its store must hear
+/// that the allocation will never be committed).
+type AbandonHook = Box<dyn FnOnce(Exception) + Send + Sync>;
+
+impl std::fmt::Debug for OwnedPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedPending")
+            .field("exception", &self.exception)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnedPending {
+    /// Runs `hook` if this exception is dropped without being completed or failed (a
+    /// request unwinding from a panic): the owner uses it to abort the store's allocation,
+    /// so later commits in allocation order do not wait for it forever.
+    pub fn on_abandon(&mut self, hook: impl FnOnce(Exception) + Send + Sync + 'static) {
+        self.abandon = Some(Box::new(hook));
+    }
 }
 
 impl Drop for OwnedPending {
     fn drop(&mut self) {
         if let Some(t) = self.tracker.take() {
-            t.finish(
-                self.shard,
-                self.exception,
-                Err("abandoned".into()),
-                &self.pending,
-            );
+            if let Some(hook) = self.abandon.take() {
+                hook(self.exception);
+            }
+            t.finish(self.shard, self.exception, Err("abandoned".into()), &self.pending);
         }
     }
 }
@@ -244,12 +263,14 @@ impl ExceptionTracker {
             pending,
             shard,
             tracker: Some(self.inner.clone()),
+            abandon: None,
         }))
     }
 
     /// The owner's copy is committed: insert the completed exception, wake the waiters.
     pub fn complete(&self, mut owned: OwnedPending) -> Result<()> {
         owned.tracker = None;
+        owned.abandon = None;
         self.inner
             .finish(owned.shard, owned.exception, Ok(()), &owned.pending);
         match owned.pending.wait() {
@@ -262,6 +283,7 @@ impl ExceptionTracker {
     /// `why`.
     pub fn fail(&self, mut owned: OwnedPending, why: &str) {
         owned.tracker = None;
+        owned.abandon = None;
         self.inner.finish(
             owned.shard,
             owned.exception,
@@ -384,6 +406,30 @@ mod tests {
         drop(r);
         th.join().unwrap();
         assert_eq!(t.reads_in_flight(c), 0);
+    }
+
+    #[test]
+    fn abandon_hook_runs_only_for_unfinished_exceptions() {
+        use std::sync::atomic::AtomicBool;
+        let t = ExceptionTracker::new(ExceptionTable::new());
+        let own = |c| match t.route_write(Chunk(c), |_| Ok(Chunk(c + 100))).unwrap() {
+            WriteRoute::Own(o) => o,
+            r => panic!("{r:?}"),
+        };
+        let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let mut os: Vec<OwnedPending> = (0..3).map(own).collect();
+        for (o, f) in os.iter_mut().zip(&flags) {
+            let f = f.clone();
+            o.on_abandon(move |_| f.store(true, Ordering::SeqCst));
+        }
+        let dropped = os.pop().unwrap();
+        let failed = os.pop().unwrap();
+        let completed = os.pop().unwrap();
+        t.complete(completed).unwrap();
+        t.fail(failed, "copy failed");
+        drop(dropped);
+        let ran: Vec<bool> = flags.iter().map(|f| f.load(Ordering::SeqCst)).collect();
+        assert_eq!(ran, [false, false, true]);
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Origin {
                         }
                         Ok(WriteRoute::Wait(p)) => waits.push((i, c, p)),
                         Ok(WriteRoute::Own(o)) => {
-                            batches[i].push(o);
+                            batches[i].push(s.own(o));
                             owners.push(i);
                         }
                         Err(e) => s.invalidate(&format!("unable to allocate exception: {e}")),

@@ -250,6 +250,14 @@ impl Snapshot {
         }
     }
 
+    /// Takes ownership of a new pending exception: if the request unwinds before finishing
+    /// it, the store's allocation is aborted (see [`OwnedPending::on_abandon`]).
+    pub(super) fn own(&self, mut o: OwnedPending) -> OwnedPending {
+        let store = self.store.clone();
+        o.on_abandon(move |e| store.abort(&e));
+        o
+    }
+
     /// Gives up an owned exception whose copy failed.
     pub(super) fn fail_owned(&self, o: OwnedPending, why: &str) {
         self.store.abort(&o.exception);
@@ -276,6 +284,7 @@ impl Snapshot {
                 .route_write(piece.chunk, |old| self.store.prepare(old));
             match route {
                 Ok(WriteRoute::Own(o)) => {
+                    let o = self.own(o);
                     let data = &buf[piece.buf_range()];
                     let report = self.copier.copy(
                         &*self.origin_dev,
