@@ -257,7 +257,11 @@ impl BlockDevice for PanicOnWrite {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> cowsnap_core::Result<()> {
-        if self.panic_at.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+        if self
+            .panic_at
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
             panic!("simulated bug while copying");
         }
         self.inner.write_at(buf, offset, fua)

@@ -99,7 +99,12 @@ impl Drop for OwnedPending {
             if let Some(hook) = self.abandon.take() {
                 hook(self.exception);
             }
-            t.finish(self.shard, self.exception, Err("abandoned".into()), &self.pending);
+            t.finish(
+                self.shard,
+                self.exception,
+                Err("abandoned".into()),
+                &self.pending,
+            );
         }
     }
 }
@@ -416,7 +421,8 @@ mod tests {
             WriteRoute::Own(o) => o,
             r => panic!("{r:?}"),
         };
-        let flags: Vec<Arc<AtomicBool>> = (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
+        let flags: Vec<Arc<AtomicBool>> =
+            (0..3).map(|_| Arc::new(AtomicBool::new(false))).collect();
         let mut os: Vec<OwnedPending> = (0..3).map(own).collect();
         for (o, f) in os.iter_mut().zip(&flags) {
             let f = f.clone();
