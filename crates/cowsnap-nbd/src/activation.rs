@@ -80,7 +80,9 @@ pub fn is_socket_activated() -> bool {
 }
 
 /// Takes the listening sockets passed by socket activation (empty when there are none).
-/// Only the first call can take them.
+/// Only the first call can take them. Call it early in `main`, before other threads run:
+/// it removes `LISTEN_PID` and `LISTEN_FDS` from the environment, which is not safe to do
+/// while another thread reads the environment.
 pub fn listeners_from_env() -> Result<Vec<Listener>, ActivationError> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();

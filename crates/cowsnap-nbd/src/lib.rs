@@ -6,6 +6,20 @@
 //! per connection a reader decoding requests, a bounded pool of workers doing the I/O, and
 //! one writer serialising replies, so many requests are in flight and replies go out in
 //! completion order. [`activation`] takes listening sockets from systemd socket activation.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use cowsnap_core::dev::MemDevice;
+//! use cowsnap_nbd::{DeviceExport, Server, ServerConfig};
+//!
+//! let server = Server::new(ServerConfig::default());
+//! let disk = DeviceExport::memory(MemDevice::new(64 << 20)).description("scratch disk");
+//! server.add_export("disk", Arc::new(disk))?;
+//! server.listen_unix("/tmp/nbd.sock")?; // nbd+unix:///disk?socket=/tmp/nbd.sock
+//! // ... until asked to stop (a signal thread can hold `server.shutdown_handle()`):
+//! server.shutdown()?; // stop accepting, drain in-flight requests, flush exports
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -97,6 +97,33 @@ fn truncated_handshakes_leave_the_server_serving() {
 }
 
 #[test]
+fn a_client_silent_in_the_handshake_is_dropped() {
+    let e: Arc<dyn Export> = Arc::new(DeviceExport::memory(MemDevice::new(SIZE)));
+    let cfg = ServerConfig {
+        handshake_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    };
+    let fx = Fixture::with_config(vec![("disk", e)], cfg);
+    let mut c = RawClient::connect(&fx.sock);
+    let t = Instant::now();
+    assert!(c.is_closed());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // The timeout does not apply once transmission starts.
+    let mut c = RawClient::connect(&fx.sock);
+    c.go("disk", true, false);
+    std::thread::sleep(Duration::from_millis(500));
+    c.request(CMD_FLUSH, 0, 1, 0, 0);
+    assert_eq!(
+        c.reply(0),
+        Reply::Simple {
+            error: 0,
+            cookie: 1,
+            data: vec![]
+        }
+    );
+}
+
+#[test]
 fn unknown_options_get_err_unsup_and_negotiation_goes_on() {
     let (fx, _) = mem_fixture();
     let mut c = RawClient::connect(&fx.sock);
@@ -505,4 +532,106 @@ fn tcp_listener_serves_too() {
     s.read_exact(&mut r).unwrap();
     assert_eq!(&r[..8], &SIZE.to_be_bytes());
     server.shutdown().unwrap();
+}
+
+#[test]
+fn exports_can_change_while_serving() {
+    let (fx, _) = mem_fixture();
+    let mut old = RawClient::connect(&fx.sock);
+    old.go("disk", true, false);
+    // Added: new connections see it at once.
+    fx.server
+        .add_export(
+            "late",
+            Arc::new(DeviceExport::memory(MemDevice::new(SIZE / 2))),
+        )
+        .unwrap();
+    assert!(fx
+        .server
+        .add_export("late", Arc::new(DeviceExport::memory(MemDevice::new(512))))
+        .is_err());
+    let mut c = RawClient::connect(&fx.sock);
+    assert_eq!(c.go("late", true, false).0, SIZE / 2);
+    // Removed: new GOs get ERR_UNKNOWN, open connections keep working.
+    assert!(fx.server.remove_export("disk").is_some());
+    let mut n = RawClient::connect(&fx.sock);
+    n.send(&1u32.to_be_bytes());
+    let mut d = 4u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    n.option(OPT_GO, &d);
+    assert_eq!(n.option_reply().1, REP_ERR_UNKNOWN);
+    old.request(CMD_READ, 0, 5, 0, 512);
+    assert!(matches!(
+        old.reply(0),
+        Reply::Chunk {
+            ty: REPLY_TYPE_OFFSET_DATA,
+            cookie: 5,
+            ..
+        }
+    ));
+    assert_eq!(fx.server.export_names(), ["ro", "late"]);
+}
+
+#[test]
+fn shutdown_closes_idle_connections_promptly() {
+    let (fx, _) = mem_fixture();
+    let _greeted = RawClient::connect(&fx.sock); // silent in the handshake
+    let mut idle = RawClient::connect(&fx.sock);
+    idle.go("disk", true, false);
+    wait_for("both connections", || fx.server.connections() == 2);
+    let t = Instant::now();
+    fx.server.shutdown().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(idle.is_closed());
+    assert_eq!(fx.server.connections(), 0);
+    // Idempotent.
+    fx.server.shutdown().unwrap();
+}
+
+/// An export with a bug: it panics on reads at offset 0.
+#[derive(Debug)]
+struct Buggy(MemDevice);
+
+impl BlockDevice for Buggy {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> cowsnap_core::Result<()> {
+        assert!(offset != 0, "deliberate bug in a test export");
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: cowsnap_core::dev::Fua,
+    ) -> cowsnap_core::Result<()> {
+        self.0.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> cowsnap_core::Result<()> {
+        Ok(())
+    }
+}
+
+impl Export for Buggy {}
+
+#[test]
+fn a_panicking_export_answers_eio_and_the_session_goes_on() {
+    let fx = Fixture::new(vec![("disk", Arc::new(Buggy(MemDevice::new(SIZE))))]);
+    let mut c = RawClient::connect(&fx.sock);
+    c.go("disk", true, false);
+    for cookie in 1..=8 {
+        c.request(CMD_READ, 0, cookie, 0, 512);
+        expect_error_chunk(&mut c, cookie, EIO);
+    }
+    c.request(CMD_READ, 0, 9, 4096, 512);
+    assert!(matches!(
+        c.reply(0),
+        Reply::Chunk {
+            ty: REPLY_TYPE_OFFSET_DATA,
+            cookie: 9,
+            ..
+        }
+    ));
 }

@@ -14,10 +14,13 @@ use cowsnap_nbd::{DeviceExport, Export};
 
 const MIB: u64 = 1 << 20;
 
-fn fio(uri: &str, extra: &[&str]) -> String {
+fn fio(dir: &std::path::Path, uri: &str, extra: &[&str]) -> String {
     let out = run_ok(
         Command::new("fio")
+            // fio leaves verify state files in its working directory.
+            .current_dir(dir)
             .args([
+                "--verify_state_save=0",
                 "--name=nbdjob",
                 "--ioengine=nbd",
                 "--rw=randwrite",
@@ -56,10 +59,11 @@ fn fio_verify_crc32c_iodepth_16() {
     ];
     let fx = Fixture::new(exports);
     for name in ["mem", "file"] {
-        let out = fio(&fx.uri(name), &[]);
+        let out = fio(dir.path(), &fx.uri(name), &[]);
         assert!(out.contains("IOPS="), "{out}");
         // Two jobs, two connections, disjoint halves, with flushes.
         fio(
+            dir.path(),
             &fx.uri(name),
             &["--numjobs=2", "--offset_increment=64M", "--fsync=32"],
         );

@@ -184,3 +184,42 @@ fn qemu_img_convert_compare_and_map() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+#[test]
+fn qemu_nbd_lists_exports_with_flags_and_contexts() {
+    if !common::require(
+        "qemu_nbd_lists_exports_with_flags_and_contexts",
+        &["qemu-nbd"],
+    ) {
+        return;
+    }
+    let fx = Fixture::new(vec![
+        (
+            "disk",
+            Arc::new(DeviceExport::memory(MemDevice::new(64 * MIB))),
+        ),
+        (
+            "ro",
+            Arc::new(
+                DeviceExport::memory(MemDevice::new(MIB))
+                    .read_only(true)
+                    .description("read-only twin"),
+            ),
+        ),
+    ]);
+    let out = run_ok(Command::new("qemu-nbd").arg("-L").arg("-k").arg(&fx.sock));
+    assert!(out.contains("exports available: 2"), "{out}");
+    assert!(
+        out.contains("export: 'disk'") && out.contains("size:  67108864"),
+        "{out}"
+    );
+    // The same flag set nbdkit's memory plugin and qemu-nbd -e 2 advertise.
+    assert!(out.contains("flags: 0xded"), "{out}");
+    assert!(out.contains("description: read-only twin"), "{out}");
+    assert!(out.contains("readonly"), "{out}");
+    assert_eq!(out.matches("base:allocation").count(), 2, "{out}");
+    assert!(
+        out.contains("min block: 512") && out.contains("max block: 33554432"),
+        "{out}"
+    );
+}

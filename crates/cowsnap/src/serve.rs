@@ -201,6 +201,13 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         .iter()
         .map(|s| parse_addr(s))
         .collect::<Result<_>>()?;
+    // Take inherited sockets first: this edits the environment, which is only safe
+    // before any thread starts.
+    let inherited = if activation::is_socket_activated() {
+        Some(activation::listeners_from_env()?)
+    } else {
+        None
+    };
     let _lock = PoolLock::acquire(dir)?;
     let pool = Pool::open(dir)?;
     let (active, warnings) = ActivePool::activate(pool, Arc::new(Copier::default()))?;
@@ -228,8 +235,8 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
 
     let mut sockets = Vec::new();
     let mut endpoints = Vec::new();
-    if activation::is_socket_activated() {
-        for l in activation::listeners_from_env()? {
+    if let Some(listeners) = inherited {
+        for l in listeners {
             endpoints.push("an inherited socket (LISTEN_FDS) for export {NAME}".to_string());
             server.listen(l)?;
         }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cowsnap-nbd-demo [--unix PATH] [--tcp HOST:PORT] [--mem NAME=SIZE]... [--file NAME=PATH]...
-//!                  [--ro NAME]... [--description NAME=TEXT]... [--verbose]
+//!                  [--ro NAME]... [--description NAME=TEXT]... [--workers N] [--verbose]
+//!                  [--stdin-eof-stops]
 //! ```
 //! With no `--unix`/`--tcp`, the listening sockets come from socket activation. SIZE takes
 //! K/M/G suffixes. The server runs until it is killed or its standard input reaches end of
@@ -38,6 +39,7 @@ fn run() -> Result<(), String> {
     let mut read_only = Vec::new();
     let mut descriptions = Vec::new();
     let mut verbose = false;
+    let mut workers = None;
     let mut stdin_stops = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -66,6 +68,13 @@ fn run() -> Result<(), String> {
                 let (n, t) = pair(&v)?;
                 descriptions.push((n.to_string(), t.to_string()));
             }
+            "--workers" => {
+                let v = val()?;
+                workers = Some(
+                    v.parse::<usize>()
+                        .map_err(|_| format!("bad --workers {v:?}"))?,
+                );
+            }
             "--verbose" => verbose = true,
             "--stdin-eof-stops" => stdin_stops = true,
             _ => return Err(format!("unknown argument {a:?}")),
@@ -75,6 +84,9 @@ fn run() -> Result<(), String> {
         return Err("no exports: give --mem NAME=SIZE or --file NAME=PATH".into());
     }
     let mut config = ServerConfig::default();
+    if let Some(w) = workers {
+        config.workers = w;
+    }
     if verbose {
         config.log = Some(Arc::new(|m: &str| eprintln!("cowsnap-nbd-demo: {m}")));
     }

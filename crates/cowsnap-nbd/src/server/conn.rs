@@ -24,6 +24,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::io::execute;
 use super::{Shared, Stream};
+use crate::codec::consts::EIO;
 use crate::codec::reply;
 use crate::codec::request::{validate, Command, HeaderError, Limits, RequestHeader};
 use crate::codec::{Handshake, Negotiated, Status, REQUEST_HEADER_LEN};
@@ -46,6 +47,14 @@ pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream) {
 }
 
 fn handshake(shared: &Shared, stream: &mut Stream) -> Option<(Negotiated, Vec<u8>)> {
+    // A client that stalls in the handshake is dropped after the timeout.
+    stream.set_read_timeout(shared.config.handshake_timeout);
+    let r = handshake_steps(shared, stream);
+    stream.set_read_timeout(None);
+    r
+}
+
+fn handshake_steps(shared: &Shared, stream: &mut Stream) -> Option<(Negotiated, Vec<u8>)> {
     let mut hs = Handshake::new(shared.catalog());
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -109,11 +118,83 @@ impl Drop for Permit {
     }
 }
 
+/// What every request costs against the budget at least, so that a client that sends
+/// requests without reading replies cannot make the reply queue grow without bound.
+const MIN_COST: usize = 1024;
+
 struct Job {
     cookie: u64,
     cmd: Command,
     payload: Vec<u8>,
     permit: Permit,
+}
+
+/// The bounded queue between the reader and the workers. Unlike a channel behind a
+/// mutex, it wakes a worker only when one is idle, which halves the thread switches per
+/// request when the device is fast.
+struct JobQueue {
+    state: Mutex<QueueState>,
+    /// Signalled when a job arrives or the queue closes.
+    work: Condvar,
+    /// Signalled when a job leaves.
+    room: Condvar,
+    depth: usize,
+}
+
+struct QueueState {
+    jobs: std::collections::VecDeque<Job>,
+    idle: usize,
+    closed: bool,
+}
+
+impl JobQueue {
+    fn new(depth: usize) -> Self {
+        JobQueue {
+            state: Mutex::new(QueueState {
+                jobs: std::collections::VecDeque::with_capacity(depth),
+                idle: 0,
+                closed: false,
+            }),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            depth: depth.max(1),
+        }
+    }
+
+    /// Queues a job, waiting while the queue is full.
+    fn push(&self, job: Job) {
+        let mut st = self.state.lock();
+        while st.jobs.len() >= self.depth {
+            self.room.wait(&mut st);
+        }
+        st.jobs.push_back(job);
+        if st.idle > 0 {
+            self.work.notify_one();
+        }
+    }
+
+    /// The next job; `None` once the queue is closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut st = self.state.lock();
+        loop {
+            if let Some(j) = st.jobs.pop_front() {
+                self.room.notify_one();
+                return Some(j);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle += 1;
+            self.work.wait(&mut st);
+            st.idle -= 1;
+        }
+    }
+
+    /// No more jobs: workers finish the queued ones and stop.
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.work.notify_all();
+    }
 }
 
 struct Outgoing {
@@ -147,13 +228,12 @@ fn transmission(
     let limits = Limits::from(neg);
     let structured = neg.structured;
     let min_block = neg.block_sizes.min;
-    let Ok(write_half) = stream.try_clone() else {
+    let (Ok(write_half), Ok(read_half)) = (stream.try_clone(), stream.try_clone()) else {
         stream.shutdown(Shutdown::Both);
         return;
     };
     let (reply_tx, reply_rx) = mpsc::channel::<Outgoing>();
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(cfg.queue_depth.max(1));
-    let job_rx = Arc::new(Mutex::new(job_rx));
+    let queue = Arc::new(JobQueue::new(cfg.queue_depth));
     let budget = Arc::new(Budget {
         used: Mutex::new(0),
         freed: Condvar::new(),
@@ -169,31 +249,38 @@ fn transmission(
     };
     let mut workers = Vec::with_capacity(cfg.workers.max(1));
     for i in 0..cfg.workers.max(1) {
-        let rx = job_rx.clone();
+        let queue = queue.clone();
         let tx = reply_tx.clone();
         let export = export.clone();
+        let logger = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-worker-{i}"))
             .spawn(move || loop {
-                let job = rx.lock().recv();
-                let Ok(job) = job else { break };
-                let done = execute(
-                    &*export,
-                    structured,
-                    min_block,
-                    job.cookie,
-                    job.cmd,
-                    &job.payload,
-                );
-                // A WRITE's payload is gone now; a READ's data is in the reply.
-                let permit = match job.cmd {
-                    Command::Read { .. } => Some(job.permit),
-                    _ => None,
-                };
+                let Some(job) = queue.pop() else { break };
+                // A panicking export must not leave the client waiting forever.
+                let run = std::panic::AssertUnwindSafe(|| {
+                    execute(
+                        &*export,
+                        structured,
+                        min_block,
+                        job.cookie,
+                        job.cmd,
+                        &job.payload,
+                    )
+                    .bytes
+                });
+                let bytes = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    logger.log(|| format!("export panicked serving {:?}", job.cmd));
+                    let mut b = Vec::new();
+                    reply::error_reply(&mut b, structured, job.cookie, EIO, "internal error");
+                    b
+                });
+                drop(job.payload);
+                // The permit goes with the reply and is returned once it is sent.
                 if tx
                     .send(Outgoing {
-                        bytes: done.bytes,
-                        _permit: permit,
+                        bytes,
+                        _permit: Some(job.permit),
                     })
                     .is_err()
                 {
@@ -206,19 +293,15 @@ fn transmission(
         }
     }
 
-    let Ok(read_half) = stream.try_clone() else {
-        stream.shutdown(Shutdown::Both);
-        return;
-    };
     let input = std::io::Cursor::new(leftover).chain(read_half);
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     if workers.is_empty() {
         shared.log(|| "no worker threads; closing the connection".into());
     } else {
-        read_loop(shared, &mut reader, &limits, &budget, &job_tx, &reply_tx);
+        read_loop(shared, &mut reader, &limits, &budget, &queue, &reply_tx);
     }
 
-    drop(job_tx);
+    queue.close();
     for w in workers {
         let _ = w.join();
     }
@@ -232,7 +315,7 @@ fn read_loop(
     r: &mut impl Read,
     limits: &Limits,
     budget: &Arc<Budget>,
-    jobs: &mpsc::SyncSender<Job>,
+    jobs: &JobQueue,
     replies: &mpsc::Sender<Outgoing>,
 ) {
     let mut hdr = [0u8; REQUEST_HEADER_LEN];
@@ -263,7 +346,7 @@ fn read_loop(
                     Command::Read { length, .. } | Command::Write { length, .. } => length,
                     _ => 0,
                 } as usize;
-                let permit = budget.acquire(cost);
+                let permit = budget.acquire(cost.max(MIN_COST));
                 let mut payload = Vec::new();
                 if let Command::Write { length, .. } = cmd {
                     payload = vec![0u8; length as usize];
@@ -278,9 +361,7 @@ fn read_loop(
                     payload,
                     permit,
                 };
-                if jobs.send(job).is_err() {
-                    return;
-                }
+                jobs.push(job);
             }
             Err(rej) => {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -310,7 +391,7 @@ fn read_loop(
                 if replies
                     .send(Outgoing {
                         bytes,
-                        _permit: None,
+                        _permit: Some(budget.acquire(MIN_COST)),
                     })
                     .is_err()
                     || !keep_going

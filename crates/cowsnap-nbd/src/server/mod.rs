@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub max_discard: u32,
     /// How long [`Server::shutdown`] waits for connections to drain before closing them.
     pub drain_timeout: Duration,
+    /// How long a client may stay silent during the handshake; `None` waits forever.
+    pub handshake_timeout: Option<Duration>,
     /// Where log lines go; `None` keeps the server silent.
     pub log: Option<LogFn>,
 }
@@ -54,12 +56,13 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            workers: 8,
+            workers: 4,
             queue_depth: 64,
             inflight_bytes: 64 << 20,
             block_sizes: BlockSizes::default(),
             max_discard: 256 << 20,
             drain_timeout: Duration::from_secs(30),
+            handshake_timeout: Some(Duration::from_secs(60)),
             log: None,
         }
     }
@@ -74,6 +77,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("block_sizes", &self.block_sizes)
             .field("max_discard", &self.max_discard)
             .field("drain_timeout", &self.drain_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
             .field("log", &self.log.is_some())
             .finish()
     }
@@ -94,6 +98,13 @@ impl Stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
         })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) {
+        let _ = match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        };
     }
 
     fn shutdown(&self, how: Shutdown) {
