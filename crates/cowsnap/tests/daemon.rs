@@ -611,3 +611,25 @@ fn json_outputs_are_stable() {
     );
     assert!(status.contains("disk: 0 16384 snapshot-origin"), "{status}");
 }
+
+#[test]
+fn systemd_socket_activation_via_nbdinfo() {
+    if !require("socket_activation", &["nbdinfo"]) {
+        return;
+    }
+    let pool = TestPool::new("sa");
+    run(pool
+        .cmd()
+        .args(["origin", "create", "disk", "--size", "16M"]));
+    // nbdinfo starts the server with LISTEN_FDS/LISTEN_PID, as systemd does.
+    let out = run(Command::new("nbdinfo")
+        .args(["--list", "--", "[", BIN, "serve", "]"])
+        .env("COWSNAP_POOL", &pool.dir));
+    let text = stdout(&out);
+    assert!(text.contains("export=\"disk\""), "{text}");
+    assert!(text.contains("export-size: 16777216"), "{text}");
+    assert!(
+        !pool.sock().exists(),
+        "no socket of its own under socket activation"
+    );
+}
