@@ -298,3 +298,23 @@ fn a_request_that_panics_mid_copy_never_blocks_later_commits() {
     assert_eq!(snap.status(), SnapshotStatus::Invalid);
     assert_eq!(snap.exceptions().pending_count(), 0);
 }
+
+#[test]
+fn snapshot_reads_are_coalesced_into_one_call_per_contiguous_run() {
+    let ocount = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    let origin = Origin::new(ocount.clone(), Default::default());
+    let cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    let snap = snapshot_on(&origin, cow.clone(), cs(8));
+    // 64 KiB of untouched 4 KiB chunks: one origin read.
+    let r0 = ocount.count(OpKind::Read);
+    read(&*snap, 0, 64 * KIB);
+    assert_eq!(ocount.count(OpKind::Read) - r0, 1);
+    // Chunks 16..24 copied in order land on consecutive COW chunks: one COW read for them,
+    // plus one origin read for the untouched chunks after them.
+    origin.write_at(&[1u8; 32768], 64 * KIB, Fua::No).unwrap();
+    let (c0, r0) = (cow.count(OpKind::Read), ocount.count(OpKind::Read));
+    let got = read(&*snap, 64 * KIB, 64 * KIB);
+    assert_eq!(cow.count(OpKind::Read) - c0, 1);
+    assert_eq!(ocount.count(OpKind::Read) - r0, 1);
+    assert_eq!(got, vec![0u8; 65536]);
+}
