@@ -37,6 +37,13 @@ pub struct ServeArgs {
     /// Export this volume read-only (repeatable).
     #[arg(long = "read-only", value_name = "NAME")]
     pub read_only: Vec<String>,
+    /// Bypass the page cache: open origin images and COW files with O_DIRECT (like
+    /// `qemu-nbd --cache=none`). Flushes still make data durable.
+    #[arg(long)]
+    pub direct: bool,
+    /// Worker threads per NBD connection: how many of its requests run at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: u16,
     /// Also show every volume as the file DIR/NAME (FUSE; made if missing), which
     /// `losetup` can attach: `losetup -f --show DIR/NAME`.
     #[arg(long, value_name = "DIR")]
@@ -209,7 +216,8 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         None
     };
     let _lock = PoolLock::acquire(dir)?;
-    let pool = Pool::open(dir)?;
+    let mut pool = Pool::open(dir)?;
+    pool.set_direct(args.direct);
     let (active, warnings) = ActivePool::activate(pool, Arc::new(Copier::default()))?;
     let active = Arc::new(active);
     for w in &warnings {
@@ -225,6 +233,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let log: cowsnap_nbd::server::LogFn = Arc::new(|line: &str| eprintln!("cowsnap: nbd: {line}"));
     let server = Arc::new(Server::new(ServerConfig {
         log: Some(log),
+        workers: usize::from(args.workers),
         ..ServerConfig::default()
     }));
     for name in active.volume_names() {

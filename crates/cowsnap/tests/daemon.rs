@@ -294,7 +294,7 @@ fn nbdinfo_nbdcopy_fio_and_restart() {
     run(pool
         .cmd()
         .args(["origin", "create", "other", "--size", "8M"]));
-    let d = Daemon::start(&pool, &[]);
+    let d = Daemon::start(&pool, &["--direct", "--workers", "8"]);
     qemu_io(&pool.uri("disk"), "write -P 0x11 0 8M");
     qemu_io(&pool.uri("disk"), "write -P 0x22 40M 2M");
     // Reference of the snapshot view: the origin as it is now, copied out.
@@ -328,7 +328,7 @@ fn nbdinfo_nbdcopy_fio_and_restart() {
         );
     }
     // fio with verification, 16 requests in flight, on the origin (copy-out under load)
-    // and on the snapshot.
+    // and on the snapshot; the daemon bypasses the page cache (O_DIRECT).
     for export in ["disk", "snap"] {
         let out = run(Command::new("fio").args([
             "--name=verify",
@@ -373,7 +373,7 @@ fn nbdinfo_nbdcopy_fio_and_restart() {
     let (st, out) = d.stop();
     assert!(st.success(), "{out:?}");
     assert!(out.iter().any(|l| l.contains("stopped")), "{out:?}");
-    let d = Daemon::start(&pool, &[]);
+    let d = Daemon::start(&pool, &["--direct", "--workers", "8"]);
     let after = pool.path("after.img");
     run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
     assert_eq!(sha256_of(&before), sha256_of(&after));

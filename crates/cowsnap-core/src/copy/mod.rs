@@ -11,7 +11,7 @@
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::dev::{BlockDevice, Fua};
+use crate::dev::{AlignedBuf, BlockDevice, Fua};
 use crate::error::Error;
 
 /// Default memory budget of a copier.
@@ -125,7 +125,8 @@ impl Copier {
         while done < len {
             let n = (len - done).min(self.segment as u64) as usize;
             self.acquire(n);
-            let mut buf = vec![0u8; n];
+            // Aligned, so devices opened with O_DIRECT need no bounce copy.
+            let mut buf = AlignedBuf::zeroed(n);
             let seg = done..done + n as u64;
             // The overlay's part of this segment, as (offset in segment, data).
             let ov = overlay.and_then(|o| {

@@ -6,12 +6,14 @@
 //! ranges or the Nth operation) and [`GatedDevice`] (holds chosen operations until a test
 //! releases them, so that races are reproduced in a chosen order). Targets are devices too.
 
+pub mod aligned;
 mod crash;
 mod faulty;
 mod file;
 mod gated;
 mod mem;
 
+pub use aligned::AlignedBuf;
 pub use crash::{CrashDevice, PowerDomain};
 pub use faulty::{FaultRule, FaultyDevice, OpKind};
 pub use file::FileDevice;

@@ -105,7 +105,7 @@ impl std::fmt::Debug for ActivePool {
 }
 
 fn open_snapshot(pool: &Pool, origin: &Origin, entry: &SnapshotEntry) -> Result<Arc<Snapshot>> {
-    let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(pool.resolve(&entry.cow))?);
+    let cow: Arc<dyn BlockDevice> = Arc::new(pool.open_volume_file(&pool.resolve(&entry.cow))?);
     let kind = entry.store_kind()?;
     let store = PersistentStore::open(cow, Some(entry.chunk_size()?), kind.overflow_allowed())?;
     Snapshot::load(origin, Arc::new(store))
@@ -132,7 +132,8 @@ impl ActivePool {
         }
         let mut origins = BTreeMap::new();
         for o in &pool.manifest().origins {
-            let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(pool.resolve(&o.path))?);
+            let dev: Arc<dyn BlockDevice> =
+                Arc::new(pool.open_volume_file(&pool.resolve(&o.path))?);
             origins.insert(o.name.clone(), Origin::new(dev, copier.clone()));
         }
         let mut snapshots = BTreeMap::new();

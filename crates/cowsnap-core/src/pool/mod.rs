@@ -59,6 +59,8 @@ pub const DEFAULT_CHUNK: ChunkSize = ChunkSize::MIN;
 pub struct Pool {
     dir: PathBuf,
     manifest: Manifest,
+    /// Open volumes with `O_DIRECT` (a runtime choice, not recorded in the manifest).
+    direct: bool,
 }
 
 impl Pool {
@@ -76,6 +78,7 @@ impl Pool {
         Ok(Pool {
             dir: dir.to_path_buf(),
             manifest,
+            direct: false,
         })
     }
 
@@ -84,7 +87,23 @@ impl Pool {
         Ok(Pool {
             manifest: Manifest::load(dir)?,
             dir: dir.to_path_buf(),
+            direct: false,
         })
+    }
+
+    /// From now on, open origin images and COW files with `O_DIRECT` (bypassing the page
+    /// cache), as `qemu-nbd --cache=none` does.
+    pub fn set_direct(&mut self, direct: bool) {
+        self.direct = direct;
+    }
+
+    /// Opens a volume file for I/O, direct or not as the pool is set.
+    pub(crate) fn open_volume_file(&self, path: &Path) -> Result<FileDevice> {
+        if self.direct {
+            FileDevice::open_direct(path)
+        } else {
+            FileDevice::open(path)
+        }
     }
 
     /// The pool directory.
@@ -229,7 +248,8 @@ impl Pool {
             }
             e
         };
-        let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(&cow_path).map_err(cleanup)?);
+        let cow: Arc<dyn BlockDevice> =
+            Arc::new(self.open_volume_file(&cow_path).map_err(cleanup)?);
         let (store, warning, chunk): (Arc<dyn ExceptionStore>, _, _) = if req.transient {
             let store = crate::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)

@@ -6,6 +6,8 @@
 //! the buffer that goes on the wire. Error messages in error chunks are cut to
 //! [`MAX_ERROR_MESSAGE`] bytes (qemu refuses long non-data chunks).
 
+use cowsnap_core::dev::AlignedBuf;
+
 use super::consts::*;
 use super::cursor::Cursor;
 
@@ -128,11 +130,12 @@ pub fn error_reply(out: &mut Vec<u8>, structured: bool, cookie: u64, error: u32,
     }
 }
 
-/// A READ reply under construction: header in front, room for the data after it.
+/// A READ reply under construction: header in front, room for the data after it. The
+/// data starts on a 4 KiB boundary, so a device opened with `O_DIRECT` reads straight into
+/// it and the whole reply still goes out in one write.
 #[derive(Debug)]
 pub struct ReadReply {
-    buf: Vec<u8>,
-    header_len: usize,
+    buf: AlignedBuf,
 }
 
 impl ReadReply {
@@ -140,38 +143,34 @@ impl ReadReply {
     /// final `OFFSET_DATA` chunk (which also satisfies `NBD_CMD_FLAG_DF`). A zero-length
     /// structured read is answered with a `NONE` chunk.
     pub fn new(structured: bool, cookie: u64, offset: u64, len: u32) -> Self {
-        let mut buf;
+        let mut header = Vec::with_capacity(CHUNK_HEADER_LEN + 8);
         if !structured {
-            buf = Vec::with_capacity(SIMPLE_REPLY_LEN + len as usize);
-            simple_reply(&mut buf, cookie, 0);
+            simple_reply(&mut header, cookie, 0);
         } else if len == 0 {
-            buf = Vec::with_capacity(CHUNK_HEADER_LEN);
-            none_chunk(&mut buf, cookie);
+            none_chunk(&mut header, cookie);
         } else {
-            buf = Vec::with_capacity(CHUNK_HEADER_LEN + 8 + len as usize);
             chunk_header(
-                &mut buf,
+                &mut header,
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
                 cookie,
                 8 + len,
             );
-            buf.extend_from_slice(&offset.to_be_bytes());
+            header.extend_from_slice(&offset.to_be_bytes());
         }
-        let header_len = buf.len();
         let data_len = if structured && len == 0 { 0 } else { len };
-        buf.resize(header_len + data_len as usize, 0);
-        ReadReply { buf, header_len }
+        let mut buf = AlignedBuf::with_prefix(header.len(), data_len as usize);
+        buf.prefix_mut().copy_from_slice(&header);
+        ReadReply { buf }
     }
 
     /// The data part, to be filled by the device.
     pub fn data_mut(&mut self) -> &mut [u8] {
-        let h = self.header_len;
-        self.buf.get_mut(h..).unwrap_or_default()
+        self.buf.data_mut()
     }
 
     /// The encoded reply.
-    pub fn into_bytes(self) -> Vec<u8> {
+    pub fn into_bytes(self) -> AlignedBuf {
         self.buf
     }
 }

@@ -15,6 +15,8 @@
 //! closed; a client that vanished only makes the writer drop replies.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+
+use cowsnap_core::dev::AlignedBuf;
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -125,7 +127,7 @@ const MIN_COST: usize = 1024;
 struct Job {
     cookie: u64,
     cmd: Command,
-    payload: Vec<u8>,
+    payload: AlignedBuf,
     permit: Permit,
 }
 
@@ -198,7 +200,7 @@ impl JobQueue {
 }
 
 struct Outgoing {
-    bytes: Vec<u8>,
+    bytes: AlignedBuf,
     _permit: Option<Permit>,
 }
 
@@ -273,7 +275,7 @@ fn transmission(
                     logger.log(|| format!("export panicked serving {:?}", job.cmd));
                     let mut b = Vec::new();
                     reply::error_reply(&mut b, structured, job.cookie, EIO, "internal error");
-                    b
+                    AlignedBuf::from_vec(b)
                 });
                 drop(job.payload);
                 // The permit goes with the reply and is returned once it is sent.
@@ -347,9 +349,9 @@ fn read_loop(
                     _ => 0,
                 } as usize;
                 let permit = budget.acquire(cost.max(MIN_COST));
-                let mut payload = Vec::new();
+                let mut payload = AlignedBuf::default();
                 if let Command::Write { length, .. } = cmd {
-                    payload = vec![0u8; length as usize];
+                    payload = AlignedBuf::zeroed(length as usize);
                     if !matches!(read_full(r, &mut payload), Ok(n) if n == payload.len()) {
                         shared.log(|| "connection closed inside a write payload".into());
                         return;
@@ -390,7 +392,7 @@ fn read_loop(
                 };
                 if replies
                     .send(Outgoing {
-                        bytes,
+                        bytes: AlignedBuf::from_vec(bytes),
                         _permit: Some(budget.acquire(MIN_COST)),
                     })
                     .is_err()

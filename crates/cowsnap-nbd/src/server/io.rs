@@ -7,7 +7,7 @@
 //! `ENOTSUP` unless the export says zeroing is fast, and block status extents are cut to
 //! what the protocol allows ([`normalize_extents`]).
 
-use cowsnap_core::dev::Fua;
+use cowsnap_core::dev::{AlignedBuf, Fua};
 use cowsnap_core::{Error, ErrorKind};
 
 use crate::codec::consts::*;
@@ -42,7 +42,7 @@ fn message(e: &Error) -> String {
 #[derive(Debug)]
 pub struct Executed {
     /// The encoded reply.
-    pub bytes: Vec<u8>,
+    pub bytes: AlignedBuf,
     /// NBD error sent (0 on success), for statistics.
     pub error: u32,
 }
@@ -52,11 +52,17 @@ fn status(structured: bool, cookie: u64, r: Result<(), (u32, String)>) -> Execut
     match r {
         Ok(()) => {
             reply::simple_reply(&mut bytes, cookie, 0);
-            Executed { bytes, error: 0 }
+            Executed {
+                bytes: AlignedBuf::from_vec(bytes),
+                error: 0,
+            }
         }
         Err((error, msg)) => {
             reply::error_reply(&mut bytes, structured, cookie, error, &msg);
-            Executed { bytes, error }
+            Executed {
+                bytes: AlignedBuf::from_vec(bytes),
+                error,
+            }
         }
     }
 }
@@ -166,7 +172,10 @@ pub fn execute(
             let desc = normalize_extents(&ext, length, min_block, req_one);
             let mut bytes = Vec::with_capacity(24 + 8 * desc.len());
             reply::block_status_chunk(&mut bytes, cookie, context, &desc, true);
-            Executed { bytes, error: 0 }
+            Executed {
+                bytes: AlignedBuf::from_vec(bytes),
+                error: 0,
+            }
         }
         // Never executed: the reader stops at a disconnect.
         Command::Disconnect => status(structured, cookie, Ok(())),
