@@ -110,6 +110,12 @@ pub trait ExceptionStore: Send + Sync + fmt::Debug {
     /// free.
     fn prepare(&self, old: Chunk) -> Result<Chunk>;
 
+    /// Says that the data of `batch` is written, without waiting: a commit already under
+    /// way in another request may include it. A request with exceptions in several stores
+    /// marks all of them first and then commits them one by one, so the stores' commits
+    /// overlap without extra threads. Optional: [`commit`](Self::commit) marks too.
+    fn mark_ready(&self, _batch: &[Exception]) {}
+
     /// Makes `batch` durable (see the commit contract). On error the store is invalid.
     fn commit(&self, batch: &[Exception]) -> Result<()>;
 

@@ -6,9 +6,9 @@
 //!    exception, join a pending one, or create one (allocating its COW chunk);
 //! 2. *copy*: for each chunk this request owns in some snapshots, read the origin chunk once
 //!    and write it to all of their COW devices (snapshots grouped by chunk size);
-//! 3. *commit*: per snapshot, one store commit for the batch (data durable before metadata),
-//!    persistent stores of several snapshots side by side; complete the pending exceptions,
-//!    waking requests queued on them;
+//! 3. *commit*: mark every batch ready in its store, then per snapshot one store commit
+//!    (data durable before metadata), which a commit already running in another request may
+//!    have done; complete the pending exceptions, waking requests queued on them;
 //! 4. *wait*: for the pending exceptions other requests own (S3: the write waits on the
 //!    exceptions themselves, nothing is moved between them), then for snapshot reads still
 //!    reading these chunks from the origin (S1, S4);
@@ -28,7 +28,7 @@ use super::snapshot::{OwnedBatch, Snapshot};
 use crate::copy::{Copier, CopyDest};
 use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
-use crate::exception::{PendingException, StoreKind, WriteRoute};
+use crate::exception::{PendingException, WriteRoute};
 use crate::units::Chunk;
 
 /// The origin: a device with snapshots.
@@ -197,35 +197,17 @@ impl Origin {
             }
             group_start = group_end;
         }
-        // A failed commit invalidates that snapshot; the origin write goes on.
-        let mut batches: Vec<_> = batches
-            .into_iter()
-            .enumerate()
-            .filter(|(_, b)| !b.is_empty())
-            .collect();
-        let persistent = batches
-            .iter()
-            .filter(|(i, _)| snaps[*i].store_kind() != StoreKind::Transient)
-            .count();
-        if persistent >= 2 {
-            // Each persistent commit waits for a flush; run them side by side so N
-            // snapshots cost about one flush time, not N.
-            let last = batches.pop();
-            std::thread::scope(|scope| {
-                for (i, batch) in batches {
-                    let snap = &snaps[i];
-                    scope.spawn(move || {
-                        let _ = snap.commit_owned(batch);
-                    });
-                }
-                if let Some((i, batch)) = last {
-                    let _ = snaps[i].commit_owned(batch);
-                }
-            });
-        } else {
-            for (i, batch) in batches {
-                let _ = snaps[i].commit_owned(batch);
+        // Mark every batch ready first, then commit them one by one: a commit already
+        // running in another request takes these exceptions along, so the stores' commits
+        // overlap. A failed commit invalidates that snapshot; the origin write goes on.
+        for (i, batch) in batches.iter().enumerate() {
+            if !batch.is_empty() {
+                let ready: Vec<_> = batch.iter().map(|o| o.exception).collect();
+                snaps[i].store().mark_ready(&ready);
             }
+        }
+        for (i, batch) in batches.into_iter().enumerate() {
+            let _ = snaps[i].commit_owned(batch);
         }
         for (i, c, p) in waits {
             // A failed exception means its snapshot is invalid now; go on either way.

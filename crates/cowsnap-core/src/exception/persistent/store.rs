@@ -12,7 +12,7 @@
 //! chunk. An aborted exception (its copy failed) or any metadata I/O error invalidates the
 //! store, as the kernel does, and wakes every waiter with the error.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,6 +51,10 @@ struct State {
     failed: Option<String>,
     /// The header on disk says (or is being made to say) `valid = 0`.
     header_invalid: bool,
+    /// COW chunks of exceptions marked ready (`mark_ready`) whose owner has not called
+    /// `commit` yet; an entry whose slot is gone was made durable by another request's
+    /// group commit, and the owner's `commit` then returns at once.
+    marked: HashSet<u64>,
 }
 
 /// Counters of the metadata I/O a store did.
@@ -128,6 +132,7 @@ impl PersistentStore {
                 leader: false,
                 failed: None,
                 header_invalid: false,
+                marked: HashSet::new(),
             }),
             ready: Condvar::new(),
             counters: Counters::default(),
@@ -286,19 +291,43 @@ impl ExceptionStore for PersistentStore {
         Ok(new)
     }
 
+    fn mark_ready(&self, batch: &[Exception]) {
+        let mut st = self.state.lock();
+        for e in batch {
+            if let Some(seq) = st.seq_of.get(&e.new.0).copied() {
+                if let Some(slot) = st.slots.get_mut(&seq) {
+                    if slot.0 == *e {
+                        slot.1 = SlotState::Ready;
+                        st.marked.insert(e.new.0);
+                    }
+                }
+            }
+        }
+        // A request waiting because the oldest exception was not ready may lead now.
+        self.ready.notify_all();
+    }
+
     fn commit(&self, batch: &[Exception]) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let mut st = self.state.lock();
+        if let Some(why) = &st.failed {
+            return Err(Error::Invalid(why.clone()));
+        }
         let mut last = 0u64;
+        let mut waiting = false;
         for e in batch {
             let seq = st.seq_of.get(&e.new.0).copied();
+            let was_marked = st.marked.remove(&e.new.0);
             match seq.and_then(|s| st.slots.get_mut(&s).map(|slot| (s, slot))) {
                 Some((s, slot)) if slot.0 == *e => {
                     slot.1 = SlotState::Ready;
                     last = last.max(s);
+                    waiting = true;
                 }
+                // Marked earlier and already made durable by another request's commit.
+                None if was_marked => {}
                 _ => {
                     return Err(Error::InvalidArgument(format!(
                         "commit of exception {} -> {} that was not prepared",
@@ -306,6 +335,9 @@ impl ExceptionStore for PersistentStore {
                     )))
                 }
             }
+        }
+        if !waiting {
+            return Ok(());
         }
         loop {
             if last < st.durable_seq {
