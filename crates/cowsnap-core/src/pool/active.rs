@@ -385,6 +385,23 @@ pub(super) fn list_offline(pool: &Pool, copier: Arc<Copier>) -> Result<Vec<Volum
             Some(s.chunk_size()?),
             s.store_kind()?.overflow_allowed(),
         )?;
+        if store.is_fresh() {
+            // A zeroed COW: the daemon will format it; a fresh store holds the header and
+            // one metadata area, as the kernel counts them.
+            let cs = store.chunk_size().sectors();
+            let total = store.usage().total_sectors;
+            out.push(VolumeInfo {
+                status: format!("{}/{total} {}", 2 * cs, 2 * cs),
+                usage: Some(UsageInfo {
+                    allocated_sectors: 2 * cs,
+                    total_sectors: total,
+                    metadata_sectors: 2 * cs,
+                }),
+                exceptions: Some(0),
+                ..base
+            });
+            continue;
+        }
         let snap = Snapshot::load(origin, Arc::new(store))?;
         let status = snap.status();
         let usage = snap.store().usage();

@@ -169,3 +169,23 @@ fn one_process_holds_a_pool() {
     PoolLock::acquire(&dir).unwrap();
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn offline_listing_reads_a_zeroed_cow_as_a_fresh_store() {
+    let dir = tmpdir("fresh");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    // Someone zeroes the COW (as lvcreate does to a new COW volume).
+    let cow = dir.join("s.cow");
+    std::fs::write(&cow, vec![0u8; 256 << 10]).unwrap();
+    let list = pool.list_offline(Arc::new(Copier::default())).unwrap();
+    assert_eq!(list[1].status, "16/512 16");
+    // Activation formats it and agrees.
+    let (active, _) =
+        ActivePool::activate(Pool::open(&dir).unwrap(), Arc::new(Copier::default())).unwrap();
+    assert_eq!(active.info("s").unwrap().status, "16/512 16");
+    drop(active);
+    fs::remove_dir_all(&dir).unwrap();
+}
