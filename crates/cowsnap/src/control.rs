@@ -10,7 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use cowsnap_core::pool::VolumeInfo;
+use cowsnap_core::pool::{CowSpec, SnapshotRequest, VolumeInfo};
+use cowsnap_core::units::ChunkSize;
 use serde::{Deserialize, Serialize};
 
 /// File name of the control socket inside the pool directory.
@@ -28,27 +29,55 @@ pub enum Request {
         name: String,
     },
     /// Create a snapshot live.
-    CreateSnapshot {
-        /// Snapshot name.
-        name: String,
-        /// Origin name.
-        origin: String,
-        /// Size of a new COW file, bytes.
-        cow_size: Option<u64>,
-        /// An existing COW to adopt.
-        cow_path: Option<PathBuf>,
-        /// Chunk size, sectors.
-        chunk_sectors: Option<u64>,
-        /// Transient store.
-        transient: bool,
-        /// `PO` store.
-        overflow: bool,
-    },
+    CreateSnapshot(SnapshotSpec),
     /// Remove a snapshot live.
     RemoveSnapshot {
         /// The snapshot.
         name: String,
     },
+}
+
+/// What `snapshot create` asks for, as it travels to the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    /// Snapshot name.
+    pub name: String,
+    /// Origin name.
+    pub origin: String,
+    /// Size of a new COW file, bytes.
+    pub cow_size: Option<u64>,
+    /// An existing COW to adopt.
+    pub cow_path: Option<PathBuf>,
+    /// Chunk size, sectors.
+    pub chunk_sectors: Option<u64>,
+    /// Transient store.
+    pub transient: bool,
+    /// `PO` store.
+    pub overflow: bool,
+}
+
+impl SnapshotSpec {
+    /// The core library's request.
+    pub fn to_request(&self) -> Result<SnapshotRequest> {
+        let chunk_size = self
+            .chunk_sectors
+            .map(ChunkSize::from_sectors)
+            .transpose()
+            .context("bad chunk size")?;
+        let cow = match (&self.cow_path, self.cow_size) {
+            (Some(p), _) => CowSpec::Path(p.clone()),
+            (None, Some(s)) => CowSpec::Size(s),
+            (None, None) => bail!("give --cow-size or --cow"),
+        };
+        Ok(SnapshotRequest {
+            name: self.name.clone(),
+            origin: self.origin.clone(),
+            cow,
+            chunk_size,
+            transient: self.transient,
+            overflow: self.overflow,
+        })
+    }
 }
 
 /// The daemon's answer.
@@ -148,7 +177,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_as_tagged_json() {
-        let r = Request::CreateSnapshot {
+        let r = Request::CreateSnapshot(SnapshotSpec {
             name: "s".into(),
             origin: "o".into(),
             cow_size: Some(4096),
@@ -156,14 +185,18 @@ mod tests {
             chunk_sectors: Some(8),
             transient: false,
             overflow: true,
-        };
+        });
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"op\":\"create-snapshot\""), "{text}");
         let back: Request = serde_json::from_str(&text).unwrap();
-        assert!(matches!(
-            back,
-            Request::CreateSnapshot { overflow: true, .. }
-        ));
+        match back {
+            Request::CreateSnapshot(spec) => {
+                let req = spec.to_request().unwrap();
+                assert!(req.overflow);
+                assert_eq!(req.cow, CowSpec::Size(4096));
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(serde_json::from_str::<Request>("{\"op\":\"explode\"}").is_err());
     }
 

@@ -24,7 +24,6 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::control::{self, Reply, Request};
-use crate::volume::request_from_control;
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -159,24 +158,9 @@ fn handle(
                     .ok_or_else(|| anyhow!("no volume called {name:?}"))?;
                 Ok(Reply::volumes(vec![info]))
             }
-            Request::CreateSnapshot {
-                name,
-                origin,
-                cow_size,
-                cow_path,
-                chunk_sectors,
-                transient,
-                overflow,
-            } => {
-                let req = request_from_control(
-                    name.clone(),
-                    origin,
-                    cow_size,
-                    cow_path,
-                    chunk_sectors,
-                    transient,
-                    overflow,
-                )?;
+            Request::CreateSnapshot(spec) => {
+                let name = spec.name.clone();
+                let req = spec.to_request()?;
                 let (info, warning) = active.create_snapshot(&req)?;
                 server
                     .add_export(name.clone(), export_for(active, &name, read_only)?)

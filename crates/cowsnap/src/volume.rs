@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use cowsnap_core::copy::Copier;
-use cowsnap_core::pool::{CowSpec, Pool, PoolLock, SnapshotRequest, VolumeInfo, VolumeKind};
+use cowsnap_core::pool::{Pool, PoolLock, VolumeInfo, VolumeKind};
 use cowsnap_core::units::{parse_size, ChunkSize};
 
-use crate::control::{self, Reply, Request};
+use crate::control::{self, Reply, Request, SnapshotSpec};
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
@@ -154,7 +154,7 @@ pub fn origin(dir: &Path, cmd: OriginCommand) -> Result<ExitCode> {
 pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
     match cmd {
         SnapshotCommand::Create(a) => {
-            let req = Request::CreateSnapshot {
+            let spec = SnapshotSpec {
                 name: a.name.clone(),
                 origin: a.origin.clone(),
                 cow_size: a.cow_size,
@@ -163,6 +163,7 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
                 transient: a.transient,
                 overflow: a.overflow,
             };
+            let req = Request::CreateSnapshot(spec.clone());
             let (info, warning) = match control::call(dir, &req)? {
                 Some(reply) => {
                     let mut r = daemon_reply(reply)?;
@@ -174,7 +175,7 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
                 }
                 None => {
                     let (_lock, mut pool) = locked(dir)?;
-                    let (entry, warning) = pool.create_snapshot(&request_of(&a))?;
+                    let (entry, warning) = pool.create_snapshot(&spec.to_request()?)?;
                     let list = pool.list_offline(Arc::new(Copier::default()))?;
                     let info = list
                         .into_iter()
@@ -213,21 +214,6 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The core request of `snapshot create`'s arguments.
-pub fn request_of(a: &SnapshotCreate) -> SnapshotRequest {
-    SnapshotRequest {
-        name: a.name.clone(),
-        origin: a.origin.clone(),
-        cow: match (&a.cow, a.cow_size) {
-            (Some(p), _) => CowSpec::Path(p.clone()),
-            (None, s) => CowSpec::Size(s.unwrap_or(0)),
-        },
-        chunk_size: a.chunk_size,
-        transient: a.transient,
-        overflow: a.overflow,
-    }
 }
 
 fn volumes(dir: &Path) -> Result<Vec<VolumeInfo>> {
@@ -313,35 +299,6 @@ pub fn human(n: u64) -> String {
         }
     }
     n.to_string()
-}
-
-/// Parses a control request's snapshot arguments into a core request.
-pub fn request_from_control(
-    name: String,
-    origin: String,
-    cow_size: Option<u64>,
-    cow_path: Option<PathBuf>,
-    chunk_sectors: Option<u64>,
-    transient: bool,
-    overflow: bool,
-) -> Result<SnapshotRequest> {
-    let chunk_size = chunk_sectors
-        .map(ChunkSize::from_sectors)
-        .transpose()
-        .context("bad chunk size")?;
-    let cow = match (cow_path, cow_size) {
-        (Some(p), _) => CowSpec::Path(p),
-        (None, Some(s)) => CowSpec::Size(s),
-        (None, None) => bail!("give --cow-size or --cow"),
-    };
-    Ok(SnapshotRequest {
-        name,
-        origin,
-        cow,
-        chunk_size,
-        transient,
-        overflow,
-    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! activation: every origin write acknowledged before the request is in it, none is torn.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -18,7 +19,7 @@ use crate::copy::Copier;
 use crate::dev::{BlockDevice, FileDevice};
 use crate::error::{Error, Result};
 use crate::exception::persistent::PersistentStore;
-use crate::exception::ExceptionStore;
+use crate::exception::{ExceptionStore, Usage};
 use crate::target::{Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
@@ -74,6 +75,84 @@ pub struct UsageInfo {
     pub total_sectors: u64,
     /// Header and metadata sectors.
     pub metadata_sectors: u64,
+}
+
+impl From<Usage> for UsageInfo {
+    fn from(u: Usage) -> Self {
+        UsageInfo {
+            allocated_sectors: u.allocated_sectors,
+            total_sectors: u.total_sectors,
+            metadata_sectors: u.metadata_sectors,
+        }
+    }
+}
+
+impl VolumeInfo {
+    /// The status of an origin.
+    fn origin(name: &str, size: u64, path: &Path) -> VolumeInfo {
+        VolumeInfo {
+            name: name.into(),
+            kind: VolumeKind::Origin,
+            size,
+            path: path.display().to_string(),
+            origin: None,
+            store: None,
+            chunk_size: None,
+            status: String::new(),
+            usage: None,
+            exceptions: None,
+            invalid_reason: None,
+        }
+    }
+
+    /// The status of a snapshot described by `entry`, whose COW is at `path`, with the
+    /// numbers of a loaded snapshot (`None`: its store did not survive, it is invalid).
+    fn snapshot(
+        entry: &SnapshotEntry,
+        size: u64,
+        path: &Path,
+        numbers: Option<(SnapshotStatus, Usage, u64, Option<String>)>,
+    ) -> VolumeInfo {
+        let chunk_size = entry.chunk_size().ok().map(|c| c.bytes());
+        let (status, usage, exceptions, invalid_reason) = match numbers {
+            Some((status, usage, exceptions, reason)) => (
+                status.to_string(),
+                matches!(status, SnapshotStatus::Usage(_)).then(|| usage.into()),
+                Some(exceptions),
+                reason,
+            ),
+            None => (
+                "Invalid".to_string(),
+                None,
+                None,
+                Some("transient store lost when its daemon stopped".to_string()),
+            ),
+        };
+        VolumeInfo {
+            name: entry.name.clone(),
+            kind: VolumeKind::Snapshot,
+            size,
+            path: path.display().to_string(),
+            origin: Some(entry.origin.clone()),
+            store: Some(entry.store.clone()),
+            chunk_size,
+            status,
+            usage,
+            exceptions,
+            invalid_reason,
+        }
+    }
+
+    /// The status of a loaded snapshot.
+    fn of_snapshot(entry: &SnapshotEntry, path: &Path, snap: &Snapshot) -> VolumeInfo {
+        let numbers = (
+            snap.status(),
+            snap.store().usage(),
+            snap.exceptions().completed_count(),
+            snap.invalid_reason(),
+        );
+        VolumeInfo::snapshot(entry, snap.size(), path, Some(numbers))
+    }
 }
 
 struct ActiveSnapshot {
@@ -295,40 +374,18 @@ impl ActivePool {
 fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
     if let Some(o) = inner.origins.get(name) {
         let entry = inner.pool.manifest().origin(name)?;
-        return Some(VolumeInfo {
-            name: name.into(),
-            kind: VolumeKind::Origin,
-            size: o.size(),
-            path: inner.pool.resolve(&entry.path).display().to_string(),
-            origin: None,
-            store: None,
-            chunk_size: None,
-            status: String::new(),
-            usage: None,
-            exceptions: None,
-            invalid_reason: None,
-        });
+        return Some(VolumeInfo::origin(
+            name,
+            o.size(),
+            &inner.pool.resolve(&entry.path),
+        ));
     }
     let s = inner.snapshots.get(name)?;
-    let status = s.snap.status();
-    let usage = s.snap.store().usage();
-    Some(VolumeInfo {
-        name: name.into(),
-        kind: VolumeKind::Snapshot,
-        size: s.snap.size(),
-        path: inner.pool.resolve(&s.entry.cow).display().to_string(),
-        origin: Some(s.entry.origin.clone()),
-        store: Some(s.entry.store.clone()),
-        chunk_size: Some(s.snap.chunk_size().bytes()),
-        status: status.to_string(),
-        usage: matches!(status, SnapshotStatus::Usage(_)).then_some(UsageInfo {
-            allocated_sectors: usage.allocated_sectors,
-            total_sectors: usage.total_sectors,
-            metadata_sectors: usage.metadata_sectors,
-        }),
-        exceptions: Some(s.snap.exceptions().completed_count()),
-        invalid_reason: s.snap.invalid_reason(),
-    })
+    Some(VolumeInfo::of_snapshot(
+        &s.entry,
+        &inner.pool.resolve(&s.entry.cow),
+        &s.snap,
+    ))
 }
 
 /// Status of every volume of a pool that no process holds: origins opened read-only,
@@ -339,19 +396,7 @@ pub(super) fn list_offline(pool: &Pool, copier: Arc<Copier>) -> Result<Vec<Volum
     for o in &pool.manifest().origins {
         let path = pool.resolve(&o.path);
         let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
-        out.push(VolumeInfo {
-            name: o.name.clone(),
-            kind: VolumeKind::Origin,
-            size: dev.size(),
-            path: path.display().to_string(),
-            origin: None,
-            store: None,
-            chunk_size: None,
-            status: String::new(),
-            usage: None,
-            exceptions: None,
-            invalid_reason: None,
-        });
+        out.push(VolumeInfo::origin(&o.name, dev.size(), &path));
         origins.insert(o.name.clone(), Origin::new(dev, copier.clone()));
     }
     for s in &pool.manifest().snapshots {
@@ -359,24 +404,8 @@ pub(super) fn list_offline(pool: &Pool, copier: Arc<Copier>) -> Result<Vec<Volum
             Error::InvalidArgument(format!("snapshot {:?}: unknown origin", s.name))
         })?;
         let path = pool.resolve(&s.cow);
-        let base = VolumeInfo {
-            name: s.name.clone(),
-            kind: VolumeKind::Snapshot,
-            size: origin.size(),
-            path: path.display().to_string(),
-            origin: Some(s.origin.clone()),
-            store: Some(s.store.clone()),
-            chunk_size: Some(s.chunk_size()?.bytes()),
-            status: "Invalid".into(),
-            usage: None,
-            exceptions: None,
-            invalid_reason: None,
-        };
         if s.store == "N" {
-            out.push(VolumeInfo {
-                invalid_reason: Some("transient store lost when its daemon stopped".into()),
-                ..base
-            });
+            out.push(VolumeInfo::snapshot(s, origin.size(), &path, None));
             continue;
         }
         let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
@@ -388,34 +417,18 @@ pub(super) fn list_offline(pool: &Pool, copier: Arc<Copier>) -> Result<Vec<Volum
         if store.is_fresh() {
             // A zeroed COW: the daemon will format it; a fresh store holds the header and
             // one metadata area, as the kernel counts them.
-            let cs = store.chunk_size().sectors();
-            let total = store.usage().total_sectors;
-            out.push(VolumeInfo {
-                status: format!("{}/{total} {}", 2 * cs, 2 * cs),
-                usage: Some(UsageInfo {
-                    allocated_sectors: 2 * cs,
-                    total_sectors: total,
-                    metadata_sectors: 2 * cs,
-                }),
-                exceptions: Some(0),
-                ..base
-            });
+            let two = 2 * store.chunk_size().sectors();
+            let usage = Usage {
+                allocated_sectors: two,
+                total_sectors: store.usage().total_sectors,
+                metadata_sectors: two,
+            };
+            let numbers = (SnapshotStatus::Usage(usage), usage, 0, None);
+            out.push(VolumeInfo::snapshot(s, origin.size(), &path, Some(numbers)));
             continue;
         }
         let snap = Snapshot::load(origin, Arc::new(store))?;
-        let status = snap.status();
-        let usage = snap.store().usage();
-        out.push(VolumeInfo {
-            status: status.to_string(),
-            usage: matches!(status, SnapshotStatus::Usage(_)).then_some(UsageInfo {
-                allocated_sectors: usage.allocated_sectors,
-                total_sectors: usage.total_sectors,
-                metadata_sectors: usage.metadata_sectors,
-            }),
-            exceptions: Some(snap.exceptions().completed_count()),
-            invalid_reason: snap.invalid_reason(),
-            ..base
-        });
+        out.push(VolumeInfo::of_snapshot(s, &path, &snap));
     }
     Ok(out)
 }
