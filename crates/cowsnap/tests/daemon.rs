@@ -633,3 +633,105 @@ fn systemd_socket_activation_via_nbdinfo() {
         "no socket of its own under socket activation"
     );
 }
+
+/// The kernel rig beside the checkout (CI clones with `shared/` next to it).
+fn kernel_rig() -> PathBuf {
+    let rig = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/kernel-rig");
+    assert!(
+        rig.join("fixtures/p16-basic/cow.img.gz").exists(),
+        "kernel fixtures missing at {}",
+        rig.display()
+    );
+    rig
+}
+
+#[test]
+fn a_cow_written_by_the_kernel_is_adopted_and_served_identically() {
+    if !require("adopt_kernel_cow", &["nbdcopy", "gzip"]) {
+        return;
+    }
+    let rig = kernel_rig();
+    let fixture = rig.join("fixtures/p16-basic");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("manifest.json")).unwrap())
+            .unwrap();
+    // The snapshot view's sha256 as the kernel computed it.
+    let want_sha =
+        find_key(&manifest, "snapshot_view_sha256").expect("manifest has snapshot_view_sha256");
+    let pool = TestPool::new("adopt");
+    // The origin as the kernel left it, rebuilt from the manifest; the COW, unpacked.
+    let origin = pool.path("kernel-origin.img");
+    run(Command::new("/usr/bin/python3").args([
+        rig.join("make-fixtures.py").to_str().unwrap(),
+        "gen-origin",
+        origin.to_str().unwrap(),
+        fixture.join("manifest.json").to_str().unwrap(),
+        "final",
+    ]));
+    let cow = pool.path("kernel.cow");
+    let unpacked =
+        run(Command::new("gzip").args(["-dc", fixture.join("cow.img.gz").to_str().unwrap()]));
+    std::fs::write(&cow, &unpacked.stdout).unwrap();
+    run(pool
+        .cmd()
+        .args(["origin", "add", "base", "--path", origin.to_str().unwrap()]));
+    // Asking for 4K chunks: the header's 8K wins, with a warning.
+    let out = run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "kernel-snap",
+        "--origin",
+        "base",
+        "--cow",
+        cow.to_str().unwrap(),
+        "--chunk-size",
+        "4K",
+        "--json",
+    ]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("overrides"));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(info["chunk_size"], 8192);
+    assert_eq!(info["status"], "240/32768 32", "the kernel's status line");
+    assert_eq!(info["exceptions"], 13);
+    let d = Daemon::start(&pool, &["--read-only", "kernel-snap"]);
+    let copy = pool.path("view.img");
+    run(Command::new("nbdcopy").args([&pool.uri("kernel-snap"), copy.to_str().unwrap()]));
+    assert_eq!(
+        sha256_of(&copy),
+        want_sha,
+        "snapshot view differs from the kernel's"
+    );
+    // Exported read-only: writes are refused, the view is unchanged.
+    if have("qemu-io") {
+        let w = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 1 0 4k",
+                &pool.uri("kernel-snap"),
+            ])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", stdout(&w), String::from_utf8_lossy(&w.stderr));
+        assert!(
+            !text.contains("wrote 4096/4096"),
+            "a read-only export took a write: {text}"
+        );
+    }
+    drop(d);
+    let status = stdout(&run(pool.cmd().args(["status", "kernel-snap"])));
+    assert_eq!(status.trim(), "kernel-snap: 0 131072 snapshot 240/32768 32");
+}
+
+/// The first string value under `key` anywhere in a JSON document.
+fn find_key(v: &serde_json::Value, key: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(|x| x.as_str().map(str::to_string))
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
+    }
+}
