@@ -318,3 +318,56 @@ fn snapshot_reads_are_coalesced_into_one_call_per_contiguous_run() {
     assert_eq!(ocount.count(OpKind::Read) - r0, 1);
     assert_eq!(got, vec![0u8; 65536]);
 }
+
+#[test]
+fn origin_copy_out_copies_runs_of_chunks_with_one_read_and_one_write_per_cow() {
+    let ocount = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    ocount
+        .write_at(&pattern(3, 0, 256 * KIB), 0, Fua::No)
+        .unwrap();
+    let before = read(&*ocount, 0, 256 * KIB);
+    let origin = Origin::new(ocount.clone(), Default::default());
+    let cows: Vec<_> = (0..2)
+        .map(|_| Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB)))))
+        .collect();
+    let snaps: Vec<_> = cows
+        .iter()
+        .map(|c| snapshot_on(&origin, c.clone(), cs(8)))
+        .collect();
+    let r0 = ocount.count(OpKind::Read);
+    origin.write_at(&[7u8; 65536], 0, Fua::No).unwrap();
+    assert_eq!(
+        ocount.count(OpKind::Read) - r0,
+        1,
+        "16 chunks, one origin read"
+    );
+    for (c, s) in cows.iter().zip(&snaps) {
+        assert_eq!(c.count(OpKind::Write), 1, "one COW write per snapshot");
+        assert_eq!(read(&**s, 0, 256 * KIB), before);
+    }
+}
+
+#[test]
+fn a_failed_copy_in_a_later_run_fails_only_that_runs_exceptions() {
+    let (origin, _) = mem_origin(256 * KIB, 4);
+    let before = read(&*origin, 0, 256 * KIB);
+    let good = transient_snapshot(&origin, 256 * KIB, cs(8));
+    // Chunk 0 is already copied in `good`, so a write of chunks 0..8 is two runs: chunk 0
+    // (owned by `bad` only) and chunks 1..8 (owned by both). `bad`'s COW fails its second
+    // write, which belongs to the second run.
+    origin.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
+    let bad_cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    let bad = snapshot_on(&origin, bad_cow.clone(), cs(8));
+    let at_bad_creation = read(&*origin, 0, 256 * KIB);
+    bad_cow.add_rule(FaultRule::Nth {
+        kind: OpKind::Write,
+        n: 2,
+    });
+    origin.write_at(&[2u8; 32768], 0, Fua::No).unwrap();
+    assert_eq!(bad.status(), SnapshotStatus::Invalid);
+    assert_eq!(bad.exceptions().pending_count(), 0);
+    assert_eq!(good.exceptions().pending_count(), 0);
+    assert_eq!(read(&*good, 0, 256 * KIB), before);
+    assert_ne!(at_bad_creation, before);
+    assert_eq!(read(&*origin, 0, 32768), vec![2u8; 32768]);
+}

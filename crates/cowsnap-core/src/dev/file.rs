@@ -2,6 +2,7 @@
 //!
 //! Flush is `fdatasync`; FUA is a write followed by `fdatasync`. Discard punches a hole in a
 //! regular file (it then reads zeros); on a block device it is unsupported for now.
+//! Write-zeroes uses `FALLOC_FL_ZERO_RANGE` (blocks stay allocated) where it can.
 //!
 //! With [`FileDevice::open_direct`] the file is opened `O_DIRECT`: I/O bypasses the page
 //! cache, as `qemu-nbd --cache=none` does. Buffers that do not start on a 512-byte address
@@ -210,18 +211,24 @@ impl BlockDevice for FileDevice {
     fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
         check_request(self.size, offset, len)?;
         if self.regular && !self.read_only && len > 0 {
-            // A punched hole reads as zeros and costs no space.
-            rustix::fs::fallocate(
+            // Zeroes the range in the file's metadata and keeps its blocks allocated (a
+            // discard, not this, gives space back). Falls back to writing zeros where the
+            // file system cannot.
+            match rustix::fs::fallocate(
                 &self.file,
-                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
                 offset,
                 len,
-            )
-            .map_err(|e| self.err("write_zeroes", offset, e.into()))?;
-            if fua == Fua::Yes {
-                self.flush()?;
+            ) {
+                Ok(()) => {
+                    if fua == Fua::Yes {
+                        self.flush()?;
+                    }
+                    return Ok(());
+                }
+                Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {}
+                Err(e) => return Err(self.err("write_zeroes", offset, e.into())),
             }
-            return Ok(());
         }
         let zeros = AlignedBuf::zeroed(len.min(1 << 20) as usize);
         let mut done = 0;

@@ -218,7 +218,7 @@ impl Pool {
                     )));
                 }
                 let rel = PathBuf::from(format!("{}.cow", req.name));
-                create_new_sparse(&self.dir.join(&rel), *size)?;
+                create_new_reserved(&self.dir.join(&rel), *size)?;
                 (rel, true)
             }
             CowSpec::Path(p) => {
@@ -361,6 +361,31 @@ fn create_new_sparse(path: &Path, size: u64) -> Result<()> {
     f.set_len(size)
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io("truncate", size, path.display().to_string(), e))
+}
+
+/// Creates a COW file of `size` bytes with its space reserved (`fallocate`), as an LVM COW
+/// volume is: the snapshot never fails later because the host file system filled up, and
+/// copy-outs write into allocated blocks. Where the file system cannot reserve space the
+/// file stays sparse.
+fn create_new_reserved(path: &Path, size: u64) -> Result<()> {
+    create_new_sparse(path, size)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", 0, path.display().to_string(), e))?;
+    match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => {
+            let _ = fs::remove_file(path);
+            Err(Error::io(
+                "reserve space for",
+                0,
+                path.display().to_string(),
+                e.into(),
+            ))
+        }
+    }
 }
 
 /// The exclusive hold of a pool by one process (a daemon, or a command acting on the files).

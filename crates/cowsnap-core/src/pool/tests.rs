@@ -48,6 +48,11 @@ fn offline_pool_lifecycle_and_restart() {
     assert_eq!(entry.store, "P");
     assert_eq!(entry.chunk_sectors, 8);
     assert!(warning.is_none());
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(dir.join("s1.cow")).unwrap();
+        assert!(m.blocks() * 512 >= 256 << 10, "the COW's space is reserved");
+    }
     assert!(pool
         .create_snapshot(&req("s2", "nope", CowSpec::Size(256 << 10)))
         .is_err());

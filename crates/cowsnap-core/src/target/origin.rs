@@ -5,7 +5,9 @@
 //! 1. *route*: for each chunk it touches and each active, valid snapshot, find a completed
 //!    exception, join a pending one, or create one (allocating its COW chunk);
 //! 2. *copy*: for each chunk this request owns in some snapshots, read the origin chunk once
-//!    and write it to all of their COW devices (snapshots grouped by chunk size);
+//!    and write it to all of their COW devices (snapshots grouped by chunk size); runs of
+//!    consecutive chunks owned by the same snapshots at consecutive COW chunks are copied
+//!    with one read and one write per COW;
 //! 3. *commit*: mark every batch ready in its store, then per snapshot one store commit
 //!    (data durable before metadata), which a commit already running in another request may
 //!    have done; complete the pending exceptions, waking requests queued on them;
@@ -139,8 +141,11 @@ impl Origin {
                 .iter()
                 .position(|s| s.chunk_size() != cs)
                 .map_or(snaps.len(), |p| group_start + p);
+            // Consecutive chunks owned by the same snapshots, each landing on consecutive
+            // COW chunks, are copied as one run: one origin read, one write per COW.
+            let mut run: Option<CopyRun> = None;
             for c in cs.chunk_range(offset, len).map(Chunk) {
-                let mut owners: Vec<usize> = Vec::new();
+                let mut owners: Vec<(usize, Chunk)> = Vec::new();
                 for (i, s) in snaps.iter().enumerate().take(group_end).skip(group_start) {
                     if !s.is_valid() {
                         continue;
@@ -155,45 +160,34 @@ impl Origin {
                         }
                         Ok(WriteRoute::Wait(p)) => waits.push((i, c, p)),
                         Ok(WriteRoute::Own(o)) => {
+                            owners.push((i, o.exception.new));
                             batches[i].push(s.own(o));
-                            owners.push(i);
                         }
                         Err(e) => s.invalidate(&format!("unable to allocate exception: {e}")),
                     }
                 }
-                if owners.is_empty() {
-                    continue;
-                }
-                // Read the origin chunk once; write it to every snapshot that needs it.
-                let dests: Vec<CopyDest<'_>> = owners
-                    .iter()
-                    .map(|&i| {
-                        let o = batches[i]
-                            .last()
-                            .map(|o| o.exception.new)
-                            .unwrap_or_default();
-                        CopyDest {
-                            dev: &**snaps[i].cow(),
-                            offset: cs.byte_offset(o),
-                        }
-                    })
-                    .collect();
-                let report = self.copier.copy(
-                    &*self.dev,
-                    cs.byte_offset(c),
-                    snaps[group_start].origin_chunk_len(c),
-                    &dests,
-                    None,
-                );
-                for (k, &i) in owners.iter().enumerate() {
-                    if let Some(why) = report.dest_error(k) {
-                        if let Some(o) = batches[i].pop() {
-                            snaps[i].fail_owned(o, &why);
-                        }
-                    } else {
-                        drains.push((i, c));
+                if let Some(r) = run.as_mut() {
+                    if r.extends(c, &owners) {
+                        r.chunks += 1;
+                        continue;
                     }
                 }
+                if let Some(r) = run.take() {
+                    self.copy_run(snaps, group_start, r, &mut batches, &mut drains);
+                }
+                if !owners.is_empty() {
+                    // This chunk's exceptions are the last entry of each owner's batch.
+                    let batch_starts = owners.iter().map(|&(i, _)| batches[i].len() - 1).collect();
+                    run = Some(CopyRun {
+                        first: c,
+                        chunks: 1,
+                        owners,
+                        batch_starts,
+                    });
+                }
+            }
+            if let Some(r) = run.take() {
+                self.copy_run(snaps, group_start, r, &mut batches, &mut drains);
             }
             group_start = group_end;
         }
@@ -216,6 +210,67 @@ impl Origin {
         }
         for (i, c) in drains {
             snaps[i].exceptions().wait_reads_drained(c);
+        }
+    }
+}
+
+/// Chunks `first..first+chunks` of the origin, to be copied to the same snapshots, each
+/// of which allocated consecutive COW chunks for them starting at the chunk given.
+struct CopyRun {
+    first: Chunk,
+    chunks: u64,
+    owners: Vec<(usize, Chunk)>,
+    /// Where the run's exceptions start in each owner's batch (same order as `owners`).
+    batch_starts: Vec<usize>,
+}
+
+impl CopyRun {
+    /// True when chunk `c`, owned by `owners` at those COW chunks, continues this run.
+    fn extends(&self, c: Chunk, owners: &[(usize, Chunk)]) -> bool {
+        c.0 == self.first.0 + self.chunks
+            && owners.len() == self.owners.len()
+            && owners
+                .iter()
+                .zip(&self.owners)
+                .all(|(&(i, new), &(j, start))| i == j && new.0 == start.0 + self.chunks)
+    }
+}
+
+impl Origin {
+    /// Copies a run: reads the origin range once (clipped at the origin's end) and writes
+    /// it to each owner's COW. A failed destination fails that snapshot's exceptions of the
+    /// run; the others are ready to commit.
+    fn copy_run(
+        &self,
+        snaps: &[Arc<Snapshot>],
+        group: usize,
+        run: CopyRun,
+        batches: &mut [OwnedBatch],
+        drains: &mut Vec<(usize, Chunk)>,
+    ) {
+        let cs = snaps[group].chunk_size();
+        let start = cs.byte_offset(run.first);
+        let last = Chunk(run.first.0 + run.chunks - 1);
+        let len = cs.byte_offset(last) - start + snaps[group].origin_chunk_len(last);
+        let dests: Vec<CopyDest<'_>> = run
+            .owners
+            .iter()
+            .map(|&(i, new)| CopyDest {
+                dev: &**snaps[i].cow(),
+                offset: cs.byte_offset(new),
+            })
+            .collect();
+        let report = self.copier.copy(&*self.dev, start, len, &dests, None);
+        for (k, &(i, _)) in run.owners.iter().enumerate() {
+            if let Some(why) = report.dest_error(k) {
+                let from = run.batch_starts[k];
+                let to = (from + run.chunks as usize).min(batches[i].len());
+                for o in batches[i].drain(from..to).collect::<Vec<_>>() {
+                    snaps[i].fail_owned(o, &why);
+                }
+            } else {
+                drains.extend((0..run.chunks).map(|n| (i, Chunk(run.first.0 + n))));
+            }
         }
     }
 }
