@@ -371,3 +371,48 @@ fn a_failed_copy_in_a_later_run_fails_only_that_runs_exceptions() {
     assert_ne!(at_bad_creation, before);
     assert_eq!(read(&*origin, 0, 32768), vec![2u8; 32768]);
 }
+
+#[test]
+fn snapshot_writes_copy_runs_of_chunks_in_one_write() {
+    let ocount = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    ocount
+        .write_at(&pattern(5, 0, 256 * KIB), 0, Fua::No)
+        .unwrap();
+    let before = read(&*ocount, 0, 256 * KIB);
+    let origin = Origin::new(ocount.clone(), Default::default());
+    let cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    let snap = snapshot_on(&origin, cow.clone(), cs(8));
+    // 16 whole chunks: no origin read, one COW write.
+    let (r0, w0) = (ocount.count(OpKind::Read), cow.count(OpKind::Write));
+    snap.write_at(&[3u8; 65536], 0, Fua::No).unwrap();
+    assert_eq!(ocount.count(OpKind::Read) - r0, 0);
+    assert_eq!(cow.count(OpKind::Write) - w0, 1);
+    // Starting mid-chunk: the first chunk's old bytes come from the origin, in the same run.
+    let (r0, w0) = (ocount.count(OpKind::Read), cow.count(OpKind::Write));
+    let data = pattern(6, 64 * KIB + 1024, 16 * KIB);
+    snap.write_at(&data, 64 * KIB + 1024, Fua::No).unwrap();
+    assert_eq!(ocount.count(OpKind::Read) - r0, 1);
+    assert_eq!(cow.count(OpKind::Write) - w0, 1);
+    let mut expect = before.clone();
+    expect[..65536].fill(3);
+    expect[65536 + 1024..65536 + 1024 + 16384].copy_from_slice(&data);
+    assert_eq!(read(&*snap, 0, 256 * KIB), expect);
+    assert_eq!(read(&*origin, 0, 256 * KIB), before);
+}
+
+#[test]
+fn a_failed_copy_in_a_snapshot_write_run_invalidates_cleanly() {
+    let (origin, _) = mem_origin(256 * KIB, 8);
+    let cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+    let snap = snapshot_on(&origin, cow.clone(), cs(8));
+    cow.add_rule(FaultRule::Nth {
+        kind: OpKind::Write,
+        n: 1,
+    });
+    let e = snap.write_at(&[1u8; 32768], 4096, Fua::No).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert_eq!(snap.status(), SnapshotStatus::Invalid);
+    assert_eq!(snap.exceptions().pending_count(), 0);
+    // The origin is unaffected and keeps working.
+    origin.write_at(&[2u8; 4096], 0, Fua::No).unwrap();
+}

@@ -274,10 +274,44 @@ impl Snapshot {
             .min(self.origin_dev.size().saturating_sub(start))
     }
 
+    /// Copies one run of owned chunks into the COW: the origin range once (only where the
+    /// written data does not cover a whole segment), the request's bytes laid over it, one
+    /// write. `data` is the request's bytes for the run; it starts `offset_in_first` bytes
+    /// into the run's first chunk.
+    fn copy_run(&self, run: &SnapWriteRun, buf: &[u8]) -> Option<String> {
+        let cs = self.chunk_size;
+        let last = Chunk(run.first.0 + run.chunks - 1);
+        let start = cs.byte_offset(run.first);
+        let len = cs.byte_offset(last) - start + self.origin_chunk_len(last);
+        let report = self.copier.copy(
+            &*self.origin_dev,
+            start,
+            len,
+            &[CopyDest {
+                dev: &*self.cow,
+                offset: cs.byte_offset(run.new_first),
+            }],
+            Some(Overlay {
+                offset: run.offset_in_first,
+                data: &buf[run.buf.clone()],
+            }),
+        );
+        report.dest_error(0)
+    }
+
     fn write_pieces(&self, buf: &[u8], offset: u64) -> Result<()> {
         let cs = self.chunk_size;
         let mut owned: OwnedBatch = Vec::new();
         let mut later = Vec::new();
+        // Consecutive chunks this request owns at consecutive COW chunks are copied as one
+        // run; a run is always copied before anything is committed.
+        let mut run: Option<SnapWriteRun> = None;
+        let fail_all = |owned: OwnedBatch, why: &str| {
+            for o in owned {
+                self.fail_owned(o, why);
+            }
+            Error::Invalid(why.to_string())
+        };
         for piece in cs.split(offset, buf.len() as u64) {
             let route = self
                 .exceptions
@@ -285,29 +319,27 @@ impl Snapshot {
             match route {
                 Ok(WriteRoute::Own(o)) => {
                     let o = self.own(o);
-                    let data = &buf[piece.buf_range()];
-                    let report = self.copier.copy(
-                        &*self.origin_dev,
-                        cs.byte_offset(piece.chunk),
-                        self.origin_chunk_len(piece.chunk),
-                        &[CopyDest {
-                            dev: &*self.cow,
-                            offset: cs.byte_offset(o.exception.new),
-                        }],
-                        Some(Overlay {
-                            offset: piece.offset_in_chunk,
-                            data,
-                        }),
-                    );
-                    if let Some(why) = report.dest_error(0) {
-                        self.fail_owned(o, &why);
-                        // Finish what this request owns before failing.
-                        for o in owned {
-                            self.fail_owned(o, &why);
-                        }
-                        return Err(Error::Invalid(why));
-                    }
+                    let new = o.exception.new;
                     owned.push(o);
+                    if let Some(r) = run.as_mut() {
+                        if r.extends(piece.chunk, new) {
+                            r.chunks += 1;
+                            r.buf.end = piece.buf_range().end;
+                            continue;
+                        }
+                    }
+                    if let Some(r) = run.take() {
+                        if let Some(why) = self.copy_run(&r, buf) {
+                            return Err(fail_all(owned, &why));
+                        }
+                    }
+                    run = Some(SnapWriteRun {
+                        first: piece.chunk,
+                        chunks: 1,
+                        new_first: new,
+                        offset_in_first: piece.offset_in_chunk,
+                        buf: piece.buf_range(),
+                    });
                 }
                 Ok(WriteRoute::Remapped { .. }) | Ok(WriteRoute::Wait(_)) => later.push(piece),
                 Err(e) => {
@@ -315,11 +347,22 @@ impl Snapshot {
                         Error::CowFull { .. } => self.on_full_snapshot_write(e),
                         e => e,
                     };
-                    // What this request already copied is committed, so nothing leaks and
-                    // nobody waits forever; the write as a whole fails.
+                    // What this request already owns is copied and committed, so nothing
+                    // leaks and nobody waits forever; the write as a whole fails.
+                    if let Some(r) = run.take() {
+                        if let Some(why) = self.copy_run(&r, buf) {
+                            fail_all(owned, &why);
+                            return Err(err);
+                        }
+                    }
                     let _ = self.commit_owned(owned);
                     return Err(err);
                 }
+            }
+        }
+        if let Some(r) = run.take() {
+            if let Some(why) = self.copy_run(&r, buf) {
+                return Err(fail_all(owned, &why));
             }
         }
         // The store's commit makes the copies durable before their metadata.
@@ -347,6 +390,25 @@ impl Snapshot {
             )?;
         }
         Ok(())
+    }
+}
+
+/// A run of chunks one snapshot write owns: origin chunks `first..first+chunks` going to
+/// COW chunks `new_first..`, with the request's bytes `buf` starting `offset_in_first` bytes
+/// into the first chunk.
+struct SnapWriteRun {
+    first: Chunk,
+    chunks: u64,
+    new_first: Chunk,
+    offset_in_first: u64,
+    buf: std::ops::Range<usize>,
+}
+
+impl SnapWriteRun {
+    /// True when chunk `c`, at COW chunk `new`, continues the run (pieces after the first
+    /// start on a chunk boundary, since the request is contiguous).
+    fn extends(&self, c: Chunk, new: Chunk) -> bool {
+        c.0 == self.first.0 + self.chunks && new.0 == self.new_first.0 + self.chunks
     }
 }
 
