@@ -416,3 +416,26 @@ fn a_failed_copy_in_a_snapshot_write_run_invalidates_cleanly() {
     // The origin is unaffected and keeps working.
     origin.write_at(&[2u8; 4096], 0, Fua::No).unwrap();
 }
+
+#[test]
+fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending() {
+    // As above, but the first COW write fails; with two runs per snapshot in one request,
+    // every exception of the failing snapshot must end failed or committed, none pending.
+    for n in 1..=2 {
+        let (origin, _) = mem_origin(256 * KIB, 4);
+        let before = read(&*origin, 0, 256 * KIB);
+        let good = transient_snapshot(&origin, 256 * KIB, cs(8));
+        origin.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
+        let bad_cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(256 * KIB))));
+        let bad = snapshot_on(&origin, bad_cow.clone(), cs(8));
+        bad_cow.add_rule(FaultRule::Nth {
+            kind: OpKind::Write,
+            n,
+        });
+        origin.write_at(&[2u8; 32768], 0, Fua::No).unwrap();
+        assert_eq!(bad.status(), SnapshotStatus::Invalid, "n={n}");
+        assert_eq!(bad.exceptions().pending_count(), 0, "n={n}");
+        assert_eq!(good.exceptions().pending_count(), 0, "n={n}");
+        assert_eq!(read(&*good, 0, 256 * KIB), before, "n={n}");
+    }
+}

@@ -24,7 +24,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::snapshot::{OwnedBatch, Snapshot};
 use crate::copy::{Copier, CopyDest};
@@ -40,6 +40,8 @@ pub struct Origin {
     /// Active snapshots, sorted by chunk size (largest first, as the kernel keeps them).
     snapshots: RwLock<Vec<Arc<Snapshot>>>,
     activations_waiting: AtomicU64,
+    /// Held while a multi-chunk write routes (allocates) its chunks.
+    allocation: Mutex<()>,
 }
 
 impl fmt::Debug for Origin {
@@ -59,6 +61,7 @@ impl Origin {
             copier,
             snapshots: RwLock::new(Vec::new()),
             activations_waiting: AtomicU64::new(0),
+            allocation: Mutex::new(()),
         })
     }
 
@@ -134,6 +137,16 @@ impl Origin {
         let mut drains: Vec<(usize, Chunk)> = Vec::new();
         let mut waits: Vec<(usize, Chunk, Arc<PendingException>)> = Vec::new();
         let mut batches: Vec<OwnedBatch> = (0..snaps.len()).map(|_| Vec::new()).collect();
+        let mut runs: Vec<(usize, CopyRun)> = Vec::new();
+        // A write over several chunks routes under the origin's allocation lock, so the COW
+        // chunks it allocates are consecutive and its copies go in few runs even when other
+        // writes allocate at the same time. Only in-memory routing runs under it, no I/O.
+        let multi_chunk = snaps
+            .iter()
+            .map(|s| s.chunk_size())
+            .min()
+            .is_some_and(|cs| cs.chunk_range(offset, len).count() > 1);
+        let alloc_guard = multi_chunk.then(|| self.allocation.lock());
         let mut group_start = 0;
         while group_start < snaps.len() {
             let cs = snaps[group_start].chunk_size();
@@ -173,7 +186,7 @@ impl Origin {
                     }
                 }
                 if let Some(r) = run.take() {
-                    self.copy_run(snaps, group_start, r, &mut batches, &mut drains);
+                    runs.push((group_start, r));
                 }
                 if !owners.is_empty() {
                     // This chunk's exceptions are the last entry of each owner's batch.
@@ -187,9 +200,15 @@ impl Origin {
                 }
             }
             if let Some(r) = run.take() {
-                self.copy_run(snaps, group_start, r, &mut batches, &mut drains);
+                runs.push((group_start, r));
             }
             group_start = group_end;
+        }
+        drop(alloc_guard);
+        // Last run first: a failed run removes its exceptions from its owners' batches,
+        // which must not move the batch positions of runs not copied yet.
+        for (group, r) in runs.into_iter().rev() {
+            self.copy_run(snaps, group, r, &mut batches, &mut drains);
         }
         // Mark every batch ready first, then commit them one by one: a commit already
         // running in another request takes these exceptions along, so the stores' commits
