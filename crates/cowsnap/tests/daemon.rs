@@ -79,6 +79,13 @@ impl TestPool {
         p
     }
 
+    /// A new pool holding one origin `name` of `size` (K/M/G suffixes).
+    fn with_origin(tag: &str, name: &str, size: &str) -> TestPool {
+        let p = TestPool::new(tag);
+        run(p.cmd().args(["origin", "create", name, "--size", size]));
+        p
+    }
+
     fn cmd(&self) -> Command {
         let mut c = Command::new(BIN);
         c.env("COWSNAP_POOL", &self.dir);
@@ -214,10 +221,7 @@ fn qemu_io_live_snapshot_and_qemu_img_compare() {
     if !require("qemu_io_live_snapshot", &["qemu-io", "qemu-img"]) {
         return;
     }
-    let pool = TestPool::new("qemu");
-    run(pool
-        .cmd()
-        .args(["origin", "create", "disk", "--size", "32M"]));
+    let pool = TestPool::with_origin("qemu", "disk", "32M");
     let d = Daemon::start(&pool, &[]);
     // The pattern before the snapshot, written through NBD and into a reference image.
     let old_ref = pool.path("ref-old.img");
@@ -287,10 +291,7 @@ fn nbdinfo_nbdcopy_fio_and_restart() {
     ) {
         return;
     }
-    let pool = TestPool::new("copy");
-    run(pool
-        .cmd()
-        .args(["origin", "create", "disk", "--size", "64M"]));
+    let pool = TestPool::with_origin("copy", "disk", "64M");
     run(pool
         .cmd()
         .args(["origin", "create", "other", "--size", "8M"]));
@@ -402,10 +403,7 @@ fn ext4_through_fuse_and_loop_with_a_live_snapshot() {
         eprintln!("SKIP ext4_through_fuse: no /dev/fuse or loop devices");
         return;
     }
-    let pool = TestPool::new("ext4");
-    run(pool
-        .cmd()
-        .args(["origin", "create", "disk", "--size", "64M"]));
+    let pool = TestPool::with_origin("ext4", "disk", "64M");
     let files = pool.path("files");
     let d = Daemon::start(&pool, &["--fuse", files.to_str().unwrap()]);
     let loop_dev = stdout(&run(Command::new("losetup").args([
@@ -501,10 +499,7 @@ fn a_second_daemon_bad_clients_and_bad_arguments_are_refused_cleanly() {
     if !require("refusals", &["qemu-io"]) {
         return;
     }
-    let pool = TestPool::new("refuse");
-    run(pool
-        .cmd()
-        .args(["origin", "create", "disk", "--size", "8M"]));
+    let pool = TestPool::with_origin("refuse", "disk", "8M");
     let d = Daemon::start(&pool, &[]);
     // A second daemon on the same pool: one clear line, non-zero exit.
     let second = pool.cmd().arg("serve").output().unwrap();
@@ -577,10 +572,7 @@ fn a_second_daemon_bad_clients_and_bad_arguments_are_refused_cleanly() {
 
 #[test]
 fn json_outputs_are_stable() {
-    let pool = TestPool::new("json");
-    run(pool
-        .cmd()
-        .args(["origin", "create", "disk", "--size", "8M"]));
+    let pool = TestPool::with_origin("json", "disk", "8M");
     run(pool.cmd().args([
         "snapshot",
         "create",
@@ -617,10 +609,7 @@ fn systemd_socket_activation_via_nbdinfo() {
     if !require("socket_activation", &["nbdinfo"]) {
         return;
     }
-    let pool = TestPool::new("sa");
-    run(pool
-        .cmd()
-        .args(["origin", "create", "disk", "--size", "16M"]));
+    let pool = TestPool::with_origin("sa", "disk", "16M");
     // nbdinfo starts the server with LISTEN_FDS/LISTEN_PID, as systemd does.
     let out = run(Command::new("nbdinfo")
         .args(["--list", "--", "[", BIN, "serve", "]"])
