@@ -205,6 +205,11 @@ fn qemu_io(target: &str, cmd: &str) -> String {
     ))
 }
 
+/// `qemu-img compare` of two raw images (a file or an NBD URI); fails the test if they differ.
+fn qemu_img_compare(a: &str, b: &str) {
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
+}
+
 fn sha256_of(path: &Path) -> String {
     let out = run(Command::new("sha256sum").arg(path));
     stdout(&out).split_whitespace().next().unwrap().to_string()
@@ -257,24 +262,8 @@ fn qemu_io_live_snapshot_and_qemu_img_compare() {
     // The snapshot keeps the old pattern, the origin has the new one.
     assert!(qemu_io(&pool.uri("snap"), "read -P 0xaa 1M 1M").contains("read 1048576/1048576"));
     assert!(qemu_io(&pool.uri("disk"), "read -P 0xbb 1M 1M").contains("read 1048576/1048576"));
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        old_ref.to_str().unwrap(),
-        &pool.uri("snap"),
-    ]));
-    run(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        new_ref.to_str().unwrap(),
-        &pool.uri("disk"),
-    ]));
+    qemu_img_compare(old_ref.to_str().unwrap(), &pool.uri("snap"));
+    qemu_img_compare(new_ref.to_str().unwrap(), &pool.uri("disk"));
     // A snapshot write changes the snapshot only.
     qemu_io(&pool.uri("snap"), "write -P 0xee 8M 64k");
     assert!(qemu_io(&pool.uri("snap"), "read -P 0xee 8M 64k").contains("read 65536/65536"));
