@@ -176,10 +176,9 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
                 None => {
                     let (_lock, mut pool) = locked(dir)?;
                     let (entry, warning) = pool.create_snapshot(&spec.to_request()?)?;
-                    let list = pool.list_offline(Arc::new(Copier::default()))?;
-                    let info = list
-                        .into_iter()
-                        .find(|v| v.name == entry.name)
+                    let info = pool
+                        .list_offline(Arc::new(Copier::default()), Some(&entry.name))?
+                        .pop()
                         .ok_or_else(|| anyhow!("snapshot vanished"))?;
                     (info, warning)
                 }
@@ -216,19 +215,24 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn volumes(dir: &Path) -> Result<Vec<VolumeInfo>> {
-    match control::call(dir, &Request::List)? {
+/// Every volume's status, or only `only`'s, from the daemon or from the files.
+fn volumes(dir: &Path, only: Option<&str>) -> Result<Vec<VolumeInfo>> {
+    let req = match only {
+        Some(name) => Request::Status { name: name.into() },
+        None => Request::List,
+    };
+    match control::call(dir, &req)? {
         Some(reply) => Ok(daemon_reply(reply)?.volumes),
         None => {
             let (_lock, pool) = locked(dir)?;
-            Ok(pool.list_offline(Arc::new(Copier::default()))?)
+            Ok(pool.list_offline(Arc::new(Copier::default()), only)?)
         }
     }
 }
 
 /// `cowsnap list`.
 pub fn list(dir: &Path, json: bool) -> Result<ExitCode> {
-    let vols = volumes(dir)?;
+    let vols = volumes(dir, None)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&vols)?);
         return Ok(ExitCode::SUCCESS);
@@ -258,12 +262,9 @@ pub fn list(dir: &Path, json: bool) -> Result<ExitCode> {
 
 /// `cowsnap status [NAME]`: dmsetup-style lines `NAME: 0 <sectors> <target> <status>`.
 pub fn status(dir: &Path, name: Option<&str>, json: bool) -> Result<ExitCode> {
-    let mut vols = volumes(dir)?;
-    if let Some(n) = name {
-        vols.retain(|v| v.name == n);
-        if vols.is_empty() {
-            bail!("no volume called {n:?} in pool {}", dir.display());
-        }
+    let vols = volumes(dir, name)?;
+    if let (Some(n), true) = (name, vols.is_empty()) {
+        bail!("no volume called {n:?} in pool {}", dir.display());
     }
     if json {
         let out = if name.is_some() {

@@ -390,16 +390,33 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
 
 /// Status of every volume of a pool that no process holds: origins opened read-only,
 /// snapshots loaded (not activated) to read their usage.
-pub(super) fn list_offline(pool: &Pool, copier: Arc<Copier>) -> Result<Vec<VolumeInfo>> {
+pub(super) fn list_offline(
+    pool: &Pool,
+    copier: Arc<Copier>,
+    only: Option<&str>,
+) -> Result<Vec<VolumeInfo>> {
+    let wanted = |name: &str| only.is_none_or(|n| n == name);
+    let snapshots: Vec<_> = pool
+        .manifest()
+        .snapshots
+        .iter()
+        .filter(|s| wanted(&s.name))
+        .collect();
     let mut out = Vec::new();
     let mut origins = BTreeMap::new();
     for o in &pool.manifest().origins {
+        // Open only the origins shown and those the shown snapshots need.
+        if !wanted(&o.name) && !snapshots.iter().any(|s| s.origin == o.name) {
+            continue;
+        }
         let path = pool.resolve(&o.path);
         let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
-        out.push(VolumeInfo::origin(&o.name, dev.size(), &path));
+        if wanted(&o.name) {
+            out.push(VolumeInfo::origin(&o.name, dev.size(), &path));
+        }
         origins.insert(o.name.clone(), Origin::new(dev, copier.clone()));
     }
-    for s in &pool.manifest().snapshots {
+    for s in snapshots {
         let origin = origins.get(&s.origin).ok_or_else(|| {
             Error::InvalidArgument(format!("snapshot {:?}: unknown origin", s.name))
         })?;

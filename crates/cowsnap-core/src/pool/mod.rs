@@ -328,11 +328,16 @@ impl Pool {
         Ok((entry, warning))
     }
 
-    /// Status of every volume, read from the files without activating anything (no
-    /// daemon runs). Transient snapshots show as invalid: their store died with the process
-    /// that held it.
-    pub fn list_offline(&self, copier: Arc<crate::copy::Copier>) -> Result<Vec<VolumeInfo>> {
-        active::list_offline(self, copier)
+    /// Status of every volume, or only of the volume `only`, read from the files without
+    /// activating anything (no daemon runs); only the metadata of the snapshots shown is
+    /// loaded. Transient snapshots show as invalid: their store died with the process that
+    /// held it.
+    pub fn list_offline(
+        &self,
+        copier: Arc<crate::copy::Copier>,
+        only: Option<&str>,
+    ) -> Result<Vec<VolumeInfo>> {
+        active::list_offline(self, copier, only)
     }
 
     /// Removes a snapshot from the pool, deleting its COW file if the pool created it.

@@ -122,7 +122,7 @@ fn offline_pool_lifecycle_and_restart() {
     // Offline status agrees with the live one.
     let offline = Pool::open(&dir)
         .unwrap()
-        .list_offline(Arc::new(Copier::default()))
+        .list_offline(Arc::new(Copier::default()), None)
         .unwrap();
     let live_s1 = before_remove.iter().find(|v| v.name == "s1").unwrap();
     assert_eq!(offline.iter().find(|v| v.name == "s1").unwrap(), live_s1);
@@ -185,8 +185,15 @@ fn offline_listing_reads_a_zeroed_cow_as_a_fresh_store() {
     // Someone zeroes the COW (as lvcreate does to a new COW volume).
     let cow = dir.join("s.cow");
     std::fs::write(&cow, vec![0u8; 256 << 10]).unwrap();
-    let list = pool.list_offline(Arc::new(Copier::default())).unwrap();
+    let list = pool
+        .list_offline(Arc::new(Copier::default()), None)
+        .unwrap();
     assert_eq!(list[1].status, "16/512 16");
+    let one = pool
+        .list_offline(Arc::new(Copier::default()), Some("s"))
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0], list[1]);
     // Activation formats it and agrees.
     let (active, _) =
         ActivePool::activate(Pool::open(&dir).unwrap(), Arc::new(Copier::default())).unwrap();
