@@ -109,7 +109,7 @@ fn check_fixture(name: &str) {
     let (want_status, want_sha) = kernel_reactivation(&fx);
     assert_eq!(o.snap.status().to_string(), want_status, "{name}: status");
     assert_eq!(
-        o.snap.store_kind().to_string(),
+        o.snap.store().kind().to_string(),
         fx.manifest["store"].as_str().unwrap()
     );
     match want_sha {

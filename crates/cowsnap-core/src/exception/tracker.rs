@@ -340,11 +340,6 @@ impl ExceptionTracker {
             .sum()
     }
 
-    /// A copy of the completed table.
-    pub fn table_snapshot(&self) -> ExceptionTable {
-        self.inner.table.read().clone()
-    }
-
     /// Completed exceptions.
     pub fn completed_count(&self) -> u64 {
         self.inner.table.read().len()

@@ -20,8 +20,8 @@ use crate::copy::{Copier, CopyDest, Overlay};
 use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{
-    ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute,
-    StoreKind, Usage, WriteRoute,
+    ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute, Usage,
+    WriteRoute,
 };
 use crate::units::{Chunk, ChunkSize};
 
@@ -496,13 +496,5 @@ impl BlockDevice for Snapshot {
 
     fn describe(&self) -> String {
         format!("snapshot({})", self.cow.describe())
-    }
-}
-
-/// Convenience for tests and tools: the store kind of a snapshot.
-impl Snapshot {
-    /// The store type.
-    pub fn store_kind(&self) -> StoreKind {
-        self.store.kind()
     }
 }
