@@ -102,6 +102,11 @@ impl FileDevice {
         })
     }
 
+    /// True for a regular file (not a block device).
+    pub fn is_regular(&self) -> bool {
+        self.regular
+    }
+
     /// True when opened with `O_DIRECT`.
     pub fn is_direct(&self) -> bool {
         self.direct
@@ -133,6 +138,32 @@ impl FileDevice {
             read_only: false,
             direct: false,
         })
+    }
+
+    /// Where the file's data ends: every byte from here on reads as zeros (holes and
+    /// unwritten extents, found with `SEEK_DATA`/`SEEK_HOLE`). A block device, or a file
+    /// system that cannot tell, answers its size.
+    pub fn data_end(&self) -> u64 {
+        use rustix::fs::{seek, SeekFrom};
+        if !self.regular {
+            return self.size;
+        }
+        let mut pos = 0;
+        let mut end = 0;
+        while pos < self.size {
+            match seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(data) => match seek(&self.file, SeekFrom::Hole(data)) {
+                    Ok(hole) if hole > data => {
+                        end = hole.min(self.size);
+                        pos = hole;
+                    }
+                    _ => return self.size,
+                },
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => return self.size,
+            }
+        }
+        end
     }
 
     /// The path this device was opened from.

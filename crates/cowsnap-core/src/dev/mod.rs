@@ -4,7 +4,8 @@
 //! many threads at once. Implementations: [`FileDevice`] (a file or a block device, with
 //! positional I/O), [`MemDevice`] (sparse, in memory), [`FaultyDevice`] (fails chosen
 //! ranges or the Nth operation) and [`GatedDevice`] (holds chosen operations until a test
-//! releases them, so that races are reproduced in a chosen order). Targets are devices too.
+//! releases them, so that races are reproduced in a chosen order) and [`PrezeroDevice`] (writes
+//! zeros ahead of a file that fills from the front, so data lands in written blocks). Targets are devices too.
 
 pub mod aligned;
 mod crash;
@@ -12,6 +13,7 @@ mod faulty;
 mod file;
 mod gated;
 mod mem;
+mod prezero;
 
 pub use aligned::AlignedBuf;
 pub use crash::{CrashDevice, PowerDomain};
@@ -19,6 +21,7 @@ pub use faulty::{FaultRule, FaultyDevice, OpKind};
 pub use file::FileDevice;
 pub use gated::{Gate, GatedDevice};
 pub use mem::MemDevice;
+pub use prezero::PrezeroDevice;
 
 use crate::error::{Error, Result};
 use crate::units::is_sector_aligned;

@@ -184,7 +184,7 @@ impl std::fmt::Debug for ActivePool {
 }
 
 fn open_snapshot(pool: &Pool, origin: &Origin, entry: &SnapshotEntry) -> Result<Arc<Snapshot>> {
-    let cow: Arc<dyn BlockDevice> = Arc::new(pool.open_volume_file(&pool.resolve(&entry.cow))?);
+    let cow = pool.open_cow(&pool.resolve(&entry.cow))?;
     let kind = entry.store_kind()?;
     let store = PersistentStore::open(cow, Some(entry.chunk_size()?), kind.overflow_allowed())?;
     Snapshot::load(origin, Arc::new(store))

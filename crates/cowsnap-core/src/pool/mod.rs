@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub use active::{ActivePool, VolumeInfo, VolumeKind};
 use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
 
-use crate::dev::{BlockDevice, FileDevice};
+use crate::dev::{BlockDevice, FileDevice, PrezeroDevice};
 use crate::error::{Error, Result};
 use crate::exception::persistent::PersistentStore;
 use crate::exception::ExceptionStore;
@@ -104,6 +104,19 @@ impl Pool {
         } else {
             FileDevice::open(path)
         }
+    }
+
+    /// Opens a COW file or device for a store. A regular file is wrapped in a
+    /// [`PrezeroDevice`]: its space was reserved with `fallocate` (unwritten extents), and
+    /// copy-outs land in written blocks when zeros go ahead of them.
+    pub(crate) fn open_cow(&self, path: &Path) -> Result<Arc<dyn BlockDevice>> {
+        let dev = self.open_volume_file(path)?;
+        Ok(if dev.is_regular() {
+            let end = dev.data_end();
+            Arc::new(PrezeroDevice::new(dev, end))
+        } else {
+            Arc::new(dev)
+        })
     }
 
     /// The pool directory.
@@ -248,8 +261,7 @@ impl Pool {
             }
             e
         };
-        let cow: Arc<dyn BlockDevice> =
-            Arc::new(self.open_volume_file(&cow_path).map_err(cleanup)?);
+        let cow = self.open_cow(&cow_path).map_err(cleanup)?;
         let (store, warning, chunk): (Arc<dyn ExceptionStore>, _, _) = if req.transient {
             let store = crate::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)
