@@ -1,25 +1,25 @@
-//! One client connection: the handshake, then the transmission pipeline.
+//! One client connection: the handshake, then transmission.
 //!
 //! The handshake runs on the connection's thread, feeding socket bytes to the sans-IO
-//! [`Handshake`]. In transmission the same thread becomes the *reader*: it decodes request
-//! headers, checks them, reads WRITE payloads, and queues work on a bounded channel.
-//! A pool of *worker* threads takes requests from that channel and does the device I/O,
-//! so many requests are in flight; each finished reply goes to the single *writer* thread,
-//! which sends replies in completion order and flushes its buffer whenever it runs out of
-//! work. A per-connection byte budget bounds the READ and WRITE data held in memory.
+//! [`Handshake`]. In transmission that thread and `workers - 1` more take turns as the
+//! *leader* (the leader/follower pattern): the leader holds the socket's read side, decodes
+//! the next request header, checks it and reads a WRITE's payload, then passes the read side
+//! on and executes the request itself and writes the whole reply under the write-side lock.
+//! No request moves between threads, so a request costs no thread hand-off beyond the
+//! passing of the read side, which happens while the request executes. Requests in flight
+//! are bounded by the workers and by a per-connection byte budget on READ and WRITE data.
 //!
-//! Refused requests are answered by the reader directly (a refused WRITE's payload is read
-//! and dropped first, so the stream stays in sync). A bad request magic or a truncated
-//! request ends the session. When the reader stops (DISC, end of stream, shutdown), the
-//! workers finish the queued requests, the writer sends their replies, and the socket is
-//! closed; a client that vanished only makes the writer drop replies.
+//! Refused requests are answered by the leader (a refused WRITE's payload is read and
+//! dropped first, so the stream stays in sync). A bad request magic or a truncated request
+//! ends the session. When reading stops (DISC, end of stream, shutdown), the workers finish
+//! the requests they hold, send their replies, and the socket is closed; a client that
+//! vanished only makes replies be dropped.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 
 use cowsnap_core::dev::AlignedBuf;
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
@@ -131,77 +131,37 @@ struct Job {
     permit: Permit,
 }
 
-/// The bounded queue between the reader and the workers. Unlike a channel behind a
-/// mutex, it wakes a worker only when one is idle, which halves the thread switches per
-/// request when the device is fast.
-struct JobQueue {
-    state: Mutex<QueueState>,
-    /// Signalled when a job arrives or the queue closes.
-    work: Condvar,
-    /// Signalled when a job leaves.
-    room: Condvar,
-    depth: usize,
+/// What the leader found next on the socket.
+enum Next {
+    /// A request to execute.
+    Job(Job),
+    /// A refused request, answered at once (its payload was skipped).
+    Refused(Vec<u8>, Permit),
+    /// The session is over (DISC, end of stream, a protocol error).
+    End,
 }
 
-struct QueueState {
-    jobs: std::collections::VecDeque<Job>,
-    idle: usize,
-    closed: bool,
+/// The socket's read side: whoever holds it is the *leader*.
+struct Input<R> {
+    reader: R,
+    ended: bool,
 }
 
-impl JobQueue {
-    fn new(depth: usize) -> Self {
-        JobQueue {
-            state: Mutex::new(QueueState {
-                jobs: std::collections::VecDeque::with_capacity(depth),
-                idle: 0,
-                closed: false,
-            }),
-            work: Condvar::new(),
-            room: Condvar::new(),
-            depth: depth.max(1),
-        }
-    }
-
-    /// Queues a job, waiting while the queue is full.
-    fn push(&self, job: Job) {
-        let mut st = self.state.lock();
-        while st.jobs.len() >= self.depth {
-            self.room.wait(&mut st);
-        }
-        st.jobs.push_back(job);
-        if st.idle > 0 {
-            self.work.notify_one();
-        }
-    }
-
-    /// The next job; `None` once the queue is closed and empty.
-    fn pop(&self) -> Option<Job> {
-        let mut st = self.state.lock();
-        loop {
-            if let Some(j) = st.jobs.pop_front() {
-                self.room.notify_one();
-                return Some(j);
-            }
-            if st.closed {
-                return None;
-            }
-            st.idle += 1;
-            self.work.wait(&mut st);
-            st.idle -= 1;
-        }
-    }
-
-    /// No more jobs: workers finish the queued ones and stop.
-    fn close(&self) {
-        self.state.lock().closed = true;
-        self.work.notify_all();
-    }
+/// The socket's write side: replies are written whole, one at a time.
+struct Output {
+    stream: Stream,
+    /// False once a write failed: the client is gone, replies are dropped.
+    ok: bool,
 }
 
-struct Outgoing {
-    bytes: AlignedBuf,
-    _permit: Option<Permit>,
+impl Output {
+    fn send(&mut self, bytes: &[u8]) {
+        if self.ok && self.stream.write_all(bytes).is_err() {
+            self.ok = false;
+            // Wakes a leader blocked reading: the session is over.
+            self.stream.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
@@ -227,143 +187,162 @@ fn transmission(
     leftover: Vec<u8>,
 ) {
     let cfg = &shared.config;
-    let limits = Limits::from(neg);
-    let structured = neg.structured;
-    let min_block = neg.block_sizes.min;
     let (Ok(write_half), Ok(read_half)) = (stream.try_clone(), stream.try_clone()) else {
         stream.shutdown(Shutdown::Both);
         return;
     };
-    let (reply_tx, reply_rx) = mpsc::channel::<Outgoing>();
-    let queue = Arc::new(JobQueue::new(cfg.queue_depth));
-    let budget = Arc::new(Budget {
-        used: Mutex::new(0),
-        freed: Condvar::new(),
-        limit: cfg.inflight_bytes.max(1),
-    });
-
-    let writer = std::thread::Builder::new()
-        .name("nbd-writer".into())
-        .spawn(move || writer_loop(write_half, reply_rx));
-    let Ok(writer) = writer else {
-        stream.shutdown(Shutdown::Both);
-        return;
+    let conn = Conn {
+        shared: shared.clone(),
+        limits: Limits::from(neg),
+        structured: neg.structured,
+        min_block: neg.block_sizes.min,
+        export,
+        budget: Arc::new(Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            limit: cfg.inflight_bytes.max(1),
+        }),
+        input: Mutex::new(Input {
+            reader: BufReader::with_capacity(
+                64 * 1024,
+                std::io::Cursor::new(leftover).chain(read_half),
+            ),
+            ended: false,
+        }),
+        output: Mutex::new(Output {
+            stream: write_half,
+            ok: true,
+        }),
     };
-    let mut workers = Vec::with_capacity(cfg.workers.max(1));
-    for i in 0..cfg.workers.max(1) {
-        let queue = queue.clone();
-        let tx = reply_tx.clone();
-        let export = export.clone();
-        let logger = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("nbd-worker-{i}"))
-            .spawn(move || loop {
-                let Some(job) = queue.pop() else { break };
-                // A panicking export must not leave the client waiting forever.
-                let run = std::panic::AssertUnwindSafe(|| {
-                    execute(
-                        &*export,
-                        structured,
-                        min_block,
-                        job.cookie,
-                        job.cmd,
-                        &job.payload,
-                    )
-                    .bytes
-                });
-                let bytes = std::panic::catch_unwind(run).unwrap_or_else(|_| {
-                    logger.log(|| format!("export panicked serving {:?}", job.cmd));
-                    let mut b = Vec::new();
-                    reply::error_reply(&mut b, structured, job.cookie, EIO, "internal error");
-                    AlignedBuf::from_vec(b)
-                });
-                drop(job.payload);
-                // The permit goes with the reply and is returned once it is sent.
-                if tx
-                    .send(Outgoing {
-                        bytes,
-                        _permit: Some(job.permit),
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-            });
-        match spawned {
-            Ok(h) => workers.push(h),
-            Err(e) => shared.log(|| format!("cannot start a worker thread: {e}")),
+    // This thread is one of the workers; the others are scoped to the connection.
+    std::thread::scope(|s| {
+        for i in 1..cfg.workers.max(1) {
+            let conn = &conn;
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn_scoped(s, move || conn.work());
+            if let Err(e) = spawned {
+                shared.log(|| format!("cannot start a worker thread: {e}"));
+            }
         }
-    }
-
-    let input = std::io::Cursor::new(leftover).chain(read_half);
-    let mut reader = BufReader::with_capacity(64 * 1024, input);
-    if workers.is_empty() {
-        shared.log(|| "no worker threads; closing the connection".into());
-    } else {
-        read_loop(shared, &mut reader, &limits, &budget, &queue, &reply_tx);
-    }
-
-    queue.close();
-    for w in workers {
-        let _ = w.join();
-    }
-    drop(reply_tx);
-    let _ = writer.join();
+        conn.work();
+    });
     stream.shutdown(Shutdown::Both);
 }
 
-fn read_loop(
-    shared: &Shared,
-    r: &mut impl Read,
-    limits: &Limits,
-    budget: &Arc<Budget>,
-    jobs: &JobQueue,
-    replies: &mpsc::Sender<Outgoing>,
-) {
-    let mut hdr = [0u8; REQUEST_HEADER_LEN];
-    loop {
+/// A connection in transmission. Its workers take turns as the *leader*, which holds the
+/// socket's read side, reads the next request (and a WRITE's payload), then hands the read
+/// side to the next worker and executes the request itself and writes its reply: a
+/// request is read, executed and answered by one thread, with no queue between threads.
+/// Requests in flight are bounded by the workers and by the byte budget.
+struct Conn<R> {
+    shared: Arc<Shared>,
+    limits: Limits,
+    structured: bool,
+    min_block: u32,
+    export: Arc<dyn Export>,
+    budget: Arc<Budget>,
+    input: Mutex<Input<R>>,
+    output: Mutex<Output>,
+}
+
+impl<R: Read> Conn<R> {
+    fn work(&self) {
+        loop {
+            let next = {
+                let mut input = self.input.lock();
+                if input.ended {
+                    return;
+                }
+                let next = self.next(&mut input.reader);
+                if matches!(next, Next::End) {
+                    input.ended = true;
+                }
+                next
+            };
+            match next {
+                Next::End => return,
+                Next::Refused(bytes, permit) => {
+                    self.output.lock().send(&bytes);
+                    drop(permit);
+                }
+                Next::Job(job) => self.execute(job),
+            }
+        }
+    }
+
+    fn execute(&self, job: Job) {
+        // A panicking export must not leave the client waiting forever.
+        let run = std::panic::AssertUnwindSafe(|| {
+            execute(
+                &*self.export,
+                self.structured,
+                self.min_block,
+                job.cookie,
+                job.cmd,
+                &job.payload,
+            )
+            .bytes
+        });
+        let bytes = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+            self.shared
+                .log(|| format!("export panicked serving {:?}", job.cmd));
+            let mut b = Vec::new();
+            reply::error_reply(&mut b, self.structured, job.cookie, EIO, "internal error");
+            AlignedBuf::from_vec(b)
+        });
+        drop(job.payload);
+        self.output.lock().send(&bytes);
+        // The permit is returned once the reply is sent.
+        drop(job.permit);
+    }
+
+    /// Reads the next request; the caller is the leader.
+    fn next(&self, r: &mut R) -> Next {
+        let shared = &*self.shared;
+        let limits = &self.limits;
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
         match read_full(r, &mut hdr) {
             // End of stream at a request boundary: a disconnect without DISC.
-            Ok(0) => return,
+            Ok(0) => return Next::End,
             Ok(REQUEST_HEADER_LEN) => {}
             Ok(n) => {
                 shared.log(|| format!("connection closed inside a request header ({n} bytes)"));
-                return;
+                return Next::End;
             }
-            Err(_) => return,
+            Err(_) => return Next::End,
         }
         let h = match RequestHeader::decode(&hdr) {
             Ok(h) => h,
             Err(e @ (HeaderError::BadMagic(_) | HeaderError::Truncated)) => {
                 shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 shared.log(|| format!("{e}; closing the connection"));
-                return;
+                return Next::End;
             }
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         match validate(&h, limits) {
-            Ok(Command::Disconnect) => return,
+            Ok(Command::Disconnect) => Next::End,
             Ok(cmd) => {
                 let cost = match cmd {
                     Command::Read { length, .. } | Command::Write { length, .. } => length,
                     _ => 0,
                 } as usize;
-                let permit = budget.acquire(cost.max(MIN_COST));
+                let permit = self.budget.acquire(cost.max(MIN_COST));
                 let mut payload = AlignedBuf::default();
                 if let Command::Write { length, .. } = cmd {
                     payload = AlignedBuf::zeroed(length as usize);
                     if !matches!(read_full(r, &mut payload), Ok(n) if n == payload.len()) {
                         shared.log(|| "connection closed inside a write payload".into());
-                        return;
+                        return Next::End;
                     }
                 }
-                let job = Job {
+                Next::Job(Job {
                     cookie: h.cookie,
                     cmd,
                     payload,
                     permit,
-                };
-                jobs.push(job);
+                })
             }
             Err(rej) => {
                 shared.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -376,60 +355,27 @@ fn read_loop(
                     rej.message,
                 );
                 let skip = h.payload_len();
-                let keep_going = if skip == 0 {
-                    true
-                } else if skip <= shared.config.max_discard {
+                let permit = self.budget.acquire(MIN_COST);
+                if skip == 0 {
+                    return Next::Refused(bytes, permit);
+                }
+                if skip <= shared.config.max_discard {
                     let want = u64::from(skip);
-                    matches!(
+                    if matches!(
                         std::io::copy(&mut r.by_ref().take(want), &mut std::io::sink()),
                         Ok(n) if n == want
-                    )
+                    ) {
+                        return Next::Refused(bytes, permit);
+                    }
                 } else {
                     shared.log(|| {
                         format!("refused write of {skip} bytes is too large to skip; closing")
                     });
-                    false
-                };
-                if replies
-                    .send(Outgoing {
-                        bytes: AlignedBuf::from_vec(bytes),
-                        _permit: Some(budget.acquire(MIN_COST)),
-                    })
-                    .is_err()
-                    || !keep_going
-                {
-                    return;
                 }
+                // The stream is out of sync: answer, then end the session.
+                self.output.lock().send(&bytes);
+                Next::End
             }
         }
-    }
-}
-
-fn writer_loop(stream: Stream, rx: mpsc::Receiver<Outgoing>) {
-    let mut w = BufWriter::with_capacity(64 * 1024, stream);
-    let mut ok = true;
-    loop {
-        let msg = match rx.try_recv() {
-            Ok(m) => m,
-            Err(mpsc::TryRecvError::Empty) => {
-                if ok && w.flush().is_err() {
-                    ok = false;
-                    w.get_ref().shutdown(Shutdown::Both);
-                }
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
-                }
-            }
-            Err(mpsc::TryRecvError::Disconnected) => break,
-        };
-        // After a failed write the client is gone: keep draining so workers can finish.
-        if ok && w.write_all(&msg.bytes).is_err() {
-            ok = false;
-            w.get_ref().shutdown(Shutdown::Both);
-        }
-    }
-    if ok {
-        let _ = w.flush();
     }
 }

@@ -33,10 +33,9 @@ pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
 /// Tunables of a [`Server`].
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// Worker threads per connection doing device I/O (requests in flight at once).
+    /// Threads per connection, each reading, executing and answering one request at a
+    /// time (requests in flight at once).
     pub workers: usize,
-    /// Requests queued per connection waiting for a worker before the reader stops reading.
-    pub queue_depth: usize,
     /// Bytes of READ and WRITE data a connection may hold in flight (one request larger
     /// than this still runs, alone).
     pub inflight_bytes: usize,
@@ -57,7 +56,6 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             workers: 4,
-            queue_depth: 64,
             inflight_bytes: 64 << 20,
             block_sizes: BlockSizes::default(),
             max_discard: 256 << 20,
@@ -72,7 +70,6 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("workers", &self.workers)
-            .field("queue_depth", &self.queue_depth)
             .field("inflight_bytes", &self.inflight_bytes)
             .field("block_sizes", &self.block_sizes)
             .field("max_discard", &self.max_discard)
