@@ -11,19 +11,20 @@ trap 'rm -rf "$scratch"' EXIT
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/mutation}"
 failed=0
 
-# name | file | perl substitution (removes the fix) | test file | test that must fail
+# name @ file @ perl substitution (removes the fix) @ test file (lib: unit tests) @ test that must fail
 mutations=(
-  "S1/S4: origin write does not wait for tracked reads|crates/cowsnap-core/src/exception/tracker.rs|s/if !st.tracked.contains_key\(&old\) \{\n\s*return;/if true {\n return;/|race|s1_snapshot_read_of_a_pending_chunk_never_sees_later_origin_data"
-  "S4: remapped chunk ignores reads still in flight|crates/cowsnap-core/src/exception/tracker.rs|s/reads_in_flight: st.tracked.contains_key\(&old\)/reads_in_flight: false/|race|s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
-  "S4: no read tracking at all|crates/cowsnap-core/src/exception/tracker.rs|s/\*st.tracked.entry\(old\).or_insert\(0\) \+= 1;//|race|s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
-  "S2: origin write drops the snapshot-list guard before writing|crates/cowsnap-core/src/target/origin.rs|s/let snaps = self.snapshots.read\(\);\n        self.copy_out\(&snaps, offset, buf.len\(\) as u64\);/let snaps = self.snapshots.read().clone();\n        self.copy_out(&snaps, offset, buf.len() as u64);/|race|s2_activation_waits_for_origin_writes_in_flight"
-  "S3: origin write does not wait on pending exceptions it does not own|crates/cowsnap-core/src/target/origin.rs|s/let _ = p.wait\(\);//|race|s3_origin_writes_wait_on_the_pending_exceptions_of_every_snapshot"
-  "abandoned exceptions are not aborted in the store|crates/cowsnap-core/src/target/origin.rs|s/batches\[i\].push\(s.own\(o\)\);/batches[i].push(o);/|engine|a_request_that_panics_mid_copy_never_blocks_later_commits"
-  "zero-ahead: frontier moves before the zeros are written|crates/cowsnap-core/src/dev/prezero.rs|s/(\s*self.zero\(from, offset.max\(from\).min\(to\)\)\?;\n\s*self.zero\(end.max\(from\), to\)\?;)(\n\s*self.frontier.store\(to.max\(end\), Ordering::Release\);)/$2$1/|lib|dev::prezero::tests::concurrent_front_filling_writes_are_never_zeroed"
+  "S1/S4: origin write does not wait for tracked reads@crates/cowsnap-core/src/exception/tracker.rs@s/if !st.tracked.contains_key\(&old\) \{\n\s*return;/if true {\n return;/@race@s1_snapshot_read_of_a_pending_chunk_never_sees_later_origin_data"
+  "S4: remapped chunk ignores reads still in flight@crates/cowsnap-core/src/exception/tracker.rs@s/reads_in_flight: st.tracked.contains_key\(&old\)/reads_in_flight: false/@race@s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
+  "S4: no read tracking at all@crates/cowsnap-core/src/exception/tracker.rs@s/\*st.tracked.entry\(old\).or_insert\(0\) \+= 1;//@race@s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
+  "S2: origin write drops the snapshot-list guard before writing@crates/cowsnap-core/src/target/origin.rs@s/let snaps = self.snapshots.read\(\);\n        self.copy_out\(&snaps, offset, buf.len\(\) as u64\);/let snaps = self.snapshots.read().clone();\n        self.copy_out(&snaps, offset, buf.len() as u64);/@race@s2_activation_waits_for_origin_writes_in_flight"
+  "S3: origin write does not wait on pending exceptions it does not own@crates/cowsnap-core/src/target/origin.rs@s/let _ = p.wait\(\);//@race@s3_origin_writes_wait_on_the_pending_exceptions_of_every_snapshot"
+  "abandoned exceptions are not aborted in the store@crates/cowsnap-core/src/target/origin.rs@s/batches\[i\].push\(s.own\(o\)\);/batches[i].push(o);/@engine@a_request_that_panics_mid_copy_never_blocks_later_commits"
+  "zero-ahead: frontier moves before the zeros are written@crates/cowsnap-core/src/dev/prezero.rs@s/(\s*self.zero\(from, offset.max\(from\).min\(to\)\)\?;\n\s*self.zero\(end.max\(from\), to\)\?;)(\n\s*self.frontier.store\(to.max\(end\), Ordering::Release\);)/\$2\$1/@lib@dev::prezero::tests::concurrent_front_filling_writes_are_never_zeroed"
+  "combiner: exceptions committed before their copy is written@crates/cowsnap-core/src/copy/combine.rs@s/(\n    let mut i = 0;\n    while i < list.len\(\) \{)/\n    let st = &get(list[0].1, list[0].2).store;\n    st.mark_ready(&list.iter().flat_map(|&(_, r, w)| get(r, w).exceptions.clone()).collect::<Vec<_>>());\n    st.commit_ready();\$1/@crash@crash_at_every_boundary_of_random_workloads"
 )
 
 for m in "${mutations[@]}"; do
-  IFS='|' read -r name file subst testfile test <<<"$m"
+  IFS='@' read -r name file subst testfile test <<<"$m"
   rm -rf "$scratch/tree"; mkdir -p "$scratch/tree"
   (cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$scratch/tree")
   before=$(sha256sum "$scratch/tree/$file")

@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use cowsnap_core::copy::{Copier, DEFAULT_BUDGET, DEFAULT_SEGMENT};
 use cowsnap_core::dev::{BlockDevice, FaultRule, FaultyDevice, Fua, MemDevice, OpKind};
 use cowsnap_core::exception::{ExceptionStore, TransientStore};
 use cowsnap_core::target::{Origin, Snapshot, SnapshotStatus};
@@ -271,32 +272,58 @@ impl BlockDevice for PanicOnWrite {
     }
 }
 
-#[test]
-fn a_request_that_panics_mid_copy_never_blocks_later_commits() {
+/// A persistent snapshot of `origin`, active, on a COW that panics on a chosen write.
+fn panicking_snapshot(origin: &Origin) -> (Arc<PanicOnWrite>, Arc<Snapshot>) {
     use cowsnap_core::exception::persistent::PersistentStore;
-    let (origin, _) = mem_origin(64 * KIB, 1);
     let cow = Arc::new(PanicOnWrite {
         inner: MemDevice::new(256 * KIB),
         panic_at: std::sync::atomic::AtomicI64::new(i64::MAX),
     });
     let store = PersistentStore::open(cow.clone(), Some(cs(8)), false).unwrap();
-    let snap = Snapshot::load(&origin, Arc::new(store)).unwrap();
+    let snap = Snapshot::load(origin, Arc::new(store)).unwrap();
     origin.activate(&snap).unwrap();
-    // The next COW write (the copy of chunk 0) panics.
+    (cow, snap)
+}
+
+#[test]
+fn a_request_that_panics_mid_copy_never_blocks_later_commits() {
+    // A 4 KiB copier segment: the 8 KiB run below is copied in the request's own thread
+    // (not through the combiner), so the panic unwinds the request holding its exceptions.
+    let dev = Arc::new(MemDevice::new(64 * KIB));
+    let origin = Origin::new(dev, Arc::new(Copier::new(DEFAULT_BUDGET, 4096)));
+    let (cow, snap) = panicking_snapshot(&origin);
+    // The next COW write (the copy of chunks 0 and 1) panics.
     cow.panic_at.store(1, std::sync::atomic::Ordering::SeqCst);
     let o = origin.clone();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        o.write_at(&[1u8; 4096], 0, Fua::No)
+        o.write_at(&[1u8; 8192], 0, Fua::No)
     }));
     assert!(r.is_err(), "the write panicked");
     // The abandoned allocation was aborted: a later write to another chunk completes
     // (its commit does not wait for the dead one), and the snapshot is invalid.
     let o = origin.clone();
-    let later = std::thread::spawn(move || o.write_at(&[2u8; 4096], 8192, Fua::No));
+    let later = std::thread::spawn(move || o.write_at(&[2u8; 4096], 16384, Fua::No));
     wait_until(|| later.is_finished());
     later.join().unwrap().unwrap();
     assert_eq!(snap.status(), SnapshotStatus::Invalid);
     assert_eq!(snap.exceptions().pending_count(), 0);
+}
+
+#[test]
+fn a_panic_inside_the_combiner_fails_the_copy_and_blocks_nothing() {
+    let (origin, _) = mem_origin(64 * KIB, 1);
+    let (cow, snap) = panicking_snapshot(&origin);
+    cow.panic_at.store(1, std::sync::atomic::Ordering::SeqCst);
+    // The combiner's write panics: the copy fails (the snapshot is invalid, nothing is
+    // left pending) and the origin write itself completes.
+    origin.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
+    assert_eq!(snap.status(), SnapshotStatus::Invalid);
+    assert_eq!(snap.exceptions().pending_count(), 0);
+    let o = origin.clone();
+    let later = std::thread::spawn(move || o.write_at(&[2u8; 4096], 8192, Fua::No));
+    wait_until(|| later.is_finished());
+    later.join().unwrap().unwrap();
+    assert_eq!(read(&*origin, 0, 4096), vec![1u8; 4096]);
 }
 
 #[test]
@@ -395,11 +422,17 @@ fn a_failed_copy_in_a_snapshot_write_run_invalidates_cleanly() {
 #[test]
 fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending() {
     // Chunk 0 is already copied in `good`, so a write of chunks 0..8 is two runs: chunk 0
-    // (owned by `bad` only) and chunks 1..8 (owned by both). `bad`'s COW fails its first or
-    // its second write, i.e. either run: every exception of `bad` must end failed or
-    // committed (none pending), `good` keeps its view, the origin write lands.
-    for n in 1..=2 {
-        let (origin, _) = mem_origin(256 * KIB, 4);
+    // (owned by `bad` only) and chunks 1..8 (owned by both). With a 4 KiB copier segment the
+    // first run goes through the combiner and the second is copied directly; `bad`'s COW
+    // fails its first or its second write, i.e. either run. With the default segment both
+    // runs go through the combiner, which merges them into one write to `bad`, and that
+    // write fails. Every exception of `bad` must end failed or committed (none pending),
+    // `good` keeps its view, the origin write lands.
+    for (segment, n) in [(4096, 1), (4096, 2), (DEFAULT_SEGMENT, 1)] {
+        let what = format!("segment {segment}, failing write {n}");
+        let dev = Arc::new(MemDevice::new(256 * KIB));
+        dev.write_at(&pattern(4, 0, 256 * KIB), 0, Fua::No).unwrap();
+        let origin = Origin::new(dev, Arc::new(Copier::new(DEFAULT_BUDGET, segment)));
         let before = read(&*origin, 0, 256 * KIB);
         let good = transient_snapshot(&origin, 256 * KIB, cs(8));
         origin.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
@@ -409,11 +442,19 @@ fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending
             kind: OpKind::Write,
             n,
         });
+        let writes = origin.combiner_stats().device_writes;
         origin.write_at(&[2u8; 32768], 0, Fua::No).unwrap();
-        assert_eq!(bad.status(), SnapshotStatus::Invalid, "n={n}");
-        assert_eq!(bad.exceptions().pending_count(), 0, "n={n}");
-        assert_eq!(good.exceptions().pending_count(), 0, "n={n}");
-        assert_eq!(read(&*good, 0, 256 * KIB), before, "n={n}");
-        assert_eq!(read(&*origin, 0, 32768), vec![2u8; 32768], "n={n}");
+        assert_eq!(bad.status(), SnapshotStatus::Invalid, "{what}");
+        assert_eq!(bad.exceptions().pending_count(), 0, "{what}");
+        assert_eq!(good.exceptions().pending_count(), 0, "{what}");
+        assert_eq!(read(&*good, 0, 256 * KIB), before, "{what}");
+        assert_eq!(read(&*origin, 0, 32768), vec![2u8; 32768], "{what}");
+        let merged = origin.combiner_stats().device_writes - writes;
+        if segment == DEFAULT_SEGMENT {
+            // One write to `bad` (both runs), one to `good` (chunks 1..8).
+            assert_eq!(merged, 2, "{what}");
+        } else {
+            assert_eq!(merged, 1, "{what}: only the 4 KiB run is combined");
+        }
     }
 }

@@ -9,6 +9,10 @@
 //! while it holds a lock or waits on anything else, so copies cannot deadlock. Errors are
 //! reported per destination and never stop the other destinations.
 
+mod combine;
+
+pub use combine::{CombinerStats, CowWrite, WriteCombiner, MAX_MERGED};
+
 use parking_lot::{Condvar, Mutex};
 
 use crate::dev::{AlignedBuf, BlockDevice, Fua};
@@ -64,6 +68,19 @@ impl CopyReport {
     }
 }
 
+/// Budget taken with [`Copier::reserve`], returned on drop.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    copier: &'a Copier,
+    bytes: usize,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.copier.release(self.bytes);
+    }
+}
+
 /// A chunk copier with a memory budget.
 #[derive(Debug)]
 pub struct Copier {
@@ -95,6 +112,23 @@ impl Copier {
     /// Bytes of buffers in use now.
     pub fn in_use(&self) -> usize {
         *self.in_use.lock()
+    }
+
+    /// Largest piece copied through one buffer.
+    pub fn segment(&self) -> usize {
+        self.segment
+    }
+
+    /// Takes `n` bytes of the budget (at most the whole budget) for buffers the caller
+    /// fills itself, waiting until they are free; they are given back when the reservation
+    /// is dropped. Take it before any lock or wait, as [`copy`](Self::copy) does.
+    pub fn reserve(&self, n: usize) -> Reservation<'_> {
+        let n = n.min(self.budget);
+        self.acquire(n);
+        Reservation {
+            copier: self,
+            bytes: n,
+        }
     }
 
     fn acquire(&self, n: usize) {

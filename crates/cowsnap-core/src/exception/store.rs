@@ -119,6 +119,13 @@ pub trait ExceptionStore: Send + Sync + fmt::Debug {
     /// Makes `batch` durable (see the commit contract). On error the store is invalid.
     fn commit(&self, batch: &[Exception]) -> Result<()>;
 
+    /// Commits the exceptions marked ready that lead in allocation order, if no commit is
+    /// under way, without waiting for anything: neither for a running commit nor for an
+    /// older exception that is not ready. Whoever owns them still calls
+    /// [`commit`](Self::commit), which then usually finds them durable. Lets one thread
+    /// that marked many requests' exceptions ready commit them all at once. Optional.
+    fn commit_ready(&self) {}
+
     /// Gives up a prepared exception whose copy failed.
     fn abort(&self, e: &Exception);
 

@@ -7,10 +7,14 @@
 //! 2. *copy*: for each chunk this request owns in some snapshots, read the origin chunk once
 //!    and write it to all of their COW devices (snapshots grouped by chunk size); runs of
 //!    consecutive chunks owned by the same snapshots at consecutive COW chunks are copied
-//!    with one read and one write per COW;
+//!    with one read and one write per COW. Runs up to a copier segment are read by the
+//!    request and written through the origin's [`WriteCombiner`], with the copy-outs of
+//!    concurrent requests: per COW, writes touching end to end become one, and the combiner
+//!    marks what it wrote ready and lets each store commit it; longer runs are copied here;
 //! 3. *commit*: mark every batch ready in its store, then per snapshot one store commit
-//!    (data durable before metadata), which a commit already running in another request may
-//!    have done; complete the pending exceptions, waking requests queued on them;
+//!    (data durable before metadata), which the combiner or a commit already running in
+//!    another request may have done; complete the pending exceptions, waking requests
+//!    queued on them;
 //! 4. *wait*: for the pending exceptions other requests own (S3: the write waits on the
 //!    exceptions themselves, nothing is moved between them), then for snapshot reads still
 //!    reading these chunks from the origin (S1, S4);
@@ -27,8 +31,8 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use super::snapshot::{OwnedBatch, Snapshot};
-use crate::copy::{Copier, CopyDest};
-use crate::dev::{check_request, BlockDevice, Fua};
+use crate::copy::{Copier, CopyDest, CowWrite, WriteCombiner};
+use crate::dev::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{PendingException, WriteRoute};
 use crate::units::Chunk;
@@ -42,6 +46,8 @@ pub struct Origin {
     activations_waiting: AtomicU64,
     /// Held while a multi-chunk write routes (allocates) its chunks.
     allocation: Mutex<()>,
+    /// Writes the copy-outs of concurrent writes together.
+    combiner: WriteCombiner,
 }
 
 impl fmt::Debug for Origin {
@@ -62,12 +68,18 @@ impl Origin {
             snapshots: RwLock::new(Vec::new()),
             activations_waiting: AtomicU64::new(0),
             allocation: Mutex::new(()),
+            combiner: WriteCombiner::new(),
         })
     }
 
     /// The underlying device.
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
         &self.dev
+    }
+
+    /// What the copy-out combiner has done.
+    pub fn combiner_stats(&self) -> crate::copy::CombinerStats {
+        self.combiner.stats()
     }
 
     /// The copier shared by this origin's snapshots.
@@ -205,10 +217,16 @@ impl Origin {
             group_start = group_end;
         }
         drop(alloc_guard);
+        // Runs up to a copier segment are read here and written through the combiner,
+        // together with other requests' copy-outs; longer ones are copied directly.
+        let outcomes = self.copy_combined(snaps, &runs, &batches);
         // Last run first: a failed run removes its exceptions from its owners' batches,
-        // which must not move the batch positions of runs not copied yet.
-        for (group, r) in runs.into_iter().rev() {
-            self.copy_run(snaps, group, r, &mut batches, &mut drains);
+        // which must not move the batch positions of runs not handled yet.
+        for ((group, r), outcome) in runs.into_iter().zip(outcomes).rev() {
+            match outcome {
+                None => self.copy_run(snaps, group, r, &mut batches, &mut drains),
+                Some(errors) => self.finish_run(snaps, r, errors, &mut batches, &mut drains),
+            }
         }
         // Mark every batch ready first, then commit them one by one: a commit already
         // running in another request takes these exceptions along, so the stores' commits
@@ -269,8 +287,7 @@ impl Origin {
     ) {
         let cs = snaps[group].chunk_size();
         let start = cs.byte_offset(run.first);
-        let last = Chunk(run.first.0 + run.chunks - 1);
-        let len = cs.byte_offset(last) - start + snaps[group].origin_chunk_len(last);
+        let len = run_len(snaps, group, &run);
         let dests: Vec<CopyDest<'_>> = run
             .owners
             .iter()
@@ -280,18 +297,97 @@ impl Origin {
             })
             .collect();
         let report = self.copier.copy(&*self.dev, start, len, &dests, None);
+        let errors = (0..run.owners.len())
+            .map(|k| report.dest_error(k))
+            .collect();
+        self.finish_run(snaps, run, errors, batches, drains);
+    }
+}
+
+impl Origin {
+    /// Reads every run that fits a copier segment and writes it to its owners' COWs through
+    /// the combiner. Returns, per run, `None` (not handled: copy it directly) or each
+    /// owner's error.
+    fn copy_combined(
+        &self,
+        snaps: &[Arc<Snapshot>],
+        runs: &[(usize, CopyRun)],
+        batches: &[OwnedBatch],
+    ) -> Vec<Option<Vec<Option<String>>>> {
+        let mut outcomes: Vec<Option<Vec<Option<String>>>> = vec![None; runs.len()];
+        let segment = self.copier.segment() as u64;
+        let lens: Vec<u64> = runs.iter().map(|(g, r)| run_len(snaps, *g, r)).collect();
+        let total: u64 = lens.iter().filter(|&&l| l <= segment).sum();
+        if total == 0 {
+            return outcomes;
+        }
+        let _budget = self.copier.reserve(total as usize);
+        let mut writes = Vec::new();
+        // (run, first write, owners) of the runs handed to the combiner.
+        let mut handed: Vec<(usize, usize, usize)> = Vec::new();
+        for (k, ((group, r), &len)) in runs.iter().zip(&lens).enumerate() {
+            if len > segment {
+                continue;
+            }
+            let cs = snaps[*group].chunk_size();
+            let mut buf = AlignedBuf::zeroed(len as usize);
+            if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {
+                let why = Some(format!("copy read failed: {e}"));
+                outcomes[k] = Some(vec![why; r.owners.len()]);
+                continue;
+            }
+            let data = Arc::new(buf);
+            handed.push((k, writes.len(), r.owners.len()));
+            for (&(i, new), &from) in r.owners.iter().zip(&r.batch_starts) {
+                let to = (from + r.chunks as usize).min(batches[i].len());
+                writes.push(CowWrite {
+                    dev: snaps[i].cow().clone(),
+                    offset: cs.byte_offset(new),
+                    data: data.clone(),
+                    store: snaps[i].store().clone(),
+                    exceptions: batches[i][from..to].iter().map(|o| o.exception).collect(),
+                });
+            }
+        }
+        let results = self.combiner.write(writes);
+        for (k, first, n) in handed {
+            outcomes[k] = Some(results.get(first..first + n).map_or_else(
+                || vec![Some("copy-out result missing".to_string()); n],
+                <[Option<String>]>::to_vec,
+            ));
+        }
+        outcomes
+    }
+
+    /// Settles a run whose copy is done: an owner whose copy failed fails the run's
+    /// exceptions; the others' chunks join the drains.
+    fn finish_run(
+        &self,
+        snaps: &[Arc<Snapshot>],
+        run: CopyRun,
+        errors: Vec<Option<String>>,
+        batches: &mut [OwnedBatch],
+        drains: &mut Vec<(usize, Chunk)>,
+    ) {
         for (k, &(i, _)) in run.owners.iter().enumerate() {
-            if let Some(why) = report.dest_error(k) {
+            if let Some(Some(why)) = errors.get(k) {
                 let from = run.batch_starts[k];
                 let to = (from + run.chunks as usize).min(batches[i].len());
                 for o in batches[i].drain(from..to).collect::<Vec<_>>() {
-                    snaps[i].fail_owned(o, &why);
+                    snaps[i].fail_owned(o, why);
                 }
             } else {
                 drains.extend((0..run.chunks).map(|n| (i, Chunk(run.first.0 + n))));
             }
         }
     }
+}
+
+/// Bytes of the origin a run covers (clipped at the origin's end).
+fn run_len(snaps: &[Arc<Snapshot>], group: usize, run: &CopyRun) -> u64 {
+    let cs = snaps[group].chunk_size();
+    let last = Chunk(run.first.0 + run.chunks - 1);
+    cs.byte_offset(last) - cs.byte_offset(run.first) + snaps[group].origin_chunk_len(last)
 }
 
 impl BlockDevice for Origin {

@@ -198,6 +198,54 @@ impl PersistentStore {
         Ok(())
     }
 
+    /// Commits every ready exception forming a prefix in allocation order, as the leader;
+    /// the caller checked that no commit is running and that the first one is ready.
+    fn lead<'a>(
+        &'a self,
+        mut st: parking_lot::MutexGuard<'a, State>,
+    ) -> Result<parking_lot::MutexGuard<'a, State>> {
+        st.leader = true;
+        let group: Vec<(u64, Exception)> = st
+            .slots
+            .iter()
+            .take_while(|(_, (_, s))| *s == SlotState::Ready)
+            .map(|(&seq, (e, _))| (seq, *e))
+            .collect();
+        let entries: Vec<Exception> = group.iter().map(|(_, e)| *e).collect();
+        let steps = st.planner.commit(&entries);
+        drop(st);
+        let result = self.run(&steps);
+        st = self.state.lock();
+        st.leader = false;
+        match result {
+            Ok(()) => {
+                for (seq, e) in &group {
+                    st.slots.remove(seq);
+                    st.seq_of.remove(&e.new.0);
+                }
+                if let Some((seq, _)) = group.last() {
+                    st.durable_seq = seq + 1;
+                }
+                self.counters.group_commits.fetch_add(1, Ordering::SeqCst);
+                self.counters
+                    .exceptions_committed
+                    .fetch_add(group.len() as u64, Ordering::SeqCst);
+                self.ready.notify_all();
+                Ok(st)
+            }
+            Err(e) => {
+                let why = format!("metadata write failed: {e}");
+                let write_header = self.fail(&mut st, why);
+                drop(st);
+                if write_header {
+                    // Best effort, as in the kernel: the COW is failing already.
+                    let _ = self.write_invalid_header();
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Marks the store failed and wakes every waiter; returns true if the header still
     /// has to be written.
     fn fail(&self, st: &mut State, why: String) -> bool {
@@ -354,46 +402,19 @@ impl ExceptionStore for PersistentStore {
                 self.ready.wait(&mut st);
                 continue;
             }
-            // Lead: every ready exception forming a prefix in allocation order.
-            st.leader = true;
-            let group: Vec<(u64, Exception)> = st
-                .slots
-                .iter()
-                .take_while(|(_, (_, s))| *s == SlotState::Ready)
-                .map(|(&seq, (e, _))| (seq, *e))
-                .collect();
-            let entries: Vec<Exception> = group.iter().map(|(_, e)| *e).collect();
-            let steps = st.planner.commit(&entries);
-            drop(st);
-            let result = self.run(&steps);
-            st = self.state.lock();
-            st.leader = false;
-            match result {
-                Ok(()) => {
-                    for (seq, e) in &group {
-                        st.slots.remove(seq);
-                        st.seq_of.remove(&e.new.0);
-                    }
-                    if let Some((seq, _)) = group.last() {
-                        st.durable_seq = seq + 1;
-                    }
-                    self.counters.group_commits.fetch_add(1, Ordering::SeqCst);
-                    self.counters
-                        .exceptions_committed
-                        .fetch_add(group.len() as u64, Ordering::SeqCst);
-                    self.ready.notify_all();
-                }
-                Err(e) => {
-                    let why = format!("metadata write failed: {e}");
-                    let write_header = self.fail(&mut st, why);
-                    drop(st);
-                    if write_header {
-                        // Best effort, as in the kernel: the COW is failing already.
-                        let _ = self.write_invalid_header();
-                    }
-                    return Err(e);
-                }
-            }
+            st = self.lead(st)?;
+        }
+    }
+
+    fn commit_ready(&self) {
+        let st = self.state.lock();
+        let front_ready = st
+            .slots
+            .first_key_value()
+            .is_some_and(|(_, (_, s))| *s == SlotState::Ready);
+        if st.failed.is_none() && !st.leader && front_ready {
+            // An error is the owners' to see: their commit finds the store failed.
+            drop(self.lead(st));
         }
     }
 
