@@ -17,6 +17,7 @@
 //! changes nothing a reader can see, and a crash that loses the zeros loses nothing either.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
@@ -79,7 +80,10 @@ impl<D: BlockDevice> PrezeroDevice<D> {
         if to <= from {
             return Ok(());
         }
-        let zeros = AlignedBuf::zeroed(ZERO_IO.min(to - from) as usize);
+        // One buffer of zeros for the process: allocating 1 MiB per call would leave
+        // freed megabytes in every thread's malloc arena.
+        static ZEROS: OnceLock<AlignedBuf> = OnceLock::new();
+        let zeros = ZEROS.get_or_init(|| AlignedBuf::zeroed(ZERO_IO as usize));
         let mut at = from;
         while at < to {
             let n = (to - at).min(ZERO_IO) as usize;
