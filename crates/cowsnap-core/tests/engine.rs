@@ -458,3 +458,26 @@ fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending
         }
     }
 }
+
+#[test]
+fn a_request_hands_the_combiner_at_most_one_segment_and_copies_the_rest_itself() {
+    // Chunks 1, 3, 5, 7 are already copied, so a write of chunks 0..8 owns four one-chunk
+    // runs (0, 2, 4, 6). With an 8 KiB segment the first two go through the combiner and
+    // the other two are copied directly: a request never holds more than one segment.
+    let dev = Arc::new(MemDevice::new(256 * KIB));
+    dev.write_at(&pattern(9, 0, 256 * KIB), 0, Fua::No).unwrap();
+    let origin = Origin::new(dev, Arc::new(Copier::new(DEFAULT_BUDGET, 8192)));
+    let before = read(&*origin, 0, 256 * KIB);
+    let snap = transient_snapshot(&origin, 256 * KIB, cs(8));
+    for c in [1u64, 3, 5, 7] {
+        origin
+            .write_at(&[c as u8; 4096], c * 4096, Fua::No)
+            .unwrap();
+    }
+    let handed = origin.combiner_stats().writes;
+    origin.write_at(&[0xEE; 32768], 0, Fua::No).unwrap();
+    assert_eq!(origin.combiner_stats().writes - handed, 2);
+    assert_eq!(read(&*snap, 0, 256 * KIB), before);
+    assert_eq!(read(&*origin, 0, 32768), vec![0xEE; 32768]);
+    assert_eq!(origin.copier().in_use(), 0);
+}

@@ -305,8 +305,8 @@ impl Origin {
 }
 
 impl Origin {
-    /// Reads every run that fits a copier segment and writes it to its owners' COWs through
-    /// the combiner. Returns, per run, `None` (not handled: copy it directly) or each
+    /// Reads the runs that fit in one copier segment together and writes them to their
+    /// owners' COWs through the combiner. Returns, per run, `None` (not handled: copy it directly) or each
     /// owner's error.
     fn copy_combined(
         &self,
@@ -316,8 +316,22 @@ impl Origin {
     ) -> Vec<Option<Vec<Option<String>>>> {
         let mut outcomes: Vec<Option<Vec<Option<String>>>> = vec![None; runs.len()];
         let segment = self.copier.segment() as u64;
-        let lens: Vec<u64> = runs.iter().map(|(g, r)| run_len(snaps, *g, r)).collect();
-        let total: u64 = lens.iter().filter(|&&l| l <= segment).sum();
+        // The runs handed over, in order, until they hold one segment of data in all: a
+        // request holds at most that much at once, as in a direct copy; the rest of a long
+        // request's runs (a large discard over scattered remapped chunks) is copied directly.
+        let mut total = 0u64;
+        let lens: Vec<u64> = runs
+            .iter()
+            .map(|(g, r)| {
+                let len = run_len(snaps, *g, r);
+                if total + len <= segment {
+                    total += len;
+                    len
+                } else {
+                    u64::MAX
+                }
+            })
+            .collect();
         if total == 0 {
             return outcomes;
         }
