@@ -219,7 +219,13 @@ impl Origin {
         drop(alloc_guard);
         // Runs up to a copier segment are read here and written through the combiner,
         // together with other requests' copy-outs; longer ones are copied directly.
-        let outcomes = self.copy_combined(snaps, &runs, &batches);
+        let outcomes = if runs.is_empty() {
+            Vec::new()
+        } else {
+            self.copy_combined(snaps, &runs, &batches)
+        };
+        // The combiner marked its runs' exceptions ready itself.
+        let copied_here = outcomes.iter().any(Option::is_none);
         // Last run first: a failed run removes its exceptions from its owners' batches,
         // which must not move the batch positions of runs not handled yet.
         for ((group, r), outcome) in runs.into_iter().zip(outcomes).rev() {
@@ -231,10 +237,12 @@ impl Origin {
         // Mark every batch ready first, then commit them one by one: a commit already
         // running in another request takes these exceptions along, so the stores' commits
         // overlap. A failed commit invalidates that snapshot; the origin write goes on.
-        for (i, batch) in batches.iter().enumerate() {
-            if !batch.is_empty() {
-                let ready: Vec<_> = batch.iter().map(|o| o.exception).collect();
-                snaps[i].store().mark_ready(&ready);
+        if copied_here {
+            for (i, batch) in batches.iter().enumerate() {
+                if !batch.is_empty() {
+                    let ready: Vec<_> = batch.iter().map(|o| o.exception).collect();
+                    snaps[i].store().mark_ready(&ready);
+                }
             }
         }
         for (i, batch) in batches.into_iter().enumerate() {

@@ -189,9 +189,10 @@ impl Planner {
                 ((self.area.len() * format::ENTRY_BYTES) as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE
             };
             self.rewrite_tail = false;
-            let mut buf = format::encode_area(&self.area, &self.geo);
-            buf.truncate(end as usize);
-            buf.drain(..start as usize);
+            // Only those bytes are encoded: entries from the sector's first, zeros after.
+            let mut buf = vec![0u8; (end - start) as usize];
+            let from = start as usize / format::ENTRY_BYTES;
+            format::encode_entries(&mut buf, self.area.get(from..).unwrap_or_default());
             writes.push(MetaStep::Write {
                 offset: self.geo.area_offset(self.current_area) + start,
                 data: buf,
