@@ -12,7 +12,7 @@ rig="$repo/../shared/kernel-rig"
 cargo build --release -q --manifest-path "$repo/Cargo.toml" -p cowsnap
 C="$repo/target/release/cowsnap"
 P=$(mktemp -d); export COWSNAP_POOL="$P/pool"
-trap 'kill -TERM ${pid:-0} 2>/dev/null || true; rm -rf "$P"' EXIT
+trap '[ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null; rm -rf "$P"' EXIT
 "$C" init >/dev/null
 "$C" origin create o --size 64M >/dev/null
 dd if=/dev/urandom of="$COWSNAP_POOL/o.img" bs=1M count=64 conv=notrunc status=none
