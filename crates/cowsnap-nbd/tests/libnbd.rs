@@ -194,20 +194,7 @@ fn libnbd_python_probe_of_error_paths_and_pipelining() {
     ) {
         return;
     }
-    let fx = Fixture::new(vec![
-        (
-            "disk",
-            Arc::new(DeviceExport::memory(MemDevice::new(64 * MIB))),
-        ),
-        (
-            "ro",
-            Arc::new(
-                DeviceExport::memory(MemDevice::new(MIB))
-                    .read_only(true)
-                    .description("read-only twin"),
-            ),
-        ),
-    ]);
+    let fx = Fixture::disk_and_read_only();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbd_probe.py");
     let out = run_ok(Command::new("/usr/bin/python3").arg(script).arg(&fx.sock));
     assert_eq!(out.trim(), "OK");

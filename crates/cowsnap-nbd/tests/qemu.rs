@@ -193,20 +193,7 @@ fn qemu_nbd_lists_exports_with_flags_and_contexts() {
     ) {
         return;
     }
-    let fx = Fixture::new(vec![
-        (
-            "disk",
-            Arc::new(DeviceExport::memory(MemDevice::new(64 * MIB))),
-        ),
-        (
-            "ro",
-            Arc::new(
-                DeviceExport::memory(MemDevice::new(MIB))
-                    .read_only(true)
-                    .description("read-only twin"),
-            ),
-        ),
-    ]);
+    let fx = Fixture::disk_and_read_only();
     let out = run_ok(Command::new("qemu-nbd").arg("-L").arg("-k").arg(&fx.sock));
     assert!(out.contains("exports available: 2"), "{out}");
     assert!(

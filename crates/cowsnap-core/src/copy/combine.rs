@@ -126,10 +126,7 @@ impl WriteCombiner {
                 return r;
             }
             if let Some(task) = st.tasks.pop() {
-                drop(st);
-                let outcome = run_task(&task.batch, task.group);
-                st = self.state.lock();
-                self.task_finished(&mut st, outcome);
+                st = self.help(st, task);
                 continue;
             }
             if st.combining {
@@ -140,12 +137,17 @@ impl WriteCombiner {
         }
     }
 
-    fn task_finished(&self, st: &mut State, outcome: GroupOutcome) {
+    /// Does a posted task outside the lock and hands in its outcome.
+    fn help<'a>(&'a self, st: MutexGuard<'a, State>, task: Task) -> MutexGuard<'a, State> {
+        drop(st);
+        let outcome = run_task(&task.batch, task.group);
+        let mut st = self.state.lock();
         st.outcomes.push(outcome);
         st.outstanding -= 1;
         if st.outstanding == 0 {
             self.tasks_done.notify_all();
         }
+        st
     }
 
     /// Combines every queued request's writes: one store's part on this thread, the
@@ -170,10 +172,7 @@ impl WriteCombiner {
         st = self.state.lock();
         loop {
             if let Some(task) = st.tasks.pop() {
-                drop(st);
-                let outcome = run_task(&task.batch, task.group);
-                st = self.state.lock();
-                self.task_finished(&mut st, outcome);
+                st = self.help(st, task);
             } else if st.outstanding > 0 {
                 self.tasks_done.wait(&mut st);
             } else {

@@ -55,11 +55,6 @@ impl<D: BlockDevice> PrezeroDevice<D> {
         self.frontier.load(Ordering::Acquire)
     }
 
-    /// The wrapped device.
-    pub fn inner(&self) -> &D {
-        &self.inner
-    }
-
     /// Moves the frontier past `offset..end`, zeroing the gap except that range, which
     /// the caller writes next.
     fn advance(&self, offset: u64, end: u64) -> Result<()> {

@@ -328,16 +328,14 @@ impl Origin {
         // request holds at most that much at once, as in a direct copy; the rest of a long
         // request's runs (a large discard over scattered remapped chunks) is copied directly.
         let mut total = 0u64;
-        let lens: Vec<u64> = runs
+        let handed_len: Vec<Option<u64>> = runs
             .iter()
             .map(|(g, r)| {
                 let len = run_len(snaps, *g, r);
-                if total + len <= segment {
+                (total + len <= segment).then(|| {
                     total += len;
                     len
-                } else {
-                    u64::MAX
-                }
+                })
             })
             .collect();
         if total == 0 {
@@ -347,10 +345,8 @@ impl Origin {
         let mut writes = Vec::new();
         // (run, first write, owners) of the runs handed to the combiner.
         let mut handed: Vec<(usize, usize, usize)> = Vec::new();
-        for (k, ((group, r), &len)) in runs.iter().zip(&lens).enumerate() {
-            if len > segment {
-                continue;
-            }
+        for (k, ((group, r), len)) in runs.iter().zip(handed_len).enumerate() {
+            let Some(len) = len else { continue };
             let cs = snaps[*group].chunk_size();
             let mut buf = AlignedBuf::zeroed(len as usize);
             if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {

@@ -93,6 +93,27 @@ impl Fixture {
         Fixture { dir, server, sock }
     }
 
+    /// Two exports: `disk` (64 MiB, writable) and `ro` (1 MiB, read-only, described as
+    /// "read-only twin"), for clients that list exports.
+    pub fn disk_and_read_only() -> Fixture {
+        use cowsnap_core::dev::MemDevice;
+        use cowsnap_nbd::DeviceExport;
+        Fixture::new(vec![
+            (
+                "disk",
+                Arc::new(DeviceExport::memory(MemDevice::new(64 << 20))),
+            ),
+            (
+                "ro",
+                Arc::new(
+                    DeviceExport::memory(MemDevice::new(1 << 20))
+                        .read_only(true)
+                        .description("read-only twin"),
+                ),
+            ),
+        ])
+    }
+
     /// `nbd+unix:///NAME?socket=PATH`.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())

@@ -57,6 +57,15 @@ struct State {
     marked: HashSet<u64>,
 }
 
+impl State {
+    /// The oldest outstanding exception is ready: a group commit can start with it.
+    fn front_ready(&self) -> bool {
+        self.slots
+            .first_key_value()
+            .is_some_and(|(_, (_, s))| *s == SlotState::Ready)
+    }
+}
+
 /// Counters of the metadata I/O a store did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -394,11 +403,7 @@ impl ExceptionStore for PersistentStore {
             if let Some(why) = &st.failed {
                 return Err(Error::Invalid(why.clone()));
             }
-            let front_ready = st
-                .slots
-                .first_key_value()
-                .is_some_and(|(_, (_, s))| *s == SlotState::Ready);
-            if st.leader || !front_ready {
+            if st.leader || !st.front_ready() {
                 self.ready.wait(&mut st);
                 continue;
             }
@@ -408,11 +413,7 @@ impl ExceptionStore for PersistentStore {
 
     fn commit_ready(&self) {
         let st = self.state.lock();
-        let front_ready = st
-            .slots
-            .first_key_value()
-            .is_some_and(|(_, (_, s))| *s == SlotState::Ready);
-        if st.failed.is_none() && !st.leader && front_ready {
+        if st.failed.is_none() && !st.leader && st.front_ready() {
             // An error is the owners' to see: their commit finds the store failed.
             drop(self.lead(st));
         }
