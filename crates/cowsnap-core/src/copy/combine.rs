@@ -16,14 +16,20 @@
 //! data written, then (in the store's commit) flushed, then the metadata, and the origin is
 //! written only after the request's own commit returns.
 //!
+//! Each waiting request has a mailbox (a mutex and a condition variable of its own), so a
+//! wake-up goes to the one thread it concerns: the leader wakes as many waiters as there
+//! are other stores' parts to do, each request of its batch once with its results, and the
+//! first queued request to lead the next batch. (A shared condition variable woke every
+//! waiter for each of those, and they all queued on the combiner's mutex.)
+//!
 //! The combiner never waits for anything but its own I/O, so requests queued behind it
 //! cannot deadlock with it. If it panics, every request of its batch gets an error (their
 //! snapshots are invalidated by their owners) and the panic continues in its own request.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex};
 
 use crate::dev::{AlignedBuf, BlockDevice, Fua};
 use crate::exception::{Exception, ExceptionStore};
@@ -50,34 +56,85 @@ pub struct CowWrite {
 #[derive(Debug, Default)]
 pub struct WriteCombiner {
     state: Mutex<State>,
-    /// Results are in, or tasks were posted.
-    done: Condvar,
-    /// The last task of a batch finished.
-    tasks_done: Condvar,
 }
 
-type Batch = Arc<Vec<(u64, Vec<CowWrite>)>>;
+/// One request's writes and where its thread waits.
+#[derive(Debug)]
+struct Entry {
+    writes: Vec<CowWrite>,
+    slot: Arc<Slot>,
+}
+
+type Batch = Arc<Vec<Entry>>;
 
 /// What one store's part of a batch left: failed writes (request, write, why) and the
 /// device writes issued.
 type GroupOutcome = (Vec<(usize, usize, String)>, u64);
 
-/// One store's part of a batch, for a waiting request to do.
+/// One store's part of a batch, for a waiting request (or the leader) to do.
 #[derive(Debug)]
 struct Task {
     batch: Batch,
     group: Vec<(u64, usize, usize)>,
+    gather: Arc<Gather>,
+}
+
+/// Where the stores' parts of a batch report to its leader.
+#[derive(Debug, Default)]
+struct Gather {
+    outcomes: Mutex<(Vec<GroupOutcome>, usize)>,
+    all_in: Condvar,
+}
+
+/// A waiting request's mailbox: each request is woken only for what concerns it.
+#[derive(Debug, Default)]
+struct Slot {
+    mail: Mutex<Option<Mail>>,
+    arrived: Condvar,
+}
+
+#[derive(Debug)]
+enum Mail {
+    /// Lead the next batch (the queue holds this request's writes).
+    Lead,
+    /// Stores' parts of the batch under way are waiting to be done.
+    Help,
+    /// The request's results.
+    Done(Vec<Option<String>>),
+}
+
+impl Slot {
+    fn post(&self, m: Mail) {
+        *self.mail.lock() = Some(m);
+        self.arrived.notify_one();
+    }
+
+    /// Asks for help unless the slot already holds something (which the request will act
+    /// on first; `Help` is only a hint).
+    fn hint(&self) {
+        let mut mail = self.mail.lock();
+        if mail.is_none() {
+            *mail = Some(Mail::Help);
+            self.arrived.notify_one();
+        }
+    }
+
+    fn take(&self) -> Mail {
+        let mut mail = self.mail.lock();
+        loop {
+            if let Some(m) = mail.take() {
+                return m;
+            }
+            self.arrived.wait(&mut mail);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct State {
-    queue: Vec<(u64, Vec<CowWrite>)>,
-    results: HashMap<u64, Vec<Option<String>>>,
-    combining: bool,
+    queue: Vec<Entry>,
     tasks: Vec<Task>,
-    outcomes: Vec<GroupOutcome>,
-    outstanding: usize,
-    next_ticket: u64,
+    combining: bool,
     batches: u64,
     writes: u64,
     device_writes: u64,
@@ -112,97 +169,126 @@ impl WriteCombiner {
 
     /// Writes `writes`, marks the exceptions of those that succeeded ready and lets their
     /// stores commit; returns, per write, `None` or why it failed. While it waits, the
-    /// calling thread does other stores' parts of the batch under way.
+    /// calling thread may be given another store's part of its batch to do.
     pub fn write(&self, writes: Vec<CowWrite>) -> Vec<Option<String>> {
         if writes.is_empty() {
             return Vec::new();
         }
-        let mut st = self.state.lock();
-        let ticket = st.next_ticket;
-        st.next_ticket += 1;
-        st.queue.push((ticket, writes));
+        let slot = Arc::new(Slot::default());
+        let lead = {
+            let mut st = self.state.lock();
+            st.queue.push(Entry {
+                writes,
+                slot: slot.clone(),
+            });
+            !std::mem::replace(&mut st.combining, true)
+        };
+        if lead {
+            slot.post(Mail::Lead);
+        } else {
+            self.help();
+        }
         loop {
-            if let Some(r) = st.results.remove(&ticket) {
-                return r;
+            match slot.take() {
+                Mail::Done(r) => return r,
+                Mail::Help => self.help(),
+                Mail::Lead => {
+                    if let Some(r) = self.lead(&slot) {
+                        return r;
+                    }
+                }
             }
-            if let Some(task) = st.tasks.pop() {
-                st = self.help(st, task);
-                continue;
-            }
-            if st.combining {
-                self.done.wait(&mut st);
-                continue;
-            }
-            st = self.lead(st);
         }
     }
 
-    /// Does a posted task outside the lock and hands in its outcome.
-    fn help<'a>(&'a self, st: MutexGuard<'a, State>, task: Task) -> MutexGuard<'a, State> {
-        drop(st);
-        let outcome = run_task(&task.batch, task.group);
-        let mut st = self.state.lock();
-        st.outcomes.push(outcome);
-        st.outstanding -= 1;
-        if st.outstanding == 0 {
-            self.tasks_done.notify_all();
+    /// Does posted stores' parts of the batch under way until none is left.
+    fn help(&self) {
+        loop {
+            let Some(task) = self.state.lock().tasks.pop() else {
+                return;
+            };
+            let outcome = run_task(&task.batch, task.group);
+            let mut g = task.gather.outcomes.lock();
+            g.0.push(outcome);
+            g.1 -= 1;
+            if g.1 == 0 {
+                task.gather.all_in.notify_one();
+            }
         }
-        st
     }
 
     /// Combines every queued request's writes: one store's part on this thread, the
-    /// others posted as tasks for waiting requests (or this thread) to do.
-    fn lead<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        st.combining = true;
-        let batch: Batch = Arc::new(std::mem::take(&mut st.queue));
+    /// others handed to the batch's other requests. Hands every request its results and
+    /// the next queued request the lead. Returns this thread's own results if its writes
+    /// were in the batch.
+    fn lead(&self, me: &Arc<Slot>) -> Option<Vec<Option<String>>> {
+        let batch: Batch = Arc::new(std::mem::take(&mut self.state.lock().queue));
         let mut groups = store_groups(&batch).into_iter();
         let mine = groups.next().unwrap_or_default();
-        for group in groups {
-            st.tasks.push(Task {
-                batch: batch.clone(),
-                group,
-            });
-            st.outstanding += 1;
-        }
-        if !st.tasks.is_empty() {
-            self.done.notify_all();
-        }
-        drop(st);
-        let first = run_task(&batch, mine);
-        st = self.state.lock();
-        loop {
-            if let Some(task) = st.tasks.pop() {
-                st = self.help(st, task);
-            } else if st.outstanding > 0 {
-                self.tasks_done.wait(&mut st);
-            } else {
-                break;
+        let gather = Arc::new(Gather::default());
+        let mine = {
+            let mut st = self.state.lock();
+            let mut posted = 0;
+            for group in groups {
+                st.tasks.push(Task {
+                    batch: batch.clone(),
+                    group,
+                    gather: gather.clone(),
+                });
+                posted += 1;
             }
+            gather.outcomes.lock().1 = posted;
+            // Waiting requests (of this batch or queued for the next) do the other stores'
+            // parts: wake as many as there are parts, no more.
+            let waiting = batch.iter().chain(st.queue.iter());
+            for e in waiting.filter(|e| !Arc::ptr_eq(&e.slot, me)).take(posted) {
+                e.slot.hint();
+            }
+            mine
+        };
+        let mut outcomes = vec![run_task(&batch, mine)];
+        self.help();
+        {
+            let mut g = gather.outcomes.lock();
+            while g.1 > 0 {
+                gather.all_in.wait(&mut g);
+            }
+            outcomes.append(&mut g.0);
         }
-        let mut results: Vec<(u64, Vec<Option<String>>)> = batch
-            .iter()
-            .map(|(t, w)| (*t, vec![None; w.len()]))
-            .collect();
-        let mut outcomes = std::mem::take(&mut st.outcomes);
-        outcomes.push(first);
+        let mut results: Vec<Vec<Option<String>>> =
+            batch.iter().map(|e| vec![None; e.writes.len()]).collect();
+        let mut device_writes = 0;
         for (failed, n) in outcomes {
-            st.device_writes += n;
+            device_writes += n;
             for (r, w, why) in failed {
-                results[r].1[w] = Some(why);
+                results[r][w] = Some(why);
             }
         }
-        st.batches += 1;
-        st.writes += batch.iter().map(|(_, w)| w.len() as u64).sum::<u64>();
-        st.results.extend(results);
-        st.combining = false;
-        self.done.notify_all();
-        st
+        let mut own = None;
+        {
+            let mut st = self.state.lock();
+            st.batches += 1;
+            st.writes += batch.iter().map(|e| e.writes.len() as u64).sum::<u64>();
+            st.device_writes += device_writes;
+            match st.queue.first() {
+                Some(next) => next.slot.post(Mail::Lead),
+                None => st.combining = false,
+            }
+        }
+        for (e, r) in batch.iter().zip(results) {
+            if Arc::ptr_eq(&e.slot, me) {
+                own = Some(r);
+            } else {
+                e.slot.post(Mail::Done(r));
+            }
+        }
+        own
     }
 }
 
 /// Runs one store's part of a batch; a panic fails its writes instead of unwinding
 /// through another request's thread.
-fn run_task(batch: &[(u64, Vec<CowWrite>)], group: Vec<(u64, usize, usize)>) -> GroupOutcome {
+fn run_task(batch: &[Entry], group: Vec<(u64, usize, usize)>) -> GroupOutcome {
     let all: Vec<(usize, usize)> = group.iter().map(|&(_, r, w)| (r, w)).collect();
     let run = std::panic::AssertUnwindSafe(|| store_group(batch, group));
     std::panic::catch_unwind(run).unwrap_or_else(|_| {
@@ -220,10 +306,10 @@ fn key<T: ?Sized>(a: &Arc<T>) -> usize {
 }
 
 /// A batch's writes per store, as (offset, request index, write index).
-fn store_groups(batch: &[(u64, Vec<CowWrite>)]) -> Vec<Vec<(u64, usize, usize)>> {
+fn store_groups(batch: &[Entry]) -> Vec<Vec<(u64, usize, usize)>> {
     let mut by_store: BTreeMap<usize, Vec<(u64, usize, usize)>> = BTreeMap::new();
-    for (r, (_, writes)) in batch.iter().enumerate() {
-        for (w, cw) in writes.iter().enumerate() {
+    for (r, e) in batch.iter().enumerate() {
+        for (w, cw) in e.writes.iter().enumerate() {
             by_store
                 .entry(key(&cw.store))
                 .or_default()
@@ -235,11 +321,11 @@ fn store_groups(batch: &[(u64, Vec<CowWrite>)]) -> Vec<Vec<(u64, usize, usize)>>
 
 /// One store's part of a batch: its writes, merged where they touch end to end, then its
 /// ready marks and commit. Returns the failed writes and the device writes issued.
-fn store_group(batch: &[(u64, Vec<CowWrite>)], mut list: Vec<(u64, usize, usize)>) -> GroupOutcome {
+fn store_group(batch: &[Entry], mut list: Vec<(u64, usize, usize)>) -> GroupOutcome {
     if list.is_empty() {
         return (Vec::new(), 0);
     }
-    let get = |r: usize, w: usize| &batch[r].1[w];
+    let get = |r: usize, w: usize| &batch[r].writes[w];
     // Sorted by device, then offset.
     list.sort_unstable_by_key(|&(off, r, w)| (key(&get(r, w).dev), off));
     let mut failed = Vec::new();
