@@ -296,13 +296,17 @@ fn s3_origin_writes_wait_on_the_pending_exceptions_of_every_snapshot() {
 fn s3_a_pending_exception_never_blocks_unrelated_chunks() {
     let r = rig(4, 64 * KIB, cs(8));
     let before = read(&*r.origin, 0, 64 * KIB);
-    // The write of chunk 2 owns its exceptions and is held reading the chunk for its
-    // copy. (A held COW write would hold the copy-out combiner's batch instead, which
-    // delays other copy-outs of this origin by that batch, as a store's group commit
-    // does; that is head-of-line I/O, not waiting on a pending exception.)
-    let gate = r.odev.gate(OpKind::Read, 8192, 12288, 1);
-    let w1 = spawn_write(r.origin.clone(), vec![0xAA; 4096], 8192);
+    // The write of chunks 2 and 3 owns their exceptions and is held reading them for its
+    // copy. (Two chunks: a one-chunk write reads before it routes, so held there it owns
+    // nothing yet. A held COW write would hold the copy-out combiner's batch instead,
+    // which delays other copy-outs of this origin by that batch, as a store's group
+    // commit does; that is head-of-line I/O, not waiting on a pending exception.)
+    let gate = r.odev.gate(OpKind::Read, 8192, 16384, 1);
+    let w1 = spawn_write(r.origin.clone(), vec![0xAA; 8192], 8192);
     gate.wait_arrived(1);
+    for (snap, _, _) in &r.snaps {
+        assert!(snap.exceptions().pending(Chunk(2)).is_some());
+    }
     // While chunk 2 is pending: writes and reads of other chunks, on the origin and on
     // every snapshot, complete (on this thread, so a block would hang the test).
     r.origin.write_at(&[1u8; 4096], 5 * 4096, Fua::No).unwrap();
@@ -320,6 +324,45 @@ fn s3_a_pending_exception_never_blocks_unrelated_chunks() {
     for (snap, _, _) in &r.snaps[1..] {
         assert_eq!(read(&**snap, 0, 64 * KIB), before);
     }
+}
+
+/// A one-chunk origin write reads the chunk before it routes (the pre-read). When another
+/// write routes the chunk first, the pre-read holds that write's data and must not become
+/// the snapshot's copy: the write that owns the exception copies, and the pre-read is
+/// dropped.
+#[test]
+fn s1_a_pre_read_overtaken_by_another_write_is_dropped() {
+    let r = rig(1, 64 * KIB, cs(8));
+    let (snap, _, cow_count) = &r.snaps[0];
+    let old = read(&*r.origin, 8192, 4096);
+    // Write A's pre-read of chunk 2 is held before it reads.
+    let gate = r.odev.gate(OpKind::Read, 8192, 12288, 1);
+    let a = spawn_write(r.origin.clone(), vec![0xAA; 4096], 8192);
+    gate.wait_arrived(1);
+    assert!(
+        snap.exceptions().pending(Chunk(2)).is_none(),
+        "A owns nothing yet"
+    );
+    // Write B of the same chunk runs to the end: it routes, copies the old data, commits
+    // and writes the origin.
+    r.origin.write_at(&[0xBB; 4096], 8192, Fua::No).unwrap();
+    assert_eq!(read(&**snap, 8192, 4096), old);
+    let cow_writes = cow_count.count(OpKind::Write);
+    assert!(cow_writes >= 1);
+    // A's pre-read now reads B's data; A finds the chunk remapped and only writes.
+    gate.release();
+    a.join().unwrap().unwrap();
+    assert_eq!(
+        read(&**snap, 8192, 4096),
+        old,
+        "a pre-read taken after another write became the snapshot's copy"
+    );
+    assert_eq!(read(&*r.origin, 8192, 4096), vec![0xAA; 4096]);
+    assert_eq!(
+        cow_count.count(OpKind::Write),
+        cow_writes,
+        "A copied nothing"
+    );
 }
 
 #[test]

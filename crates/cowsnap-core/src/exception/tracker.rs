@@ -229,6 +229,13 @@ impl ExceptionTracker {
         self.inner.table.read().lookup(old)
     }
 
+    /// True when a write of `old` would copy it now: it has neither a completed nor a
+    /// pending exception. Only a hint: another write may route it first.
+    pub fn needs_copy(&self, old: Chunk) -> bool {
+        let st = self.inner.shards[shard_of(old)].state.lock();
+        !st.pending.contains_key(&old) && self.inner.table.read().lookup(old).is_none()
+    }
+
     /// Routes a read of chunk `old`; see [`ReadRoute`].
     pub fn route_read(&self, old: Chunk) -> ReadRoute {
         let mut st = self.inner.shards[shard_of(old)].state.lock();

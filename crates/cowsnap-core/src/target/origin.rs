@@ -20,6 +20,19 @@
 //!    reading these chunks from the origin (S1, S4);
 //! 5. *write* the origin.
 //!
+//! A write inside one chunk that some snapshot still needs copied reads that chunk
+//! *before* step 1 (the *pre-read*), so that it allocates its COW chunks only once it has
+//! the data and goes straight to the combiner: the exceptions it allocates are then ready
+//! soon after everything allocated before them, and the combiner's commit of the ready
+//! prefix in allocation order covers them, instead of their owners waiting for a later
+//! commit behind a request still reading. The bytes read are the ones the snapshot must
+//! keep whenever the write ends up owning the exception: owning it means no other write
+//! has routed the chunk since the snapshot was activated (that would have left a pending
+//! or completed exception), every origin write routes before it writes, and activation
+//! never overlaps a write (S2), so the origin chunk did not change between the
+//! snapshot's activation and step 1. When the write does not end up owning (another
+//! write got there first), the pre-read is dropped.
+//!
 //! The snapshot list sits behind a read-write lock that writes hold in shared mode from
 //! step 1 to 5; activating or removing a snapshot takes it exclusively, so a snapshot
 //! joins between writes, never in the middle of one (S2; the kernel's origin suspend).
@@ -158,6 +171,11 @@ impl Origin {
             .map(|s| s.chunk_size())
             .min()
             .is_some_and(|cs| cs.chunk_range(offset, len).count() > 1);
+        let pre = if multi_chunk {
+            None
+        } else {
+            self.pre_read(snaps, offset)
+        };
         let alloc_guard = multi_chunk.then(|| self.allocation.lock());
         let mut group_start = 0;
         while group_start < snaps.len() {
@@ -222,7 +240,7 @@ impl Origin {
         let outcomes = if runs.is_empty() {
             Vec::new()
         } else {
-            self.copy_combined(snaps, &runs, &batches)
+            self.copy_combined(snaps, &runs, &batches, pre)
         };
         // The combiner marked its runs' exceptions ready itself.
         let copied_here = outcomes.iter().any(Option::is_none);
@@ -256,6 +274,42 @@ impl Origin {
         for (i, c) in drains {
             snaps[i].exceptions().wait_reads_drained(c);
         }
+    }
+}
+
+/// An origin chunk read before routing (see the module docs), with its share of the
+/// copier's budget.
+struct PreRead<'a> {
+    chunk: Chunk,
+    data: AlignedBuf,
+    _budget: crate::copy::Reservation<'a>,
+}
+
+impl Origin {
+    /// Reads the chunk holding `offset` when every snapshot has the same chunk size and
+    /// some valid one still needs that chunk copied. `None` when there is nothing to read
+    /// or the read failed (step 2 then reads again and reports the failure).
+    fn pre_read(&self, snaps: &[Arc<Snapshot>], offset: u64) -> Option<PreRead<'_>> {
+        let cs = snaps.first()?.chunk_size();
+        if snaps.iter().any(|s| s.chunk_size() != cs) {
+            return None;
+        }
+        let chunk = cs.chunk_of_byte(offset);
+        let needed = snaps
+            .iter()
+            .any(|s| s.is_valid() && s.exceptions().needs_copy(chunk));
+        if !needed {
+            return None;
+        }
+        let len = snaps[0].origin_chunk_len(chunk);
+        let budget = self.copier.reserve(len as usize);
+        let mut data = AlignedBuf::zeroed(len as usize);
+        self.dev.read_at(&mut data, cs.byte_offset(chunk)).ok()?;
+        Some(PreRead {
+            chunk,
+            data,
+            _budget: budget,
+        })
     }
 }
 
@@ -321,6 +375,7 @@ impl Origin {
         snaps: &[Arc<Snapshot>],
         runs: &[(usize, CopyRun)],
         batches: &[OwnedBatch],
+        mut pre: Option<PreRead<'_>>,
     ) -> Vec<Option<Vec<Option<String>>>> {
         let mut outcomes: Vec<Option<Vec<Option<String>>>> = vec![None; runs.len()];
         let segment = self.copier.segment() as u64;
@@ -341,20 +396,39 @@ impl Origin {
         if total == 0 {
             return outcomes;
         }
-        let _budget = self.copier.reserve(total as usize);
+        // The pre-read chunk, if a run is exactly that chunk, holds its own reservation.
+        let pre_len = pre.as_ref().map_or(0, |p| p.data.len() as u64);
+        let pre_used = pre.as_ref().is_some_and(|p| {
+            runs.iter()
+                .zip(&handed_len)
+                .any(|((_, r), len)| r.first == p.chunk && *len == Some(pre_len))
+        });
+        if !pre_used {
+            // Given back before taking more: no request holds budget while waiting for it.
+            pre = None;
+        }
+        let _budget = self
+            .copier
+            .reserve((total - if pre_used { pre_len } else { 0 }) as usize);
         let mut writes = Vec::new();
         // (run, first write, owners) of the runs handed to the combiner.
         let mut handed: Vec<(usize, usize, usize)> = Vec::new();
         for (k, ((group, r), len)) in runs.iter().zip(handed_len).enumerate() {
             let Some(len) = len else { continue };
             let cs = snaps[*group].chunk_size();
-            let mut buf = AlignedBuf::zeroed(len as usize);
-            if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {
-                let why = Some(format!("copy read failed: {e}"));
-                outcomes[k] = Some(vec![why; r.owners.len()]);
-                continue;
-            }
-            let data = Arc::new(buf);
+            let data = match pre.take_if(|p| p.chunk == r.first && p.data.len() as u64 == len) {
+                Some(p) => p.data,
+                None => {
+                    let mut buf = AlignedBuf::zeroed(len as usize);
+                    if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {
+                        let why = Some(format!("copy read failed: {e}"));
+                        outcomes[k] = Some(vec![why; r.owners.len()]);
+                        continue;
+                    }
+                    buf
+                }
+            };
+            let data = Arc::new(data);
             handed.push((k, writes.len(), r.owners.len()));
             for (&(i, new), &from) in r.owners.iter().zip(&r.batch_starts) {
                 let to = (from + r.chunks as usize).min(batches[i].len());
