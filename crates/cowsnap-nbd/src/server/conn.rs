@@ -164,15 +164,6 @@ impl Output {
     }
 }
 
-/// Locks the socket's read or write side. These are `std` mutexes, not `parking_lot`: they
-/// are held across blocking socket calls, and `parking_lot` spins with `sched_yield` before
-/// it sleeps, which here only added context switches (7.6 instead of 8.3 per first write,
-/// counted system-wide with `perf stat -e context-switches`). Nothing panics under them
-/// (the export runs outside them and its panics are caught), so poison is ignored.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -211,14 +202,14 @@ fn transmission(
             freed: Condvar::new(),
             limit: cfg.inflight_bytes.max(1),
         }),
-        input: std::sync::Mutex::new(Input {
+        input: Mutex::new(Input {
             reader: BufReader::with_capacity(
                 64 * 1024,
                 std::io::Cursor::new(leftover).chain(read_half),
             ),
             ended: false,
         }),
-        output: std::sync::Mutex::new(Output {
+        output: Mutex::new(Output {
             stream: write_half,
             ok: true,
         }),
@@ -251,15 +242,15 @@ struct Conn<R> {
     min_block: u32,
     export: Arc<dyn Export>,
     budget: Arc<Budget>,
-    input: std::sync::Mutex<Input<R>>,
-    output: std::sync::Mutex<Output>,
+    input: Mutex<Input<R>>,
+    output: Mutex<Output>,
 }
 
 impl<R: Read> Conn<R> {
     fn work(&self) {
         loop {
             let next = {
-                let mut input = lock(&self.input);
+                let mut input = self.input.lock();
                 if input.ended {
                     return;
                 }
@@ -272,7 +263,7 @@ impl<R: Read> Conn<R> {
             match next {
                 Next::End => return,
                 Next::Refused(bytes, permit) => {
-                    lock(&self.output).send(&bytes);
+                    self.output.lock().send(&bytes);
                     drop(permit);
                 }
                 Next::Job(job) => self.execute(job),
@@ -301,7 +292,7 @@ impl<R: Read> Conn<R> {
             AlignedBuf::from_vec(b)
         });
         drop(job.payload);
-        lock(&self.output).send(&bytes);
+        self.output.lock().send(&bytes);
         // The permit is returned once the reply is sent.
         drop(job.permit);
     }
@@ -382,7 +373,7 @@ impl<R: Read> Conn<R> {
                     });
                 }
                 // The stream is out of sync: answer, then end the session.
-                lock(&self.output).send(&bytes);
+                self.output.lock().send(&bytes);
                 Next::End
             }
         }
