@@ -478,7 +478,12 @@ class Harness:
                 raise RuntimeError("cargo build failed:\n" + r.stderr[-3000:])
         if not os.path.exists(binary):
             raise RuntimeError(f"no cowsnap binary at {binary}")
-        return binary
+        # Run a copy: a rebuild of the target directory during the run must not change the
+        # binary under test halfway through.
+        copy = os.path.join(self.work, "cowsnap")
+        shutil.copy2(binary, copy)
+        log(f"cowsnap binary: {binary} (copied to {copy})")
+        return copy
 
     def set_snapshots(self, n, chunk):
         """Offline (daemon stopped): remove every snapshot, create n fresh ones."""
