@@ -44,19 +44,15 @@ cleanup() {
 trap cleanup EXIT
 
 bytes=$(numfmt --from=iec "$size")
-$py - "$bytes" "$work/fw.iolog" <<'PY'
+# The same log as cowbench.py's firstwrite-qd16 job, written by its own function.
+$py - "$(dirname "$0")" "$bytes" "$work/fw.iolog" <<'PY'
 import random, sys
-size, path = int(sys.argv[1]), sys.argv[2]
-offs = [i * 65536 for i in range(size // 65536)]
-random.Random(5).shuffle(offs)
-with open(path, "w") as f:
-    f.write("fio version 2 iolog\ndev add\ndev open\n")
-    f.writelines(f"dev write {o} 4096\n" for o in offs)
-    # fio 3.33 closes the connection when a log ends without waiting for writes in flight.
-    f.writelines(f"dev read {i * 4096} 4096\n" for i in range(256))
-    f.write("dev close\n")
+sys.path.insert(0, sys.argv[1])
+from cowbench import SLOT, write_log
+slots = list(range(int(sys.argv[2]) // SLOT))
+random.Random(5).shuffle(slots)
+write_log(sys.argv[3], [s * SLOT for s in slots], 4096, pad_reads=256)
 PY
-
 run() {
   local bin=$1 p=$work/pool
   rm -rf "$p" "$work/s.sock"

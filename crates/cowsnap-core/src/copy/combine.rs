@@ -184,19 +184,14 @@ impl WriteCombiner {
             !std::mem::replace(&mut st.combining, true)
         };
         if lead {
-            slot.post(Mail::Lead);
-        } else {
-            self.help();
+            return self.lead(&slot);
         }
+        self.help();
         loop {
             match slot.take() {
                 Mail::Done(r) => return r,
                 Mail::Help => self.help(),
-                Mail::Lead => {
-                    if let Some(r) = self.lead(&slot) {
-                        return r;
-                    }
-                }
+                Mail::Lead => return self.lead(&slot),
             }
         }
     }
@@ -217,35 +212,33 @@ impl WriteCombiner {
         }
     }
 
-    /// Combines every queued request's writes: one store's part on this thread, the
-    /// others handed to the batch's other requests. Hands every request its results and
-    /// the next queued request the lead. Returns this thread's own results if its writes
-    /// were in the batch.
-    fn lead(&self, me: &Arc<Slot>) -> Option<Vec<Option<String>>> {
+    /// Combines every queued request's writes (the caller's are among them): one store's
+    /// part on this thread, the others posted for waiting requests. Hands every other
+    /// request its results and the next queued request the lead; returns the caller's.
+    fn lead(&self, me: &Arc<Slot>) -> Vec<Option<String>> {
         let batch: Batch = Arc::new(std::mem::take(&mut self.state.lock().queue));
         let mut groups = store_groups(&batch).into_iter();
         let mine = groups.next().unwrap_or_default();
         let gather = Arc::new(Gather::default());
-        let mine = {
+        let others: Vec<Task> = groups
+            .map(|group| Task {
+                batch: batch.clone(),
+                group,
+                gather: gather.clone(),
+            })
+            .collect();
+        let posted = others.len();
+        gather.outcomes.lock().1 = posted;
+        {
             let mut st = self.state.lock();
-            let mut posted = 0;
-            for group in groups {
-                st.tasks.push(Task {
-                    batch: batch.clone(),
-                    group,
-                    gather: gather.clone(),
-                });
-                posted += 1;
-            }
-            gather.outcomes.lock().1 = posted;
+            st.tasks.extend(others);
             // Waiting requests (of this batch or queued for the next) do the other stores'
             // parts: wake as many as there are parts, no more.
             let waiting = batch.iter().chain(st.queue.iter());
             for e in waiting.filter(|e| !Arc::ptr_eq(&e.slot, me)).take(posted) {
                 e.slot.hint();
             }
-            mine
-        };
+        }
         let mut outcomes = vec![run_task(&batch, mine)];
         self.help();
         {
@@ -264,7 +257,7 @@ impl WriteCombiner {
                 results[r][w] = Some(why);
             }
         }
-        let mut own = None;
+        let mut own = Vec::new();
         {
             let mut st = self.state.lock();
             st.batches += 1;
@@ -277,7 +270,7 @@ impl WriteCombiner {
         }
         for (e, r) in batch.iter().zip(results) {
             if Arc::ptr_eq(&e.slot, me) {
-                own = Some(r);
+                own = r;
             } else {
                 e.slot.post(Mail::Done(r));
             }

@@ -282,7 +282,14 @@ impl Origin {
 struct PreRead<'a> {
     chunk: Chunk,
     data: AlignedBuf,
-    _budget: crate::copy::Reservation<'a>,
+    budget: crate::copy::Reservation<'a>,
+}
+
+impl PreRead<'_> {
+    /// True when it holds exactly the run starting at `first` of `len` bytes.
+    fn serves(&self, first: Chunk, len: Option<u64>) -> bool {
+        self.chunk == first && len == Some(self.data.len() as u64)
+    }
 }
 
 impl Origin {
@@ -308,7 +315,7 @@ impl Origin {
         Some(PreRead {
             chunk,
             data,
-            _budget: budget,
+            budget,
         })
     }
 }
@@ -375,7 +382,7 @@ impl Origin {
         snaps: &[Arc<Snapshot>],
         runs: &[(usize, CopyRun)],
         batches: &[OwnedBatch],
-        mut pre: Option<PreRead<'_>>,
+        pre: Option<PreRead<'_>>,
     ) -> Vec<Option<Vec<Option<String>>>> {
         let mut outcomes: Vec<Option<Vec<Option<String>>>> = vec![None; runs.len()];
         let segment = self.copier.segment() as u64;
@@ -396,28 +403,25 @@ impl Origin {
         if total == 0 {
             return outcomes;
         }
-        // The pre-read chunk, if a run is exactly that chunk, holds its own reservation.
-        let pre_len = pre.as_ref().map_or(0, |p| p.data.len() as u64);
-        let pre_used = pre.as_ref().is_some_and(|p| {
+        // The pre-read serves the handed run that is exactly its chunk and keeps its own
+        // reservation until the copy is done; one that serves none is given back before more
+        // is taken, so no request holds budget while waiting for it.
+        let pre = pre.filter(|p| {
             runs.iter()
                 .zip(&handed_len)
-                .any(|((_, r), len)| r.first == p.chunk && *len == Some(pre_len))
+                .any(|((_, r), len)| p.serves(r.first, *len))
         });
-        if !pre_used {
-            // Given back before taking more: no request holds budget while waiting for it.
-            pre = None;
-        }
-        let _budget = self
-            .copier
-            .reserve((total - if pre_used { pre_len } else { 0 }) as usize);
+        let pre_len = pre.as_ref().map_or(0, |p| p.data.len() as u64);
+        let _budget = self.copier.reserve((total - pre_len) as usize);
+        let (mut pre_data, _pre_budget) = pre.map(|p| ((p.chunk, p.data), p.budget)).unzip();
         let mut writes = Vec::new();
         // (run, first write, owners) of the runs handed to the combiner.
         let mut handed: Vec<(usize, usize, usize)> = Vec::new();
         for (k, ((group, r), len)) in runs.iter().zip(handed_len).enumerate() {
             let Some(len) = len else { continue };
             let cs = snaps[*group].chunk_size();
-            let data = match pre.take_if(|p| p.chunk == r.first && p.data.len() as u64 == len) {
-                Some(p) => p.data,
+            let data = match pre_data.take_if(|(c, d)| *c == r.first && d.len() as u64 == len) {
+                Some((_, d)) => d,
                 None => {
                     let mut buf = AlignedBuf::zeroed(len as usize);
                     if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {
