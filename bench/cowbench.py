@@ -550,9 +550,11 @@ class Harness:
                     expect = self.first_log_writes
                     if isinstance(server, LocalFile):
                         opts.update(server.log_opts())
-                if job == "seqread-1m-qd4" and not isinstance(server, LocalFile) and "local" in self.args.targets:
+                bracket = (job == "seqread-1m-qd4" and not isinstance(server, LocalFile)
+                           and "local" in self.args.targets)
+                if bracket:
                     # The local limit drifts by tens of percent over minutes on this VM: measure
-                    # it again right before this server's run, for a paired ratio.
+                    # it again right before and right after this server's run, for a paired ratio.
                     drop_caches(self.ctx)
                     ref = self.runner.fio(LocalFile(self).start(), f"local-before.{server.name}.{job}", opts)
                     res.setdefault("_paired_local", {})[job] = ref
@@ -576,6 +578,10 @@ class Harness:
                 if job == "firstwrite-qd16":
                     first_done = True
                 res[job] = s
+                if bracket:
+                    drop_caches(self.ctx)
+                    after = self.runner.fio(LocalFile(self).start(), f"local-after.{server.name}.{job}", opts)
+                    res.setdefault("_paired_local_after", {})[job] = after
                 unit = f"{s['mib_s']:.0f} MiB/s" if "1m" in job else f"{s['iops']:.0f} IOPS"
                 log(f"  {server.name:15s} {job:16s} {unit:>14s}  p50 {s['p50_us'] or 0:.0f}us p99 {s['p99_us'] or 0:.0f}us"
                     + ("" if s.get("log_complete", True) else "  (" + s["log_note"] + ")"))
@@ -718,6 +724,14 @@ def agg(values):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
 
 
+def bracketed(res, job, m):
+    """The local file's speed around a server's run: the mean of the runs just before and
+    just after it."""
+    runs = [res.get(k, {}).get(job, {}).get(m) for k in ("_paired_local", "_paired_local_after")]
+    runs = [v for v in runs if v is not None]
+    return sum(runs) / len(runs) if runs else None
+
+
 def aggregate(reps, args):
     table = {}
     for t in args.targets:
@@ -727,7 +741,7 @@ def aggregate(reps, args):
             p50 = [r["targets"][t].get(job, {}).get("p50_us") for r in reps]
             p99 = [r["targets"][t].get(job, {}).get("p99_us") for r in reps]
             cpu = [r["targets"][t].get(job, {}).get("server_cpu_us_per_io") for r in reps]
-            paired = [r["targets"][t].get("_paired_local", {}).get(job, {}).get(m) for r in reps]
+            paired = [bracketed(r["targets"][t], job, m) for r in reps]
             table[(t, job)] = {"value": agg(vals), "p50": agg(p50), "p99": agg(p99), "cpu": agg(cpu),
                                "paired_local": agg(paired)}
     scaling = {}
@@ -764,7 +778,7 @@ def fr(x):
 
 
 def paired_ratio(a):
-    """The server's median over the median of the local runs just before it."""
+    """The server's median over the median of the local runs around it (see `bracketed`)."""
     v, p = a.get("value"), a.get("paired_local")
     return ratio(med(v), med(p)) if v and p else None
 
@@ -791,7 +805,7 @@ def targets_check(table, scaling, args):
     for t, what in (("cowsnap-origin", "origin"), ("cowsnap-snap", "snapshot")):
         a = table.get((t, "seqread-1m-qd4"), {})
         if a.get("paired_local"):
-            add(f"{what} 1M seq read / local file measured just before it", paired_ratio(a), 0.95)
+            add(f"{what} 1M seq read / local file measured just before and after it", paired_ratio(a), 0.95)
     c = f"{human(args.chunks[0])}" if args.chunks else "4K"
     i1 = med(scaling.get(f"{c}/1", {}).get("iops"))
     i8 = med(scaling.get(f"{c}/8", {}).get("iops"))
@@ -833,9 +847,9 @@ def markdown(meta, table, scaling, reps, soak, args, checks):
     paired = [(t, table[(t, "seqread-1m-qd4")]) for t in args.targets
               if (t, "seqread-1m-qd4") in table and table[(t, "seqread-1m-qd4")].get("paired_local")]
     if paired:
-        L.append("### 1M sequential read against the local file measured just before each server's run")
+        L.append("### 1M sequential read against the local file measured just before and after each server's run")
         L.append("")
-        L.append("| target | server MiB/s | local file just before, MiB/s | ratio |")
+        L.append("| target | server MiB/s | local file before/after (mean), MiB/s | ratio |")
         L.append("| --- | ---: | ---: | ---: |")
         for t, a in paired:
             L.append(f"| {t} | {fmt_val(a['value'], 'seqread-1m-qd4')} | "
