@@ -406,22 +406,23 @@ impl Origin {
         // The pre-read serves the handed run that is exactly its chunk and keeps its own
         // reservation until the copy is done; one that serves none is given back before more
         // is taken, so no request holds budget while waiting for it.
-        let pre = pre.filter(|p| {
+        let served = pre.as_ref().and_then(|p| {
             runs.iter()
                 .zip(&handed_len)
-                .any(|((_, r), len)| p.serves(r.first, *len))
+                .position(|((_, r), len)| p.serves(r.first, *len))
         });
+        let pre = pre.filter(|_| served.is_some());
         let pre_len = pre.as_ref().map_or(0, |p| p.data.len() as u64);
         let _budget = self.copier.reserve((total - pre_len) as usize);
-        let (mut pre_data, _pre_budget) = pre.map(|p| ((p.chunk, p.data), p.budget)).unzip();
+        let (mut pre_data, _pre_budget) = pre.map(|p| (p.data, p.budget)).unzip();
         let mut writes = Vec::new();
         // (run, first write, owners) of the runs handed to the combiner.
         let mut handed: Vec<(usize, usize, usize)> = Vec::new();
         for (k, ((group, r), len)) in runs.iter().zip(handed_len).enumerate() {
             let Some(len) = len else { continue };
             let cs = snaps[*group].chunk_size();
-            let data = match pre_data.take_if(|(c, d)| *c == r.first && d.len() as u64 == len) {
-                Some((_, d)) => d,
+            let data = match pre_data.take_if(|_| served == Some(k)) {
+                Some(d) => d,
                 None => {
                     let mut buf = AlignedBuf::zeroed(len as usize);
                     if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {
