@@ -54,6 +54,9 @@ pub struct SnapshotSpec {
     pub transient: bool,
     /// `PO` store.
     pub overflow: bool,
+    /// Format an adopted COW that has no header (it must be all zeros).
+    #[serde(default)]
+    pub format: bool,
 }
 
 impl SnapshotSpec {
@@ -76,6 +79,7 @@ impl SnapshotSpec {
             chunk_size,
             transient: self.transient,
             overflow: self.overflow,
+            format: self.format,
         })
     }
 }
@@ -185,6 +189,7 @@ mod tests {
             chunk_sectors: Some(8),
             transient: false,
             overflow: true,
+            format: false,
         });
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"op\":\"create-snapshot\""), "{text}");

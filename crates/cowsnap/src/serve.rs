@@ -60,9 +60,10 @@ impl VolumeSource for PoolVolumes {
         self.active.volume_names()
     }
     fn get(&self, name: &str) -> Option<(Arc<dyn cowsnap_core::dev::BlockDevice>, bool)> {
-        self.active
-            .volume(name)
-            .map(|(_, dev)| (dev, self.read_only.contains(name)))
+        self.active.volume(name).map(|(_, dev)| {
+            let ro = self.read_only.contains(name) || self.active.read_only_reason(name).is_some();
+            (dev, ro)
+        })
     }
 }
 
@@ -115,8 +116,9 @@ fn export_for(
     let info = active
         .info(name)
         .ok_or_else(|| anyhow!("no volume called {name:?}"))?;
+    let forced = active.read_only_reason(name);
     let mut e = DeviceExport::new(dev)
-        .read_only(read_only.contains(name))
+        .read_only(read_only.contains(name) || forced.is_some())
         // A flush is a device-wide fdatasync, so it covers every connection's writes.
         .multi_conn(true)
         .description(format!("cowsnap {} {name}", kind_word(kind)));
@@ -172,13 +174,41 @@ fn handle(
                 })
             }
             Request::RemoveSnapshot { name } => {
-                if active.snapshot(&name).is_none() {
+                if !active.has_snapshot(&name) {
                     bail!("no snapshot called {name:?}");
                 }
-                server.remove_export(&name);
-                active.remove_snapshot(&name)?;
+                let origin = active.info(&name).and_then(|i| i.origin);
+                let was_read_only = origin
+                    .as_deref()
+                    .is_some_and(|o| active.read_only_reason(o).is_some());
+                let export = server.remove_export(&name);
+                let warnings = match active.remove_snapshot(&name) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        // Nothing changed unless the snapshot left the table: serve it again.
+                        if let (Some(x), Some(_)) = (export, active.snapshot(&name)) {
+                            let _ = server.add_export(name.clone(), x);
+                        }
+                        return Err(e.into());
+                    }
+                };
+                // Removing a failed snapshot can make its origin writable again.
+                if let Some(o) = origin.filter(|_| was_read_only) {
+                    if active.origin(&o).is_some() && active.read_only_reason(&o).is_none() {
+                        if let Ok(x) = export_for(active, &o, read_only) {
+                            server.remove_export(&o);
+                            let _ = server.add_export(o.clone(), x);
+                        }
+                    }
+                }
+                for w in &warnings {
+                    eprintln!("cowsnap: warning: {w}");
+                }
                 eprintln!("cowsnap: removed snapshot {name}");
-                Ok(Reply::volumes(Vec::new()))
+                Ok(Reply {
+                    warning: (!warnings.is_empty()).then(|| warnings.join("; ")),
+                    ..Reply::volumes(Vec::new())
+                })
             }
         }
     })();

@@ -81,10 +81,14 @@ pub struct SnapshotCreate {
     #[arg(long, value_parser = size_arg, required_unless_present = "cow", conflicts_with = "cow")]
     cow_size: Option<u64>,
     /// Adopt an existing COW file or device: one written by the Linux kernel (an LVM
-    /// snapshot's COW volume) keeps its exceptions and its chunk size; a zeroed one is
-    /// formatted.
+    /// snapshot's COW volume) keeps its exceptions and its chunk size. A file without a
+    /// COW header is refused unless --format is given.
     #[arg(long)]
     cow: Option<PathBuf>,
+    /// With --cow: format a file that has no COW header yet as a new, empty COW. Refused
+    /// unless every byte of it is zero, so no data can be overwritten.
+    #[arg(long, requires = "cow")]
+    format: bool,
     /// Chunk size, a power of two from 4K to 1G (default 4K). An adopted COW's header wins.
     #[arg(long, value_parser = chunk_arg)]
     chunk_size: Option<ChunkSize>,
@@ -110,6 +114,9 @@ pub fn pool_dir(pool: Option<&Path>) -> Result<PathBuf> {
 fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
     let lock = PoolLock::acquire(dir)?;
     let pool = Pool::open(dir)?;
+    for n in pool.notes() {
+        eprintln!("cowsnap: {n}");
+    }
     Ok((lock, pool))
 }
 
@@ -162,6 +169,7 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
                 chunk_sectors: a.chunk_size.map(|c| c.sectors()),
                 transient: a.transient,
                 overflow: a.overflow,
+                format: a.format,
             };
             let req = Request::CreateSnapshot(spec.clone());
             let (info, warning) = match control::call(dir, &req)? {
@@ -200,14 +208,16 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
             }
         }
         SnapshotCommand::Remove { name } => {
-            match control::call(dir, &Request::RemoveSnapshot { name: name.clone() })? {
-                Some(reply) => {
-                    daemon_reply(reply)?;
-                }
-                None => {
-                    let (_lock, mut pool) = locked(dir)?;
-                    pool.remove_snapshot(&name)?;
-                }
+            let warnings =
+                match control::call(dir, &Request::RemoveSnapshot { name: name.clone() })? {
+                    Some(reply) => daemon_reply(reply)?.warning.into_iter().collect(),
+                    None => {
+                        let (_lock, mut pool) = locked(dir)?;
+                        pool.remove_snapshot(&name)?
+                    }
+                };
+            for w in warnings {
+                eprintln!("cowsnap: warning: {w}");
             }
             println!("removed snapshot {name}");
         }

@@ -37,19 +37,23 @@ const DIRECT_ALIGN: usize = 512;
 impl FileDevice {
     /// Opens an existing file or block device for reading and writing.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(path.as_ref(), false, false)
+        Self::open_with(path.as_ref(), false, false, false)
     }
 
     /// Opens an existing file or block device read-only; writes fail.
     pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(path.as_ref(), true, false)
+        Self::open_with(path.as_ref(), true, false, false)
     }
 
     /// Opens an existing file or block device for reading and writing with `O_DIRECT`
     /// (no page cache). Fails if the file system refuses `O_DIRECT` or needs more than
     /// 512-byte alignment.
     pub fn open_direct(path: impl AsRef<Path>) -> Result<Self> {
-        let dev = Self::open_with(path.as_ref(), false, true)?;
+        Self::open_direct_with(path.as_ref(), false)
+    }
+
+    fn open_direct_with(path: &Path, exclusive: bool) -> Result<Self> {
+        let dev = Self::open_with(path, false, true, exclusive)?;
         // Probe: a 512-byte read at 0 into an aligned buffer.
         if dev.size >= 512 {
             let mut probe = AlignedBuf::zeroed(512);
@@ -63,17 +67,42 @@ impl FileDevice {
         Ok(dev)
     }
 
-    fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// Opens a volume for exclusive use by this process: a block device `O_EXCL` (refused
+    /// while it is mounted or held by another exclusive user), and either kind claimed with
+    /// QEMU-compatible locks (see [`claim`](super::claim)). `direct` as
+    /// [`open_direct`](Self::open_direct).
+    pub fn open_exclusive(path: impl AsRef<Path>, direct: bool) -> Result<Self> {
+        let path = path.as_ref();
+        let dev = if direct {
+            Self::open_direct_with(path, true)?
+        } else {
+            Self::open_with(path, false, false, true)?
+        };
+        super::claim::claim(&dev.file, &dev.path.display().to_string())?;
+        Ok(dev)
+    }
+
+    fn open_with(path: &Path, read_only: bool, direct: bool, exclusive: bool) -> Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         let name = path.display().to_string();
         let mut opts = OpenOptions::new();
         opts.read(true).write(!read_only);
+        let mut flags = rustix::fs::OFlags::empty();
         if direct {
-            opts.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            flags |= rustix::fs::OFlags::DIRECT;
         }
-        let file = opts
-            .open(path)
-            .map_err(|e| Error::io("open", 0, name.clone(), e))?;
+        let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        if exclusive && block {
+            flags |= rustix::fs::OFlags::EXCL;
+        }
+        opts.custom_flags(flags.bits() as i32);
+        let file = opts.open(path).map_err(|e| {
+            if exclusive && block && e.raw_os_error() == Some(libc::EBUSY) {
+                busy_device(path)
+            } else {
+                Error::io("open", 0, name.clone(), e)
+            }
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io("stat", 0, name.clone(), e))?;
@@ -166,6 +195,44 @@ impl FileDevice {
         end
     }
 
+    /// What the open file is (device and inode, or the block device number).
+    pub fn id(&self) -> Result<super::FileId> {
+        super::FileId::of_file(&self.file, &self.path.display().to_string())
+    }
+
+    /// True when every byte reads as zero. A regular file's holes are skipped; its data
+    /// and a block device are read through, 1 MiB at a time.
+    pub fn is_zeroed(&self) -> Result<bool> {
+        use rustix::fs::{seek, SeekFrom};
+        let mut buf = AlignedBuf::zeroed(1 << 20);
+        let mut pos = 0;
+        while pos < self.size {
+            let (start, end) = if self.regular {
+                match seek(&self.file, SeekFrom::Data(pos)) {
+                    Ok(data) => {
+                        let hole = seek(&self.file, SeekFrom::Hole(data)).unwrap_or(self.size);
+                        (data, hole.min(self.size))
+                    }
+                    Err(rustix::io::Errno::NXIO) => return Ok(true),
+                    Err(_) => (pos, self.size),
+                }
+            } else {
+                (pos, self.size)
+            };
+            let mut at = start;
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                self.read_at(&mut buf[..n], at)?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    return Ok(false);
+                }
+                at += n as u64;
+            }
+            pos = end.max(pos + 1);
+        }
+        Ok(true)
+    }
+
     /// The path this device was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -174,6 +241,23 @@ impl FileDevice {
     fn err(&self, op: &'static str, offset: u64, e: std::io::Error) -> Error {
         Error::io(op, offset, self.path.display().to_string(), e)
     }
+}
+
+/// The error for a block device the kernel refuses to open `O_EXCL`.
+fn busy_device(path: &Path) -> Error {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = std::fs::metadata(path)
+        .map(|m| super::claim::mount_points(m.rdev()))
+        .unwrap_or_default();
+    let why = if mounts.is_empty() {
+        "another program holds it exclusively (a file system, device-mapper, md, or another cowsnap)".to_string()
+    } else {
+        format!("it is mounted on {}", mounts.join(", "))
+    };
+    Error::Busy(format!(
+        "{} is in use: {why}; unmount or release it first (cowsnap must be the only writer of its volumes)",
+        path.display()
+    ))
 }
 
 impl BlockDevice for FileDevice {

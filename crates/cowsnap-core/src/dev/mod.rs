@@ -8,6 +8,7 @@
 //! zeros ahead of a file that fills from the front, so data lands in written blocks). Targets are devices too.
 
 pub mod aligned;
+pub mod claim;
 mod crash;
 mod faulty;
 mod file;
@@ -16,6 +17,7 @@ mod mem;
 mod prezero;
 
 pub use aligned::AlignedBuf;
+pub use claim::FileId;
 pub use crash::{CrashDevice, PowerDomain};
 pub use faulty::{FaultRule, FaultyDevice, OpKind};
 pub use file::FileDevice;

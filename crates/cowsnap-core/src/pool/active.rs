@@ -5,21 +5,31 @@
 //! takes it: front ends look a volume up once and then do I/O on its `Arc`. A snapshot
 //! created live is activated before the manifest records it, so its point in time is the
 //! activation: every origin write acknowledged before the request is in it, none is torn.
+//! A snapshot removed live is marked `removing` in the manifest before it stops taking
+//! copy-outs (see the crash rules in [`super`]).
+//!
+//! **Failed volumes.** A volume that cannot be opened (missing file, replaced file, a COW
+//! that aliases another volume, a damaged COW header, a file in use by another program) is
+//! *failed*: listed with its reason, not served, and the rest of the pool is served. An
+//! origin with a failed snapshot is served **read-only**: a write to it could not be copied
+//! out to that snapshot, which would then show data newer than its point in time if it
+//! came back. Removing the failed snapshot (or repairing it and restarting) makes the
+//! origin writable again. An origin that fails takes its snapshots with it.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::manifest::SnapshotEntry;
-use super::{Pool, SnapshotRequest};
+use super::manifest::{OriginEntry, SnapshotEntry, MANIFEST};
+use super::{crash_point, Pool, SnapshotRequest};
 use crate::copy::Copier;
-use crate::dev::{BlockDevice, FileDevice};
+use crate::dev::{BlockDevice, FileDevice, FileId};
 use crate::error::{Error, Result};
 use crate::exception::persistent::PersistentStore;
-use crate::exception::{ExceptionStore, Usage};
+use crate::exception::Usage;
 use crate::target::{Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
@@ -64,6 +74,12 @@ pub struct VolumeInfo {
     /// Why a snapshot is invalid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalid_reason: Option<String>,
+    /// Why the volume could not be opened (its status is then `Failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why an origin is served read-only (a snapshot of it failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<String>,
 }
 
 /// Space use in sectors, with the kernel's meanings.
@@ -102,6 +118,27 @@ impl VolumeInfo {
             usage: None,
             exceptions: None,
             invalid_reason: None,
+            error: None,
+            read_only: None,
+        }
+    }
+
+    /// The status of a volume that could not be opened.
+    fn failed(name: &str, f: &Failed) -> VolumeInfo {
+        VolumeInfo {
+            name: name.into(),
+            kind: f.kind,
+            size: 0,
+            path: f.path.display().to_string(),
+            origin: f.origin.clone(),
+            store: f.store.clone(),
+            chunk_size: None,
+            status: "Failed".into(),
+            usage: None,
+            exceptions: None,
+            invalid_reason: None,
+            error: Some(f.reason.clone()),
+            read_only: None,
         }
     }
 
@@ -140,6 +177,8 @@ impl VolumeInfo {
             usage,
             exceptions,
             invalid_reason,
+            error: None,
+            read_only: None,
         }
     }
 
@@ -160,10 +199,67 @@ struct ActiveSnapshot {
     snap: Arc<Snapshot>,
 }
 
+/// A volume of the manifest that could not be opened.
+#[derive(Clone, Debug)]
+struct Failed {
+    kind: VolumeKind,
+    path: PathBuf,
+    /// A snapshot's origin.
+    origin: Option<String>,
+    /// A snapshot's store type.
+    store: Option<String>,
+    reason: String,
+}
+
+impl Failed {
+    fn origin(pool: &Pool, o: &OriginEntry, reason: String) -> Failed {
+        Failed {
+            kind: VolumeKind::Origin,
+            path: pool.resolve(&o.path),
+            origin: None,
+            store: None,
+            reason,
+        }
+    }
+
+    fn snapshot(pool: &Pool, s: &SnapshotEntry, reason: String) -> Failed {
+        Failed {
+            kind: VolumeKind::Snapshot,
+            path: pool.resolve(&s.cow),
+            origin: Some(s.origin.clone()),
+            store: Some(s.store.clone()),
+            reason,
+        }
+    }
+}
+
 struct Inner {
     pool: Pool,
     origins: BTreeMap<String, Arc<Origin>>,
     snapshots: BTreeMap<String, ActiveSnapshot>,
+    failed: BTreeMap<String, Failed>,
+}
+
+impl Inner {
+    /// Why the origin `name` must not take writes: a snapshot of it failed.
+    fn read_only_reason(&self, name: &str) -> Option<String> {
+        let failed: Vec<&String> = self
+            .failed
+            .iter()
+            .filter(|(_, f)| f.origin.as_deref() == Some(name))
+            .map(|(n, _)| n)
+            .collect();
+        (!failed.is_empty()).then(|| {
+            format!(
+                "snapshot {} of it failed to open: writes could not be copied out to it. Repair it and restart, or remove it, to make the origin writable",
+                failed
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
 }
 
 /// A pool brought to life.
@@ -179,23 +275,74 @@ impl std::fmt::Debug for ActivePool {
             .field("dir", &inner.pool.dir())
             .field("origins", &inner.origins.keys().collect::<Vec<_>>())
             .field("snapshots", &inner.snapshots.keys().collect::<Vec<_>>())
+            .field("failed", &inner.failed.keys().collect::<Vec<_>>())
             .finish()
     }
 }
 
-fn open_snapshot(pool: &Pool, origin: &Origin, entry: &SnapshotEntry) -> Result<Arc<Snapshot>> {
-    let cow = pool.open_cow(&pool.resolve(&entry.cow))?;
-    let kind = entry.store_kind()?;
-    let store = PersistentStore::open(cow, Some(entry.chunk_size()?), kind.overflow_allowed())?;
-    Snapshot::load(origin, Arc::new(store))
+/// The files already opened by an activation, by id, to refuse a second volume on one.
+type Seen = HashMap<FileId, String>;
+
+/// Checks that `path` is a file no other volume uses; returns its id.
+fn unaliased(path: &Path, what: &str, seen: &Seen) -> Result<FileId> {
+    let id = FileId::of_path(path)?;
+    if let Some(other) = seen.get(&id) {
+        return Err(Error::Busy(format!(
+            "{} is the same file as {other} ({id}): one file cannot serve two volumes; fix {what} in {MANIFEST}",
+            path.display()
+        )));
+    }
+    Ok(id)
+}
+
+fn open_origin(
+    pool: &Pool,
+    o: &OriginEntry,
+    seen: &mut Seen,
+    copier: &Arc<Copier>,
+) -> Result<(Arc<Origin>, FileId)> {
+    let path = pool.resolve(&o.path);
+    unaliased(&path, &format!("origin {:?}", o.name), seen)?;
+    let dev = pool.open_volume_file(&path, o.id)?;
+    let id = dev.id()?;
+    seen.insert(id, format!("origin {:?}", o.name));
+    Ok((Origin::new(Arc::new(dev), copier.clone()), id))
+}
+
+fn open_snapshot(
+    pool: &Pool,
+    origin: &Origin,
+    s: &SnapshotEntry,
+    seen: &mut Seen,
+) -> Result<(Arc<Snapshot>, FileId)> {
+    let path = pool.resolve(&s.cow);
+    unaliased(&path, &format!("snapshot {:?}", s.name), seen)?;
+    let dev = pool.open_volume_file(&path, s.id)?;
+    let id = dev.id()?;
+    seen.insert(id, format!("the COW of snapshot {:?}", s.name));
+    let kind = s.store_kind()?;
+    let store = PersistentStore::open(
+        super::cow_device(dev),
+        Some(s.chunk_size()?),
+        kind.overflow_allowed(),
+    )?;
+    if store.is_fresh() {
+        return Err(Error::Corrupt {
+            device: path.display().to_string(),
+            offset: 0,
+            reason: "the COW header is zeroed (magic 0): the pool formatted this COW when it made the snapshot, so its metadata was overwritten. cowsnap will not reformat it (that would lose every exception); restore the COW from a backup or remove the snapshot".into(),
+        });
+    }
+    Ok((Snapshot::load(origin, Arc::new(store))?, id))
 }
 
 impl ActivePool {
     /// Opens every origin and loads and activates every snapshot of `pool`. Transient
     /// snapshots did not survive the process that made them: they are removed from the
-    /// manifest, each with a warning. Returns the pool and the warnings.
+    /// manifest, each with a warning. A volume that cannot be opened is *failed* (see the
+    /// module docs), with a warning; the rest is served. Returns the pool and the warnings.
     pub fn activate(mut pool: Pool, copier: Arc<Copier>) -> Result<(ActivePool, Vec<String>)> {
-        let mut warnings = Vec::new();
+        let mut warnings: Vec<String> = pool.notes().to_vec();
         let transient: Vec<String> = pool
             .manifest()
             .snapshots
@@ -204,41 +351,88 @@ impl ActivePool {
             .map(|s| s.name.clone())
             .collect();
         for name in transient {
-            pool.remove_snapshot(&name)?;
+            warnings.extend(pool.remove_snapshot(&name)?);
             warnings.push(format!(
                 "transient snapshot {name:?} was lost when the process holding it stopped; removed"
             ));
         }
+        let mut seen = Seen::new();
+        let mut ids: HashMap<String, FileId> = HashMap::new();
+        let mut failed = BTreeMap::new();
         let mut origins = BTreeMap::new();
         for o in &pool.manifest().origins {
-            let dev: Arc<dyn BlockDevice> =
-                Arc::new(pool.open_volume_file(&pool.resolve(&o.path))?);
-            origins.insert(o.name.clone(), Origin::new(dev, copier.clone()));
+            match open_origin(&pool, o, &mut seen, &copier) {
+                Ok((origin, id)) => {
+                    ids.insert(o.name.clone(), id);
+                    origins.insert(o.name.clone(), origin);
+                }
+                Err(e) => {
+                    failed.insert(o.name.clone(), Failed::origin(&pool, o, e.to_string()));
+                }
+            }
         }
         let mut snapshots = BTreeMap::new();
         for s in &pool.manifest().snapshots {
-            let origin = origins.get(&s.origin).ok_or_else(|| {
-                Error::InvalidArgument(format!("snapshot {:?}: unknown origin", s.name))
-            })?;
-            let snap = open_snapshot(&pool, origin, s).map_err(|e| {
-                Error::InvalidArgument(format!("cannot load snapshot {:?}: {e}", s.name))
-            })?;
-            origin.activate(&snap)?;
-            snapshots.insert(
-                s.name.clone(),
-                ActiveSnapshot {
-                    entry: s.clone(),
-                    snap,
-                },
-            );
+            let opened = match origins.get(&s.origin) {
+                None => Err(Error::Busy(format!(
+                    "its origin {:?} is not available",
+                    s.origin
+                ))),
+                Some(origin) => {
+                    open_snapshot(&pool, origin, s, &mut seen).and_then(|(snap, id)| {
+                        origin.activate(&snap)?;
+                        Ok((snap, id))
+                    })
+                }
+            };
+            match opened {
+                Ok((snap, id)) => {
+                    ids.insert(s.name.clone(), id);
+                    snapshots.insert(
+                        s.name.clone(),
+                        ActiveSnapshot {
+                            entry: s.clone(),
+                            snap,
+                        },
+                    );
+                }
+                Err(e) => {
+                    failed.insert(s.name.clone(), Failed::snapshot(&pool, s, e.to_string()));
+                }
+            }
+        }
+        // A version 1 manifest recorded no file ids: record the ones just opened.
+        let mut next = pool.manifest().clone();
+        for o in next.origins.iter_mut().filter(|o| o.id.is_none()) {
+            o.id = ids.get(&o.name).copied();
+        }
+        for s in next.snapshots.iter_mut().filter(|s| s.id.is_none()) {
+            s.id = ids.get(&s.name).copied();
+        }
+        if next != *pool.manifest() {
+            pool.commit(next)?;
+        }
+        let inner = Inner {
+            pool,
+            origins,
+            snapshots,
+            failed,
+        };
+        for (name, f) in &inner.failed {
+            warnings.push(format!(
+                "{} {name:?} failed and is not served: {}",
+                kind_word(f.kind),
+                f.reason
+            ));
+        }
+        for name in inner.origins.keys() {
+            if let Some(why) = inner.read_only_reason(name) {
+                warnings.push(format!("origin {name:?} is served read-only: {why}"));
+            }
         }
         Ok((
             ActivePool {
-                inner: Mutex::new(Inner {
-                    pool,
-                    origins,
-                    snapshots,
-                }),
+                inner: Mutex::new(inner),
                 copier,
             },
             warnings,
@@ -250,7 +444,7 @@ impl ActivePool {
         &self.copier
     }
 
-    /// The names of every volume, origins first.
+    /// The names of every served volume, origins first (failed volumes are not served).
     pub fn volume_names(&self) -> Vec<String> {
         let inner = self.inner.lock();
         inner
@@ -273,6 +467,12 @@ impl ActivePool {
             .map(|s| (VolumeKind::Snapshot, s.snap.clone() as Arc<dyn BlockDevice>))
     }
 
+    /// Why the origin `name` must be served read-only, if it must (a snapshot of it
+    /// failed to open).
+    pub fn read_only_reason(&self, name: &str) -> Option<String> {
+        self.inner.lock().read_only_reason(name)
+    }
+
     /// The origin called `name`.
     pub fn origin(&self, name: &str) -> Option<Arc<Origin>> {
         self.inner.lock().origins.get(name).cloned()
@@ -287,33 +487,45 @@ impl ActivePool {
             .map(|s| s.snap.clone())
     }
 
+    /// True when `name` is a snapshot of the pool, served or failed.
+    pub fn has_snapshot(&self, name: &str) -> bool {
+        let inner = self.inner.lock();
+        inner.snapshots.contains_key(name)
+            || inner
+                .failed
+                .get(name)
+                .is_some_and(|f| f.kind == VolumeKind::Snapshot)
+    }
+
     /// Creates a snapshot live. Returns its status and a warning when the COW header's
     /// chunk size overrode the one asked for.
     pub fn create_snapshot(&self, req: &SnapshotRequest) -> Result<(VolumeInfo, Option<String>)> {
         let mut inner = self.inner.lock();
+        if inner.failed.contains_key(&req.name) {
+            return Err(Error::Busy(format!(
+                "a volume called {:?} already exists (failed; remove it first)",
+                req.name
+            )));
+        }
         let origin = inner.origins.get(&req.origin).cloned().ok_or_else(|| {
-            Error::InvalidArgument(format!("no origin called {:?} in this pool", req.origin))
+            Error::InvalidArgument(format!(
+                "no served origin called {:?} in this pool",
+                req.origin
+            ))
         })?;
-        let (entry, store, warning) = inner.pool.prepare_snapshot(req)?;
-        let discard = |inner: &Inner, e: Error| {
-            if entry.owned {
-                let _ = std::fs::remove_file(inner.pool.resolve(&entry.cow));
+        // On any error below, dropping `prepared` deletes a COW file the pool made.
+        let prepared = inner.pool.prepare_snapshot(req)?;
+        let snap = Snapshot::load(&origin, prepared.store.clone())?;
+        crash_point("create-snapshot:loaded");
+        origin.activate(&snap)?;
+        crash_point("create-snapshot:activated");
+        let (entry, warning) = match inner.pool.commit_snapshot(prepared) {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = origin.deactivate(&snap);
+                return Err(e);
             }
-            e
         };
-        let snap = match Snapshot::load(&origin, store as Arc<dyn ExceptionStore>) {
-            Ok(s) => s,
-            Err(e) => return Err(discard(&inner, e)),
-        };
-        if let Err(e) = origin.activate(&snap) {
-            return Err(discard(&inner, e));
-        }
-        let mut next = inner.pool.manifest().clone();
-        next.snapshots.push(entry.clone());
-        if let Err(e) = inner.pool.commit(next) {
-            let _ = origin.deactivate(&snap);
-            return Err(discard(&inner, e));
-        }
         inner.snapshots.insert(
             entry.name.clone(),
             ActiveSnapshot {
@@ -325,19 +537,56 @@ impl ActivePool {
         Ok((info, warning))
     }
 
-    /// Removes a snapshot live: deactivates it (its I/O fails from now on), drops it from
-    /// the manifest and deletes its COW file if the pool created it.
-    pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+    /// Removes a snapshot live (see the crash rules in [`super`]): marks it `removing` in
+    /// the manifest while it still takes copy-outs (if that fails, nothing changed and the
+    /// snapshot keeps working), deactivates it (its I/O fails from now on), marks its COW
+    /// invalid, drops it from the manifest and deletes its COW file if the pool made it.
+    /// A failed snapshot is removed the same way. Returns warnings.
+    pub fn remove_snapshot(&self, name: &str) -> Result<Vec<String>> {
         let mut inner = self.inner.lock();
-        let active = inner
-            .snapshots
-            .remove(name)
-            .ok_or_else(|| Error::InvalidArgument(format!("no snapshot called {name:?}")))?;
+        if inner
+            .failed
+            .get(name)
+            .is_some_and(|f| f.kind == VolumeKind::Snapshot)
+        {
+            inner.pool.mark_removing(name)?;
+            let warnings = inner.pool.finish_removal(name, None)?;
+            inner.failed.remove(name);
+            return Ok(warnings);
+        }
+        if !inner.snapshots.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "no snapshot called {name:?}"
+            )));
+        }
+        inner.pool.mark_removing(name)?;
+        let Some(active) = inner.snapshots.remove(name) else {
+            return Err(Error::InvalidArgument(format!(
+                "no snapshot called {name:?}"
+            )));
+        };
         if let Some(origin) = inner.origins.get(&active.entry.origin) {
             let _ = origin.deactivate(&active.snap);
         }
-        inner.pool.remove_snapshot(name)?;
-        Ok(())
+        crash_point("remove-snapshot:deactivated");
+        let finished = inner
+            .pool
+            .finish_removal(name, Some(active.snap.store().as_ref()));
+        active.snap.invalidate("the snapshot was removed");
+        match finished {
+            Ok(w) => Ok(w),
+            Err(e) => {
+                let f = Failed::snapshot(
+                    &inner.pool,
+                    &active.entry,
+                    format!("its removal did not finish: {e}"),
+                );
+                inner.failed.insert(name.to_string(), f);
+                Err(Error::Busy(format!(
+                    "snapshot {name:?} is deactivated but its removal did not finish ({e}); run the remove again, or restart the daemon, to finish it"
+                )))
+            }
+        }
     }
 
     /// Status of one volume.
@@ -345,18 +594,32 @@ impl ActivePool {
         info_of(&self.inner.lock(), name)
     }
 
-    /// Status of every volume, origins first.
+    /// Status of every volume, origins first, failed ones included.
     pub fn list(&self) -> Vec<VolumeInfo> {
         let inner = self.inner.lock();
-        inner
-            .origins
-            .keys()
-            .chain(inner.snapshots.keys())
+        let mut names: Vec<&String> = inner.origins.keys().collect();
+        names.extend(
+            inner
+                .failed
+                .iter()
+                .filter(|(_, f)| f.kind == VolumeKind::Origin)
+                .map(|(n, _)| n),
+        );
+        names.extend(inner.snapshots.keys());
+        names.extend(
+            inner
+                .failed
+                .iter()
+                .filter(|(_, f)| f.kind == VolumeKind::Snapshot)
+                .map(|(n, _)| n),
+        );
+        names
+            .into_iter()
             .filter_map(|n| info_of(&inner, n))
             .collect()
     }
 
-    /// Flushes every origin and snapshot COW.
+    /// Flushes every origin and every valid snapshot's COW.
     pub fn flush_all(&self) -> Result<()> {
         let inner = self.inner.lock();
         for o in inner.origins.values() {
@@ -371,14 +634,22 @@ impl ActivePool {
     }
 }
 
+fn kind_word(k: VolumeKind) -> &'static str {
+    match k {
+        VolumeKind::Origin => "origin",
+        VolumeKind::Snapshot => "snapshot",
+    }
+}
+
 fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
+    if let Some(f) = inner.failed.get(name) {
+        return Some(VolumeInfo::failed(name, f));
+    }
     if let Some(o) = inner.origins.get(name) {
         let entry = inner.pool.manifest().origin(name)?;
-        return Some(VolumeInfo::origin(
-            name,
-            o.size(),
-            &inner.pool.resolve(&entry.path),
-        ));
+        let mut info = VolumeInfo::origin(name, o.size(), &inner.pool.resolve(&entry.path));
+        info.read_only = inner.read_only_reason(name);
+        return Some(info);
     }
     let s = inner.snapshots.get(name)?;
     Some(VolumeInfo::of_snapshot(
@@ -389,7 +660,8 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
 }
 
 /// Status of every volume of a pool that no process holds: origins opened read-only,
-/// snapshots loaded (not activated) to read their usage.
+/// snapshots loaded (not activated) to read their usage. A volume that cannot be read is
+/// listed as failed with its reason.
 pub(super) fn list_offline(
     pool: &Pool,
     copier: Arc<Copier>,
@@ -410,42 +682,52 @@ pub(super) fn list_offline(
             continue;
         }
         let path = pool.resolve(&o.path);
-        let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
-        if wanted(&o.name) {
-            out.push(VolumeInfo::origin(&o.name, dev.size(), &path));
+        match FileDevice::open_read_only(&path) {
+            Ok(dev) => {
+                if wanted(&o.name) {
+                    out.push(VolumeInfo::origin(&o.name, dev.size(), &path));
+                }
+                origins.insert(o.name.clone(), Origin::new(Arc::new(dev), copier.clone()));
+            }
+            Err(e) if wanted(&o.name) => {
+                out.push(VolumeInfo::failed(
+                    &o.name,
+                    &Failed::origin(pool, o, e.to_string()),
+                ));
+            }
+            Err(_) => {}
         }
-        origins.insert(o.name.clone(), Origin::new(dev, copier.clone()));
     }
     for s in snapshots {
-        let origin = origins.get(&s.origin).ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot {:?}: unknown origin", s.name))
-        })?;
         let path = pool.resolve(&s.cow);
         if s.store == "N" {
-            out.push(VolumeInfo::snapshot(s, origin.size(), &path, None));
+            let size = origins.get(&s.origin).map(|o| o.size()).unwrap_or(0);
+            out.push(VolumeInfo::snapshot(s, size, &path, None));
             continue;
         }
-        let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
-        let store = PersistentStore::open(
-            cow,
-            Some(s.chunk_size()?),
-            s.store_kind()?.overflow_allowed(),
-        )?;
-        if store.is_fresh() {
-            // A zeroed COW: the daemon will format it; a fresh store holds the header and
-            // one metadata area, as the kernel counts them.
-            let two = 2 * store.chunk_size().sectors();
-            let usage = Usage {
-                allocated_sectors: two,
-                total_sectors: store.usage().total_sectors,
-                metadata_sectors: two,
-            };
-            let numbers = (SnapshotStatus::Usage(usage), usage, 0, None);
-            out.push(VolumeInfo::snapshot(s, origin.size(), &path, Some(numbers)));
-            continue;
-        }
-        let snap = Snapshot::load(origin, Arc::new(store))?;
-        out.push(VolumeInfo::of_snapshot(s, &path, &snap));
+        let loaded = (|| {
+            let origin = origins.get(&s.origin).ok_or_else(|| {
+                Error::Busy(format!("its origin {:?} is not available", s.origin))
+            })?;
+            let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
+            let store = PersistentStore::open(
+                cow,
+                Some(s.chunk_size()?),
+                s.store_kind()?.overflow_allowed(),
+            )?;
+            if store.is_fresh() {
+                return Err(Error::Corrupt {
+                    device: path.display().to_string(),
+                    offset: 0,
+                    reason: "the COW header is zeroed (magic 0)".into(),
+                });
+            }
+            Snapshot::load(origin, Arc::new(store))
+        })();
+        out.push(match loaded {
+            Ok(snap) => VolumeInfo::of_snapshot(s, &path, &snap),
+            Err(e) => VolumeInfo::failed(&s.name, &Failed::snapshot(pool, s, e.to_string())),
+        });
     }
     Ok(out)
 }

@@ -1,10 +1,17 @@
 //! The pool manifest: the table of a pool's volumes, as JSON, replaced atomically.
 //!
 //! `pool.json` lists the origins (image files or block devices) and the snapshots (origin,
-//! COW file, store type, chunk size). It is rewritten whole on every change: write a
-//! temporary file, fsync it, rename it over the old one, fsync the directory. After a crash
-//! the manifest is the old one or the new one, never a mix. Decoding validates everything
-//! (names, references, store types, chunk sizes) and never panics on a bad file.
+//! COW file, store type, chunk size), each file with the [`FileId`] it had when the pool
+//! took it, so a file replaced behind the pool's back is noticed. It is rewritten whole on
+//! every change: write a temporary file (mode 0600), fsync it, rename it over the old one,
+//! fsync the directory. After a crash the manifest is the old one or the new one, never a
+//! mix. Decoding validates everything (names, references, store types, chunk sizes) and
+//! never panics on a bad file.
+//!
+//! Version 2 added the file ids and the `removing` mark of a snapshot whose removal began
+//! (see [`Pool::remove_snapshot`](super::Pool::remove_snapshot)). Version 1 pools open and
+//! are rewritten as version 2 at their next change; cowsnap before version 2 refuses a
+//! version 2 pool with a message naming the version.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -12,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dev::FileId;
 use crate::error::{Error, Result};
 use crate::exception::StoreKind;
 use crate::units::ChunkSize;
@@ -19,7 +27,9 @@ use crate::units::ChunkSize;
 /// File name of the manifest inside the pool directory.
 pub const MANIFEST: &str = "pool.json";
 /// The manifest format version this code writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
+/// The oldest manifest format version this code reads.
+pub const MANIFEST_VERSION_MIN: u32 = 1;
 
 /// One origin volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +40,9 @@ pub struct OriginEntry {
     pub path: PathBuf,
     /// True when the pool created the file (and may delete it).
     pub owned: bool,
+    /// The file's identity when the pool took it (absent in version 1 manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FileId>,
 }
 
 /// One snapshot volume.
@@ -47,6 +60,17 @@ pub struct SnapshotEntry {
     pub chunk_sectors: u64,
     /// True when the pool created the COW file (and may delete it).
     pub owned: bool,
+    /// The COW file's identity when the pool took it (absent in version 1 manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FileId>,
+    /// Its removal began: it is never activated again, and the next process to hold the
+    /// pool finishes the removal.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub removing: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl SnapshotEntry {
@@ -117,9 +141,9 @@ impl Manifest {
 
     /// Checks names, uniqueness, references, store types and chunk sizes.
     pub fn validate(&self) -> Result<()> {
-        if self.version != MANIFEST_VERSION {
+        if !(MANIFEST_VERSION_MIN..=MANIFEST_VERSION).contains(&self.version) {
             return Err(Error::InvalidArgument(format!(
-                "manifest version {} is not supported (this cowsnap reads version {MANIFEST_VERSION})",
+                "manifest version {} is not supported (this cowsnap reads versions {MANIFEST_VERSION_MIN} to {MANIFEST_VERSION}): use the cowsnap that wrote it",
                 self.version
             )));
         }
@@ -176,21 +200,25 @@ impl Manifest {
     /// Replaces the manifest of the pool in `dir` atomically (write, fsync, rename, fsync
     /// the directory).
     pub fn store(&self, dir: &Path) -> Result<()> {
-        self.validate()?;
+        let mut this = self.clone();
+        this.version = MANIFEST_VERSION;
+        this.validate()?;
         let io = |op: &'static str, p: &Path| {
             let name = p.display().to_string();
             move |e| Error::io(op, 0, name, e)
         };
         let tmp = dir.join(format!(".{MANIFEST}.tmp"));
         let dst = dir.join(MANIFEST);
-        let mut text = serde_json::to_vec_pretty(self)
+        let mut text = serde_json::to_vec_pretty(&this)
             .map_err(|e| Error::InvalidArgument(format!("cannot encode manifest: {e}")))?;
         text.push(b'\n');
         {
+            use std::os::unix::fs::OpenOptionsExt;
             let mut f = OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&tmp)
                 .map_err(io("create", &tmp))?;
             f.write_all(&text).map_err(io("write", &tmp))?;
@@ -214,6 +242,7 @@ mod tests {
             name: "base".into(),
             path: "base.img".into(),
             owned: true,
+            id: None,
         });
         m.snapshots.push(SnapshotEntry {
             name: "snap1".into(),
@@ -222,6 +251,8 @@ mod tests {
             store: "P".into(),
             chunk_sectors: 8,
             owned: true,
+            id: Some(FileId::File { dev: 2049, ino: 12 }),
+            removing: true,
         });
         m
     }

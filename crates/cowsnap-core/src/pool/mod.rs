@@ -1,24 +1,45 @@
 //! Pools: named origins and snapshots kept as image files in one directory.
 //!
-//! A pool is the embedded default back end: a directory holding `pool.json` (the table of
-//! volumes, see [`manifest`]), the origin images it created, and the snapshots' COW files.
-//! [`Pool`] changes the table offline (no daemon); [`ActivePool`] is the table brought to
-//! life, every origin an [`Origin`](crate::target::Origin) and every snapshot an activated
+//! A pool is the embedded default back end: a private directory (mode 0700) holding
+//! `pool.json` (the table of volumes, see [`manifest`]), the origin images it created, and
+//! the snapshots' COW files (mode 0600). [`Pool`] changes the table offline (no daemon);
+//! [`ActivePool`] is the table brought to life, every origin an
+//! [`Origin`](crate::target::Origin) and every snapshot an activated
 //! [`Snapshot`](crate::target::Snapshot), changed live while clients do I/O. One process
 //! at a time holds a pool, through [`PoolLock`].
+//!
+//! **Control-plane crash rules.** Every change is ordered so that a crash at any step
+//! leaves either the old pool or the new one (see ARCHITECTURE.md, "Control plane"):
+//! * files the pool owns are created and deleted under staged names ([`staging`]), so a
+//!   name is never blocked by a leftover;
+//! * a snapshot's removal first commits the manifest with the snapshot marked `removing`
+//!   while the snapshot still takes copy-outs; from then on no process activates it again,
+//!   so no crash can bring back a snapshot that missed copy-outs. An adopted COW is then
+//!   marked invalid on disk before the entry goes, so it cannot be re-adopted as a valid
+//!   point in time either;
+//! * files are identified by [`FileId`], never by path: a COW that is the origin (or
+//!   another volume) under another name is refused at create and at every start;
+//! * the pool formats only COW files it created itself, or a zeroed file the user asked to
+//!   format; a pool COW with a damaged header fails its snapshot, never reformats it.
+//!
+//! Steps that change the manifest or a COW call [`crash_point`], which aborts the process
+//! when `COWSNAP_CRASH_AT` names the step: the daemon crash tests use it to stop at every
+//! step in turn.
 
 mod active;
 pub mod manifest;
+mod staging;
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use active::{ActivePool, VolumeInfo, VolumeKind};
 use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
 
-use crate::dev::{BlockDevice, FileDevice, PrezeroDevice};
+use crate::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
 use crate::error::{Error, Result};
 use crate::exception::persistent::PersistentStore;
 use crate::exception::ExceptionStore;
@@ -27,10 +48,11 @@ use crate::units::{is_sector_aligned, ChunkSize};
 /// Where a new snapshot's COW comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CowSpec {
-    /// A new sparse file of this many bytes inside the pool.
+    /// A new file of this many bytes inside the pool, its space reserved.
     Size(u64),
     /// An existing file or device: a COW written by the kernel (or by cowsnap) keeps its
-    /// exceptions and its chunk size; a zeroed one is formatted.
+    /// exceptions and its chunk size. One without a COW header is refused unless `format`
+    /// is set and it is all zeros.
     Path(PathBuf),
 }
 
@@ -49,10 +71,45 @@ pub struct SnapshotRequest {
     pub transient: bool,
     /// `PO`: a full COW on a snapshot write overflows instead of invalidating.
     pub overflow: bool,
+    /// Format an adopted COW that has no header, if it is all zeros.
+    pub format: bool,
 }
 
 /// The default chunk size of new snapshots: 4 KiB, as lvm2's.
 pub const DEFAULT_CHUNK: ChunkSize = ChunkSize::MIN;
+
+/// The environment variable naming a [`crash_point`] at which to abort (tests only).
+pub const CRASH_AT_ENV: &str = "COWSNAP_CRASH_AT";
+
+/// Every control-plane step [`crash_point`] knows, in the order each operation reaches
+/// them. `create-snapshot:*` are the steps of a snapshot create with a COW file the pool
+/// makes, `remove-snapshot:*` those of a removal of such a snapshot.
+pub const CRASH_POINTS: &[&str] = &[
+    "create-origin:staged",
+    "create-origin:committed",
+    "create-snapshot:staged",
+    "create-snapshot:loaded",
+    "create-snapshot:activated",
+    "create-snapshot:committed",
+    "create-snapshot:published",
+    "remove-snapshot:marked",
+    "remove-snapshot:deactivated",
+    "remove-snapshot:invalidated",
+    "remove-snapshot:staged",
+    "remove-snapshot:committed",
+    "remove-snapshot:unlinked",
+];
+
+/// A control-plane step: aborts the process here when `COWSNAP_CRASH_AT` names `step`
+/// (the crash tests' hook; without the variable it does nothing).
+pub fn crash_point(step: &'static str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| std::env::var(CRASH_AT_ENV).ok());
+    if at.as_deref() == Some(step) {
+        eprintln!("cowsnap: {CRASH_AT_ENV}={step}: aborting here");
+        std::process::abort();
+    }
+}
 
 /// A pool directory and its manifest, changed offline.
 #[derive(Debug)]
@@ -61,10 +118,13 @@ pub struct Pool {
     manifest: Manifest,
     /// Open volumes with `O_DIRECT` (a runtime choice, not recorded in the manifest).
     direct: bool,
+    /// What [`Pool::open`] settled and noticed, for the caller to report.
+    notes: Vec<String>,
 }
 
 impl Pool {
-    /// Creates a pool in `dir` (made if missing). Refuses a directory that already has one.
+    /// Creates a pool in `dir` (made if missing, mode 0700). Refuses a directory that
+    /// already has one.
     pub fn init(dir: &Path) -> Result<Pool> {
         fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", 0, dir.display().to_string(), e))?;
         if dir.join(MANIFEST).exists() {
@@ -73,22 +133,51 @@ impl Pool {
                 dir.display()
             )));
         }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod 0700", 0, dir.display().to_string(), e))?;
         let manifest = Manifest::new();
         manifest.store(dir)?;
         Ok(Pool {
             dir: dir.to_path_buf(),
             manifest,
             direct: false,
+            notes: Vec::new(),
         })
     }
 
-    /// Opens the pool in `dir`.
+    /// Opens the pool in `dir`. The caller holds the [`PoolLock`]: this settles what an
+    /// interrupted create or remove left (staged files, snapshots marked `removing`); the
+    /// messages are in [`notes`](Self::notes).
     pub fn open(dir: &Path) -> Result<Pool> {
-        Ok(Pool {
+        let mut pool = Pool {
             manifest: Manifest::load(dir)?,
             dir: dir.to_path_buf(),
             direct: false,
-        })
+            notes: Vec::new(),
+        };
+        pool.notes = staging::recover(dir, &pool.manifest)?;
+        let removing: Vec<String> = pool
+            .manifest
+            .snapshots
+            .iter()
+            .filter(|s| s.removing)
+            .map(|s| s.name.clone())
+            .collect();
+        for name in removing {
+            let mut notes = pool.finish_removal(&name, None)?;
+            pool.notes.push(format!(
+                "snapshot {name:?}: finished its interrupted removal"
+            ));
+            pool.notes.append(&mut notes);
+        }
+        pool.notes.extend(permission_warnings(&pool));
+        Ok(pool)
+    }
+
+    /// Messages from [`open`](Self::open): leftovers settled, removals finished, files
+    /// other users can read.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// From now on, open origin images and COW files with `O_DIRECT` (bypassing the page
@@ -97,26 +186,36 @@ impl Pool {
         self.direct = direct;
     }
 
-    /// Opens a volume file for I/O, direct or not as the pool is set.
-    pub(crate) fn open_volume_file(&self, path: &Path) -> Result<FileDevice> {
-        if self.direct {
-            FileDevice::open_direct(path)
-        } else {
-            FileDevice::open(path)
+    /// Opens a volume file for I/O, exclusively (see [`FileDevice::open_exclusive`]), direct
+    /// or not as the pool is set, and checks that it is the file `expected` when given.
+    pub(crate) fn open_volume_file(
+        &self,
+        path: &Path,
+        expected: Option<FileId>,
+    ) -> Result<FileDevice> {
+        let dev = FileDevice::open_exclusive(path, self.direct)?;
+        let id = dev.id()?;
+        if let Some(want) = expected {
+            if want != id {
+                return Err(Error::Busy(format!(
+                    "{} is not the file this pool took ({want}); it is {id}: the file was replaced behind the pool's back. Put the original back, or remove the volume",
+                    path.display()
+                )));
+            }
         }
+        Ok(dev)
     }
 
     /// Opens a COW file or device for a store. A regular file is wrapped in a
     /// [`PrezeroDevice`]: its space was reserved with `fallocate` (unwritten extents), and
     /// copy-outs land in written blocks when zeros go ahead of them.
-    pub(crate) fn open_cow(&self, path: &Path) -> Result<Arc<dyn BlockDevice>> {
-        let dev = self.open_volume_file(path)?;
-        Ok(if dev.is_regular() {
-            let end = dev.data_end();
-            Arc::new(PrezeroDevice::new(dev, end))
-        } else {
-            Arc::new(dev)
-        })
+    pub(crate) fn open_cow(
+        &self,
+        path: &Path,
+        expected: Option<FileId>,
+    ) -> Result<Arc<dyn BlockDevice>> {
+        let dev = self.open_volume_file(path, expected)?;
+        Ok(cow_device(dev))
     }
 
     /// The pool directory.
@@ -154,6 +253,33 @@ impl Pool {
         Ok(())
     }
 
+    /// Every volume file of the pool with its id (from the manifest, or from the file
+    /// where a version 1 manifest recorded none), for alias checks.
+    fn volume_ids(&self) -> Vec<(String, FileId)> {
+        let id = |path: &Path, recorded: Option<FileId>| {
+            recorded.or_else(|| FileId::of_path(&self.resolve(path)).ok())
+        };
+        self.manifest
+            .origins
+            .iter()
+            .filter_map(|o| id(&o.path, o.id).map(|i| (format!("origin {:?}", o.name), i)))
+            .chain(self.manifest.snapshots.iter().filter_map(|s| {
+                id(&s.cow, s.id).map(|i| (format!("the COW of snapshot {:?}", s.name), i))
+            }))
+            .collect()
+    }
+
+    /// Refuses a file that is already a volume of this pool under any name.
+    fn check_not_in_pool(&self, path: &Path, id: FileId) -> Result<()> {
+        if let Some((what, _)) = self.volume_ids().into_iter().find(|(_, i)| *i == id) {
+            return Err(Error::Busy(format!(
+                "{} is already used by this pool: it is {what} ({id}), under this or another name; a volume file can serve one volume only",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// Creates a new sparse origin image `NAME.img` of `size` bytes inside the pool.
     pub fn create_origin(&mut self, name: &str, size: u64) -> Result<OriginEntry> {
         self.check_new_name(name)?;
@@ -163,38 +289,36 @@ impl Pool {
             )));
         }
         let rel = PathBuf::from(format!("{name}.img"));
-        let path = self.dir.join(&rel);
-        create_new_sparse(&path, size)?;
+        let file = staging::NewFile::create(&self.dir.join(&rel), size, false)?;
+        crash_point("create-origin:staged");
         let entry = OriginEntry {
             name: name.into(),
             path: rel,
             owned: true,
+            id: Some(file.id()),
         };
         let mut next = self.manifest.clone();
         next.origins.push(entry.clone());
-        if let Err(e) = self.commit(next) {
-            let _ = fs::remove_file(&path);
-            return Err(e);
-        }
+        self.commit(next)?;
+        crash_point("create-origin:committed");
+        file.publish()?;
         Ok(entry)
     }
 
     /// Adds an existing image file or block device as an origin (not owned: removing it
-    /// from the pool never deletes it).
+    /// from the pool never deletes it). Refused when the file is already a volume of the
+    /// pool under any name, or in use by another program.
     pub fn add_origin(&mut self, name: &str, path: &Path) -> Result<OriginEntry> {
         self.check_new_name(name)?;
         let abs = fs::canonicalize(path)
             .map_err(|e| Error::io("open", 0, path.display().to_string(), e))?;
-        // Opening it checks that it is readable, writable and sector-sized.
-        FileDevice::open(&abs)?;
-        if self
-            .manifest
-            .origins
-            .iter()
-            .any(|o| self.resolve(&o.path) == abs)
-        {
+        let id = FileId::of_path(&abs)?;
+        self.check_not_in_pool(&abs, id)?;
+        // Opening it checks that it is readable, writable, sector-sized and not in use.
+        let dev = FileDevice::open_exclusive(&abs, false)?;
+        if dev.id()? != id {
             return Err(Error::Busy(format!(
-                "{} is already an origin of this pool",
+                "{} changed while it was being added; try again",
                 abs.display()
             )));
         }
@@ -202,6 +326,7 @@ impl Pool {
             name: name.into(),
             path: abs,
             owned: false,
+            id: Some(id),
         };
         let mut next = self.manifest.clone();
         next.origins.push(entry.clone());
@@ -209,21 +334,19 @@ impl Pool {
         Ok(entry)
     }
 
-    /// Creates or adopts the COW of a new snapshot and opens its store, without adding it to
-    /// the manifest. Returns the entry, the store, and a warning when a formatted COW's
-    /// chunk size overrode the one asked for.
-    pub(crate) fn prepare_snapshot(
-        &self,
-        req: &SnapshotRequest,
-    ) -> Result<(SnapshotEntry, Arc<dyn ExceptionStore>, Option<String>)> {
+    /// Makes or adopts the COW of a new snapshot and opens its store, without adding it to
+    /// the manifest. A COW the pool makes is a [`staging::NewFile`] until committed.
+    fn prepare_snapshot(&self, req: &SnapshotRequest) -> Result<Prepared> {
         self.check_new_name(&req.name)?;
-        let origin = self.manifest.origin(&req.origin).ok_or_else(|| {
-            Error::InvalidArgument(format!("no origin called {:?} in this pool", req.origin))
-        })?;
-        let origin_path = self.resolve(&origin.path);
+        if self.manifest.origin(&req.origin).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "no origin called {:?} in this pool",
+                req.origin
+            )));
+        }
         let chunk = req.chunk_size.unwrap_or(DEFAULT_CHUNK);
         let min_chunks = if req.transient { 1 } else { 3 };
-        let (rel, owned) = match &req.cow {
+        let (rel, new_file, id, cow) = match &req.cow {
             CowSpec::Size(size) => {
                 if *size < min_chunks * chunk.bytes() || !is_sector_aligned(*size) {
                     return Err(Error::InvalidArgument(format!(
@@ -231,46 +354,49 @@ impl Pool {
                     )));
                 }
                 let rel = PathBuf::from(format!("{}.cow", req.name));
-                create_new_reserved(&self.dir.join(&rel), *size)?;
-                (rel, true)
+                let file = staging::NewFile::create(&self.dir.join(&rel), *size, true)?;
+                crash_point("create-snapshot:staged");
+                let cow = self.open_cow(file.path(), Some(file.id()))?;
+                (rel, Some(file), None, cow)
             }
             CowSpec::Path(p) => {
                 let abs = fs::canonicalize(p)
                     .map_err(|e| Error::io("open", 0, p.display().to_string(), e))?;
-                let taken =
-                    abs == fs::canonicalize(&origin_path).unwrap_or_default()
-                        || self.manifest.snapshots.iter().any(|s| {
-                            fs::canonicalize(self.resolve(&s.cow)).ok() == Some(abs.clone())
-                        })
-                        || self.manifest.origins.iter().any(|o| {
-                            fs::canonicalize(self.resolve(&o.path)).ok() == Some(abs.clone())
-                        });
-                if taken {
-                    return Err(Error::Busy(format!(
-                        "{} is already used by this pool (an origin or another snapshot's COW)",
+                let id = FileId::of_path(&abs)?;
+                self.check_not_in_pool(&abs, id)?;
+                let dev = self.open_volume_file(&abs, Some(id))?;
+                if !req.transient
+                    && !req.format
+                    && PersistentStore::open(
+                        Arc::new(FileDevice::open_read_only(&abs)?),
+                        None,
+                        false,
+                    )?
+                    .is_fresh()
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} has no COW header (its first bytes are zero): cowsnap formats only files it creates. To make it a new, empty COW, add --format (the whole file must be zeros)",
                         abs.display()
                     )));
                 }
-                (abs, false)
+                if req.format && !dev.is_zeroed()? {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} is not all zeros: --format refuses to overwrite data. Zero it first, or give --cow-size to let the pool make a COW file",
+                        abs.display()
+                    )));
+                }
+                (abs, None, Some(id), cow_device(dev))
             }
         };
-        let cow_path = self.resolve(&rel);
-        let cleanup = |e: Error| {
-            if owned {
-                let _ = fs::remove_file(&cow_path);
-            }
-            e
-        };
-        let cow = self.open_cow(&cow_path).map_err(cleanup)?;
         let (store, warning, chunk): (Arc<dyn ExceptionStore>, _, _) = if req.transient {
             let store = crate::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)
         } else {
-            let store = PersistentStore::open(cow, Some(chunk), req.overflow).map_err(cleanup)?;
+            let store = PersistentStore::open(cow, Some(chunk), req.overflow)?;
             let warning = store.overridden_chunk_size().map(|asked| {
                 format!(
                     "{}: the COW header's chunk size {} overrides the {} asked for",
-                    cow_path.display(),
+                    self.resolve(&rel).display(),
                     store.chunk_size(),
                     asked
                 )
@@ -279,18 +405,41 @@ impl Pool {
             (Arc::new(store), warning, chunk)
         };
         let kind = store.kind();
-        Ok((
-            SnapshotEntry {
+        let owned = new_file.is_some();
+        Ok(Prepared {
+            entry: SnapshotEntry {
                 name: req.name.clone(),
                 origin: req.origin.clone(),
                 cow: rel,
                 store: kind.to_string(),
                 chunk_sectors: chunk.sectors(),
                 owned,
+                id: new_file.as_ref().map(|f| f.id()).or(id),
+                removing: false,
             },
             store,
             warning,
-        ))
+            new_file,
+        })
+    }
+
+    /// Adds a prepared snapshot to the manifest and gives its COW file its final name.
+    fn commit_snapshot(&mut self, prepared: Prepared) -> Result<(SnapshotEntry, Option<String>)> {
+        let Prepared {
+            entry,
+            warning,
+            new_file,
+            ..
+        } = prepared;
+        let mut next = self.manifest.clone();
+        next.snapshots.push(entry.clone());
+        self.commit(next)?;
+        crash_point("create-snapshot:committed");
+        if let Some(f) = new_file {
+            f.publish()?;
+        }
+        crash_point("create-snapshot:published");
+        Ok((entry, warning))
     }
 
     /// Creates a snapshot offline: its point in time is the origin image as it is now.
@@ -305,20 +454,17 @@ impl Pool {
                     .into(),
             ));
         }
-        let (entry, store, warning) = self.prepare_snapshot(req)?;
+        let prepared = self.prepare_snapshot(req)?;
         // Load once: formats a fresh COW and validates an adopted one.
-        let origin_size = FileDevice::open(
-            self.resolve(
-                &self
-                    .manifest
-                    .origin(&req.origin)
-                    .map(|o| o.path.clone())
-                    .unwrap_or_default(),
-            ),
-        )?
-        .size();
+        let origin = self
+            .manifest
+            .origin(&req.origin)
+            .map(|o| self.resolve(&o.path))
+            .unwrap_or_default();
+        let origin_size = FileDevice::open_read_only(&origin)?.size();
+        let store = &prepared.store;
         let origin_chunks = store.chunk_size().chunks_covering(origin_size);
-        let loaded = store.load(&mut |e| {
+        store.load(&mut |e| {
             if e.old.0 >= origin_chunks {
                 return Err(Error::Corrupt {
                     device: store.cow().describe(),
@@ -327,23 +473,15 @@ impl Pool {
                 });
             }
             Ok(())
-        });
-        if let Err(e) = loaded {
-            if entry.owned {
-                let _ = fs::remove_file(self.resolve(&entry.cow));
-            }
-            return Err(e);
-        }
-        let mut next = self.manifest.clone();
-        next.snapshots.push(entry.clone());
-        self.commit(next)?;
-        Ok((entry, warning))
+        })?;
+        crash_point("create-snapshot:loaded");
+        self.commit_snapshot(prepared)
     }
 
     /// Status of every volume, or only of the volume `only`, read from the files without
     /// activating anything (no daemon runs); only the metadata of the snapshots shown is
     /// loaded. Transient snapshots show as invalid: their store died with the process that
-    /// held it.
+    /// held it. A volume that cannot be read shows as failed, with the reason.
     pub fn list_offline(
         &self,
         copier: Arc<crate::copy::Copier>,
@@ -352,57 +490,143 @@ impl Pool {
         active::list_offline(self, copier, only)
     }
 
-    /// Removes a snapshot from the pool, deleting its COW file if the pool created it.
-    pub fn remove_snapshot(&mut self, name: &str) -> Result<SnapshotEntry> {
+    /// First step of a removal: marks the snapshot `removing` in the manifest. From the
+    /// commit on, no process activates it again; until then nothing changed.
+    fn mark_removing(&mut self, name: &str) -> Result<SnapshotEntry> {
         let entry = self
             .manifest
             .snapshot(name)
             .cloned()
             .ok_or_else(|| Error::InvalidArgument(format!("no snapshot called {name:?}")))?;
+        if !entry.removing {
+            let mut next = self.manifest.clone();
+            if let Some(s) = next.snapshots.iter_mut().find(|s| s.name == name) {
+                s.removing = true;
+            }
+            self.commit(next)?;
+        }
+        crash_point("remove-snapshot:marked");
+        Ok(entry)
+    }
+
+    /// The rest of a removal, once the snapshot is marked and no longer active: an adopted
+    /// COW is marked invalid on disk (`live` does it through the loaded store, else the
+    /// file is opened here), an owned one moved to its staged name; the entry leaves the
+    /// manifest; the owned file is deleted. Returns warnings.
+    fn finish_removal(
+        &mut self,
+        name: &str,
+        live: Option<&dyn ExceptionStore>,
+    ) -> Result<Vec<String>> {
+        let Some(entry) = self.manifest.snapshot(name).cloned() else {
+            return Ok(Vec::new());
+        };
+        let path = self.resolve(&entry.cow);
+        let mut warnings = Vec::new();
+        let invalidated = match live {
+            Some(store) => store.invalidate(),
+            None => invalidate_cow_file(&path, entry.id, &entry.store),
+        };
+        if let Err(e) = invalidated {
+            if entry.owned {
+                // Deleted below: nothing can adopt it again.
+            } else {
+                warnings.push(format!(
+                    "could not mark the COW {} invalid ({e}): do not adopt it again as a snapshot of {:?}, origin writes made from now on are not in it",
+                    path.display(),
+                    entry.origin
+                ));
+            }
+        }
+        crash_point("remove-snapshot:invalidated");
+        let trash = if entry.owned {
+            staging::stage_removal(&path, entry.id)?
+        } else {
+            None
+        };
+        crash_point("remove-snapshot:staged");
         let mut next = self.manifest.clone();
         next.snapshots.retain(|s| s.name != name);
         self.commit(next)?;
-        if entry.owned {
-            let _ = fs::remove_file(self.resolve(&entry.cow));
+        crash_point("remove-snapshot:committed");
+        if let Some(t) = trash {
+            staging::unlink(&t)?;
         }
-        Ok(entry)
+        crash_point("remove-snapshot:unlinked");
+        Ok(warnings)
+    }
+
+    /// Removes a snapshot offline, deleting its COW file if the pool created it and
+    /// marking an adopted COW invalid. Returns warnings.
+    pub fn remove_snapshot(&mut self, name: &str) -> Result<Vec<String>> {
+        self.mark_removing(name)?;
+        crash_point("remove-snapshot:deactivated");
+        self.finish_removal(name, None)
     }
 }
 
-fn create_new_sparse(path: &Path, size: u64) -> Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| Error::io("create", 0, path.display().to_string(), e))?;
-    f.set_len(size)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io("truncate", size, path.display().to_string(), e))
+/// A snapshot's COW made or adopted and its store opened, not yet in the manifest.
+struct Prepared {
+    entry: SnapshotEntry,
+    store: Arc<dyn ExceptionStore>,
+    warning: Option<String>,
+    new_file: Option<staging::NewFile>,
 }
 
-/// Creates a COW file of `size` bytes with its space reserved (`fallocate`), as an LVM COW
-/// volume is: the snapshot never fails later because the host file system filled up, and
-/// copy-outs write into allocated blocks. Where the file system cannot reserve space the
-/// file stays sparse.
-fn create_new_reserved(path: &Path, size: u64) -> Result<()> {
-    create_new_sparse(path, size)?;
-    let f = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io("open", 0, path.display().to_string(), e))?;
-    match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, size) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
-        Err(e) => {
-            let _ = fs::remove_file(path);
-            Err(Error::io(
-                "reserve space for",
-                0,
-                path.display().to_string(),
-                e.into(),
-            ))
-        }
+fn cow_device(dev: FileDevice) -> Arc<dyn BlockDevice> {
+    if dev.is_regular() {
+        let end = dev.data_end();
+        Arc::new(PrezeroDevice::new(dev, end))
+    } else {
+        Arc::new(dev)
     }
+}
+
+/// Marks the persistent COW at `path` invalid on disk, if it is the file `id` and has a
+/// valid header (a COW of another format, or no COW at all, is left untouched).
+fn invalidate_cow_file(path: &Path, id: Option<FileId>, store: &str) -> Result<()> {
+    if store == "N" {
+        return Ok(());
+    }
+    let dev = FileDevice::open_exclusive(path, false)?;
+    if id.is_some_and(|want| dev.id().ok() != Some(want)) {
+        return Err(Error::Busy(format!(
+            "{} is no longer the file the pool took",
+            path.display()
+        )));
+    }
+    let store = PersistentStore::open(Arc::new(dev), None, false)?;
+    if store.is_fresh() {
+        return Ok(());
+    }
+    store.invalidate()
+}
+
+/// Warnings for a pool directory or pool files other users can read or write.
+fn permission_warnings(pool: &Pool) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut check = |path: &Path, what: &str| {
+        if let Ok(m) = fs::metadata(path) {
+            let mode = m.mode() & 0o777;
+            if mode & 0o077 != 0 {
+                out.push(format!(
+                    "{what} {} has mode {mode:04o}: other users can read it; run `chmod go-rwx {}`",
+                    path.display(),
+                    path.display()
+                ));
+            }
+        }
+    };
+    check(&pool.dir, "the pool directory");
+    check(&pool.dir.join(MANIFEST), "the manifest");
+    for o in pool.manifest.origins.iter().filter(|o| o.owned) {
+        check(&pool.resolve(&o.path), "origin image");
+    }
+    for s in pool.manifest.snapshots.iter().filter(|s| s.owned) {
+        check(&pool.resolve(&s.cow), "COW file");
+    }
+    out
 }
 
 /// The exclusive hold of a pool by one process (a daemon, or a command acting on the files).
@@ -423,6 +647,7 @@ impl PoolLock {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io("open", 0, path.display().to_string(), e))?;
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {

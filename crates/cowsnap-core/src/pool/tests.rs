@@ -30,7 +30,17 @@ fn req(name: &str, origin: &str, cow: CowSpec) -> SnapshotRequest {
         chunk_size: None,
         transient: false,
         overflow: false,
+        format: false,
     }
+}
+
+fn create_new_sparse(path: &Path, size: u64) {
+    let f = fs::File::create_new(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+fn activate(dir: &Path) -> (ActivePool, Vec<String>) {
+    ActivePool::activate(Pool::open(dir).unwrap(), Arc::new(Copier::default())).unwrap()
 }
 
 #[test]
@@ -100,7 +110,8 @@ fn offline_pool_lifecycle_and_restart() {
     active.create_snapshot(&t).unwrap();
     assert_eq!(active.list().len(), 4);
     active.flush_all().unwrap();
-    drop(active);
+    // Every handle goes, as when a process exits: the files are claimed until then.
+    drop((active, origin, live_dev, snap));
 
     // Restart: every volume reads the same.
     let (again, warnings) =
@@ -136,9 +147,12 @@ fn adopting_a_cow_keeps_it_and_refuses_reuse() {
     let mut pool = Pool::init(&dir).unwrap();
     pool.create_origin("base", 1 << 20).unwrap();
     let ext = dir.join("external.cow");
-    create_new_sparse(&ext, 256 << 10).unwrap();
+    create_new_sparse(&ext, 256 << 10);
     let mut r = req("ext", "base", CowSpec::Path(ext.clone()));
     r.chunk_size = Some(ChunkSize::from_sectors(16).unwrap());
+    let e = pool.create_snapshot(&r).unwrap_err();
+    assert!(e.to_string().contains("--format"), "{e}");
+    r.format = true;
     let (entry, _) = pool.create_snapshot(&r).unwrap();
     assert!(!entry.owned);
     assert_eq!(entry.chunk_sectors, 16);
@@ -149,14 +163,249 @@ fn adopting_a_cow_keeps_it_and_refuses_reuse() {
     assert!(pool
         .create_snapshot(&req("self", "base", CowSpec::Path(dir.join("base.img"))))
         .is_err());
-    // Asking for another chunk size: the header wins, with a warning.
-    pool.remove_snapshot("ext").unwrap();
+    // Removing an adopted COW keeps the file but marks it invalid: adopted again, it is
+    // not mistaken for a point in time of the origin.
+    assert!(pool.remove_snapshot("ext").unwrap().is_empty());
     assert!(ext.exists(), "an adopted COW is never deleted");
     let (entry, warning) = pool
         .create_snapshot(&req("ext2", "base", CowSpec::Path(ext.clone())))
         .unwrap();
     assert_eq!(entry.chunk_sectors, 16);
     assert!(warning.unwrap().contains("overrides"));
+    let list = pool
+        .list_offline(Arc::new(Copier::default()), Some("ext2"))
+        .unwrap();
+    assert_eq!(list[0].status, "Invalid");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The origin's bytes, for "the victim is unchanged" checks.
+fn bytes(p: &Path) -> Vec<u8> {
+    fs::read(p).unwrap()
+}
+
+#[test]
+fn a_cow_that_aliases_a_volume_is_refused_whatever_its_path() {
+    let dir = tmpdir("alias");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    let origin = dir.join("base.img");
+    fs::write(&origin, vec![0x5au8; 1 << 20]).unwrap();
+    pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    let hard = dir.join("hard.img");
+    fs::hard_link(&origin, &hard).unwrap();
+    let sym = dir.join("sym.img");
+    std::os::unix::fs::symlink(&origin, &sym).unwrap();
+    let cow_link = dir.join("cowlink");
+    fs::hard_link(dir.join("s.cow"), &cow_link).unwrap();
+    let cow_before = bytes(&dir.join("s.cow"));
+    for (path, what) in [
+        (&hard, "origin"),
+        (&sym, "origin"),
+        (&cow_link, "COW of snapshot"),
+    ] {
+        for format in [false, true] {
+            let mut r = req("victim", "base", CowSpec::Path(path.clone()));
+            r.format = format;
+            let e = pool.create_snapshot(&r).unwrap_err().to_string();
+            assert!(
+                e.contains("already used by this pool") && e.contains(what),
+                "{e}"
+            );
+        }
+        let e = pool.add_origin("o2", path).unwrap_err().to_string();
+        assert!(e.contains("already used by this pool"), "{e}");
+    }
+    assert_eq!(bytes(&origin), vec![0x5au8; 1 << 20]);
+    assert_eq!(bytes(&dir.join("s.cow")), cow_before);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_manifest_pointing_a_cow_at_another_volume_fails_that_snapshot_only() {
+    let dir = tmpdir("alias-start");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("other", 1 << 20).unwrap();
+    fs::write(dir.join("base.img"), vec![0x11u8; 1 << 20]).unwrap();
+    pool.create_snapshot(&req("a", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    pool.create_snapshot(&req("b", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    pool.create_snapshot(&req("c", "other", CowSpec::Size(256 << 10)))
+        .unwrap();
+    // Hand edits: b's COW names the origin image, c's names a's COW; no ids recorded
+    // (as a version 1 manifest, or an edit that dropped them).
+    let mut m = Manifest::load(&dir).unwrap();
+    for s in &mut m.snapshots {
+        s.id = None;
+    }
+    m.snapshots[1].cow = "base.img".into();
+    m.snapshots[2].cow = "a.cow".into();
+    m.store(&dir).unwrap();
+    let a_before = bytes(&dir.join("a.cow"));
+    let (active, warnings) = activate(&dir);
+    let info = |n: &str| active.info(n).unwrap();
+    assert_eq!(info("a").status.split('/').count(), 2, "a is served");
+    for (name, victim) in [("b", "origin \"base\""), ("c", "snapshot \"a\"")] {
+        let i = info(name);
+        assert_eq!(i.status, "Failed", "{i:?}");
+        let e = i.error.unwrap();
+        assert!(e.contains("same file as") && e.contains(victim), "{e}");
+        assert!(warnings.iter().any(|w| w.contains(name)), "{warnings:?}");
+    }
+    // Their origins are read-only: a write could not be copied out to the failed ones.
+    assert!(info("base").read_only.unwrap().contains("\"b\""));
+    assert!(active.read_only_reason("other").is_some());
+    assert!(active.volume("b").is_none());
+    drop(active);
+    assert_eq!(bytes(&dir.join("base.img")), vec![0x11u8; 1 << 20]);
+    assert_eq!(bytes(&dir.join("a.cow")), a_before);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_file_with_data_is_never_formatted() {
+    let dir = tmpdir("noformat");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    // Like a fresh mkfs.ext4 image: zeros first, a superblock at 1024, more data later.
+    let fs_img = dir.join("ext4.img");
+    let mut data = vec![0u8; 512 << 10];
+    data[1024..1024 + 16].copy_from_slice(b"superblock-here!");
+    data[300 << 10] = 1;
+    fs::write(&fs_img, &data).unwrap();
+    for format in [false, true] {
+        let mut r = req("s", "base", CowSpec::Path(fs_img.clone()));
+        r.format = format;
+        let e = pool.create_snapshot(&r).unwrap_err().to_string();
+        let want = if format { "not all zeros" } else { "--format" };
+        assert!(e.contains(want), "{e}");
+    }
+    assert_eq!(bytes(&fs_img), data);
+    assert!(pool.manifest().snapshots.is_empty());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failed_remove_leaves_the_snapshot_working() {
+    let dir = tmpdir("failremove");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    let (active, _) = activate(&dir);
+    // The manifest cannot be rewritten (as on a full file system): its temporary name
+    // is taken by a directory.
+    let tmp = dir.join(".pool.json.tmp");
+    fs::create_dir(&tmp).unwrap();
+    assert!(active.remove_snapshot("s").is_err());
+    let origin = active.origin("base").unwrap();
+    origin.write_at(&[9u8; 4096], 0, Fua::Yes).unwrap();
+    let (_, snap) = active.volume("s").unwrap();
+    let mut buf = vec![1u8; 4096];
+    snap.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![0u8; 4096], "the snapshot still takes copy-outs");
+    // Every handle goes, as when a process exits: the files are claimed until then.
+    drop((active, origin, snap));
+    fs::remove_dir(&tmp).unwrap();
+    // After a restart it is still there and exact.
+    let (active, _) = activate(&dir);
+    let (_, snap) = active.volume("s").unwrap();
+    snap.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![0u8; 4096]);
+    assert!(active.remove_snapshot("s").unwrap().is_empty());
+    assert!(!dir.join("s.cow").exists());
+    drop(active);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_removal_marked_before_a_crash_is_finished_at_the_next_open() {
+    let dir = tmpdir("marked");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    let ext = dir.join("ext.cow");
+    create_new_sparse(&ext, 256 << 10);
+    let mut r = req("adopted", "base", CowSpec::Path(ext.clone()));
+    r.format = true;
+    pool.create_snapshot(&r).unwrap();
+    // The state a crash right after the first step of both removals leaves.
+    pool.mark_removing("s").unwrap();
+    pool.mark_removing("adopted").unwrap();
+    drop(pool);
+    let pool = Pool::open(&dir).unwrap();
+    assert!(pool.manifest().snapshots.is_empty());
+    assert!(!dir.join("s.cow").exists());
+    assert_eq!(pool.notes().len(), 2, "{:?}", pool.notes());
+    // The adopted COW stays, marked invalid.
+    let raw = bytes(&ext);
+    assert_eq!(&raw[..4], b"SnAp");
+    assert_eq!(raw[4], 0, "valid flag cleared");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn leftovers_of_interrupted_creates_and_removes_are_settled() {
+    let dir = tmpdir("leftover");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    // A create that crashed before its commit, and a remove after its commit.
+    fs::write(dir.join(".late.cow.new"), b"x").unwrap();
+    fs::write(dir.join(".gone.cow.del"), b"x").unwrap();
+    // A create that committed but crashed before the rename.
+    fs::rename(dir.join("s.cow"), dir.join(".s.cow.new")).unwrap();
+    // Not ours: another kind of file with a staged-looking name is left alone.
+    fs::create_dir(dir.join(".keep.new")).unwrap();
+    drop(pool);
+    let mut pool = Pool::open(&dir).unwrap();
+    assert!(!dir.join(".late.cow.new").exists());
+    assert!(!dir.join(".gone.cow.del").exists());
+    assert!(dir.join("s.cow").exists());
+    assert!(dir.join(".keep.new").exists());
+    assert_eq!(pool.notes().len(), 4, "{:?}", pool.notes());
+    // The name of an interrupted create is free.
+    pool.create_snapshot(&req("late", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    // A failed create leaves nothing behind.
+    assert!(pool
+        .create_snapshot(&req("huge", "base", CowSpec::Size(1 << 60)))
+        .is_err());
+    assert!(pool.create_origin("huge2", 1 << 60).is_err());
+    let names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("huge"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pool_files_are_private() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tmpdir("private");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["pool.json", "base.img", "s.cow"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    assert!(Pool::open(&dir).unwrap().notes().is_empty());
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let notes = Pool::open(&dir).unwrap().notes().to_vec();
+    assert!(
+        notes.iter().any(|n| n.contains("chmod go-rwx")),
+        "{notes:?}"
+    );
     fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -176,28 +425,37 @@ fn one_process_holds_a_pool() {
 }
 
 #[test]
-fn offline_listing_reads_a_zeroed_cow_as_a_fresh_store() {
+fn a_zeroed_pool_cow_fails_its_snapshot_and_is_never_reformatted() {
     let dir = tmpdir("fresh");
     let mut pool = Pool::init(&dir).unwrap();
     pool.create_origin("base", 1 << 20).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
         .unwrap();
-    // Someone zeroes the COW (as lvcreate does to a new COW volume).
+    pool.create_snapshot(&req("t", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    // Someone zeroes the COW's header.
     let cow = dir.join("s.cow");
-    std::fs::write(&cow, vec![0u8; 256 << 10]).unwrap();
+    let mut raw = bytes(&cow);
+    raw[..512].fill(0);
+    fs::write(&cow, &raw).unwrap();
     let list = pool
         .list_offline(Arc::new(Copier::default()), None)
         .unwrap();
-    assert_eq!(list[1].status, "16/512 16");
-    let one = pool
-        .list_offline(Arc::new(Copier::default()), Some("s"))
-        .unwrap();
-    assert_eq!(one.len(), 1);
-    assert_eq!(one[0], list[1]);
-    // Activation formats it and agrees.
-    let (active, _) =
-        ActivePool::activate(Pool::open(&dir).unwrap(), Arc::new(Copier::default())).unwrap();
-    assert_eq!(active.info("s").unwrap().status, "16/512 16");
+    let s = list.iter().find(|v| v.name == "s").unwrap();
+    assert_eq!(s.status, "Failed");
+    assert!(s.error.as_ref().unwrap().contains("zeroed"), "{s:?}");
+    // One bad COW does not take the pool down: the rest is served, the origin read-only.
+    let (active, _) = activate(&dir);
+    let s = active.info("s").unwrap();
+    assert_eq!(s.status, "Failed");
+    assert!(s.error.unwrap().contains("will not reformat"));
+    assert!(active.volume("t").is_some());
+    assert!(active.read_only_reason("base").is_some());
+    assert_eq!(bytes(&cow), raw, "never reformatted");
+    // Removing the failed snapshot makes the origin writable again.
+    active.remove_snapshot("s").unwrap();
+    assert!(active.read_only_reason("base").is_none());
+    assert!(!cow.exists());
     drop(active);
     fs::remove_dir_all(&dir).unwrap();
 }
