@@ -268,17 +268,9 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     sockets.push(ctl_path);
     {
         let (active, server, read_only) = (active.clone(), server.clone(), read_only.clone());
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for stream in ctl.incoming().flatten() {
-                    let r =
-                        control::serve_one(stream, |req| handle(req, &active, &server, &read_only));
-                    if let Err(e) = r {
-                        eprintln!("cowsnap: control: {e:#}");
-                    }
-                }
-            })?;
+        let handler: control::Handler =
+            Arc::new(move |req| handle(req, &active, &server, &read_only));
+        control::spawn_server(ctl, handler).context("starting the control socket's thread")?;
     }
 
     let fuse = match &args.fuse {
