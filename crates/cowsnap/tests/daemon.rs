@@ -987,3 +987,45 @@ fn a_command_gives_up_on_a_daemon_that_does_not_answer() {
     }
     held.join().unwrap();
 }
+
+#[test]
+fn an_invalid_snapshot_does_not_fail_the_stop() {
+    if !require("invalid_stop", &["qemu-io"]) {
+        return;
+    }
+    let pool = TestPool::with_origin("invalid", "disk", "8M");
+    let d = Daemon::start(&pool, &[]);
+    run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "64K",
+    ]));
+    // 1 MiB of origin writes need far more old chunks than 64K holds: s is dropped.
+    assert!(qemu_io(&pool.uri("disk"), "write -P 0x5a 0 1M").contains("wrote 1048576/1048576"));
+    let status = stdout(&run(pool.cmd().args(["status", "s"])));
+    assert!(status.contains("Invalid"), "{status}");
+    // While serving, the invalid snapshot still fails I/O, as the kernel's does.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &pool.uri("s")])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    let (st, out) = d.stop();
+    assert!(st.success(), "exit {st}: {out:?}");
+    assert!(
+        out.iter().any(|l| l.contains("snapshot s is invalid")),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|l| l == "cowsnap: stopped"), "{out:?}");
+    // The origin's data was flushed and is there after the stop.
+    let d = Daemon::start(&pool, &[]);
+    assert!(qemu_io(&pool.uri("disk"), "read -P 0x5a 0 1M").contains("read 1048576/1048576"));
+    let (st, _) = d.stop();
+    assert!(st.success());
+}
