@@ -23,6 +23,16 @@ struct Cli {
     /// The pool directory: image files and their table (default: $COWSNAP_POOL).
     #[arg(long, global = true, env = "COWSNAP_POOL", value_name = "DIR")]
     pool: Option<PathBuf>,
+    /// How long pool commands wait for a running daemon's answer, in seconds.
+    #[arg(
+        long,
+        global = true,
+        env = "COWSNAP_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = control::DEFAULT_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +83,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    control::set_timeout(std::time::Duration::from_secs(cli.timeout));
     let pool = || volume::pool_dir(cli.pool.as_deref());
     let result = match cli.command {
         Command::Init => pool().and_then(|d| volume::init(&d)),

@@ -6,18 +6,23 @@
 //! commands on `POOL/control.sock`. With `--fuse DIR` each volume is also the file
 //! `DIR/NAME`. SIGTERM or SIGINT stop it cleanly: no new connections,
 //! requests in flight finish, every export and COW is flushed, the sockets are removed.
+//! An invalid snapshot is not flushed (it has nothing to keep) and does not fail the stop:
+//! it is logged, and the exit status is 0 unless flushing a valid volume failed.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use cowsnap_core::copy::Copier;
+use cowsnap_core::dev::{BlockDevice, Fua};
 use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
+use cowsnap_core::ErrorKind;
 use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -59,7 +64,7 @@ impl VolumeSource for PoolVolumes {
     fn names(&self) -> Vec<String> {
         self.active.volume_names()
     }
-    fn get(&self, name: &str) -> Option<(Arc<dyn cowsnap_core::dev::BlockDevice>, bool)> {
+    fn get(&self, name: &str) -> Option<(Arc<dyn BlockDevice>, bool)> {
         self.active.volume(name).map(|(_, dev)| {
             let ro = self.read_only.contains(name) || self.active.read_only_reason(name).is_some();
             (dev, ro)
@@ -117,6 +122,13 @@ fn export_for(
         .info(name)
         .ok_or_else(|| anyhow!("no volume called {name:?}"))?;
     let forced = active.read_only_reason(name);
+    let dev: Arc<dyn BlockDevice> = match kind {
+        VolumeKind::Snapshot => Arc::new(StopTolerant {
+            dev,
+            stopping: &STOPPING,
+        }),
+        VolumeKind::Origin => dev,
+    };
     let mut e = DeviceExport::new(dev)
         .read_only(read_only.contains(name) || forced.is_some())
         // A flush is a device-wide fdatasync, so it covers every connection's writes.
@@ -136,6 +148,47 @@ fn export_for(
         _ => e.scan_zeroes(),
     };
     Ok(Arc::new(e))
+}
+
+/// Set when the daemon stops: from then on an invalid snapshot's flush succeeds.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// A snapshot whose flush, once `stopping` is set, tolerates the snapshot being invalid:
+/// an invalid snapshot has nothing left to make durable (its reads and writes fail). Any
+/// other flush failure, and every failure before the stop, goes through.
+#[derive(Debug)]
+struct StopTolerant {
+    dev: Arc<dyn BlockDevice>,
+    stopping: &'static AtomicBool,
+}
+
+impl BlockDevice for StopTolerant {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> cowsnap_core::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> cowsnap_core::Result<()> {
+        self.dev.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> cowsnap_core::Result<()> {
+        match self.dev.flush() {
+            Err(e) if e.kind() == ErrorKind::Invalid && self.stopping.load(Ordering::SeqCst) => {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+    fn discard(&self, offset: u64, len: u64) -> cowsnap_core::Result<()> {
+        self.dev.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> cowsnap_core::Result<()> {
+        self.dev.write_zeroes(offset, len, fua)
+    }
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
 }
 
 fn kind_word(k: VolumeKind) -> &'static str {
@@ -298,17 +351,9 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     sockets.push(ctl_path);
     {
         let (active, server, read_only) = (active.clone(), server.clone(), read_only.clone());
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for stream in ctl.incoming().flatten() {
-                    let r =
-                        control::serve_one(stream, |req| handle(req, &active, &server, &read_only));
-                    if let Err(e) = r {
-                        eprintln!("cowsnap: control: {e:#}");
-                    }
-                }
-            })?;
+        let handler: control::Handler =
+            Arc::new(move |req| handle(req, &active, &server, &read_only));
+        control::spawn_server(ctl, handler).context("starting the control socket's thread")?;
     }
 
     let fuse = match &args.fuse {
@@ -343,13 +388,90 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         sig.map(|s| s.to_string()).unwrap_or_default()
     );
     drop(fuse);
+    // An invalid snapshot has nothing to flush; its export's flush must not fail the stop.
+    STOPPING.store(true, Ordering::SeqCst);
     let flushed = server.shutdown();
     let flushed_all = active.flush_all();
     for s in &sockets {
         let _ = std::fs::remove_file(s);
     }
+    for name in active.volume_names() {
+        if let Some(snap) = active.snapshot(&name).filter(|s| !s.is_valid()) {
+            eprintln!(
+                "cowsnap: snapshot {name} is invalid ({}): not flushed; \
+                 remove it with `cowsnap snapshot remove {name}`",
+                snap.invalid_reason()
+                    .unwrap_or_else(|| "no reason recorded".into())
+            );
+        }
+    }
     flushed.context("flushing exports")?;
     flushed_all.context("flushing the pool")?;
     eprintln!("cowsnap: stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use cowsnap_core::dev::{FaultRule, FaultyDevice, MemDevice, OpKind};
+    use cowsnap_core::Error;
+
+    use super::*;
+
+    /// A snapshot that has been dropped: every operation fails as the core's do.
+    #[derive(Debug)]
+    struct Dropped;
+
+    impl BlockDevice for Dropped {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> cowsnap_core::Result<()> {
+            Err(Error::Invalid("COW full".into()))
+        }
+        fn write_at(&self, _: &[u8], _: u64, _: Fua) -> cowsnap_core::Result<()> {
+            Err(Error::Invalid("COW full".into()))
+        }
+        fn flush(&self) -> cowsnap_core::Result<()> {
+            Err(Error::Invalid("COW full".into()))
+        }
+    }
+
+    #[test]
+    fn an_invalid_snapshot_flushes_cleanly_only_at_the_stop() {
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let dev = StopTolerant {
+            dev: Arc::new(Dropped),
+            stopping: &STOP,
+        };
+        // While serving, a client's flush of an invalid snapshot fails (EIO), as before.
+        assert_eq!(dev.flush().unwrap_err().kind(), ErrorKind::Invalid);
+        assert!(dev.write_at(&[0; 512], 0, Fua::No).is_err());
+        STOP.store(true, Ordering::SeqCst);
+        dev.flush().unwrap();
+        // Only the flush is tolerated: I/O still fails.
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            dev.read_at(&mut buf, 0).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
+    }
+
+    #[test]
+    fn a_real_flush_failure_still_fails_the_stop() {
+        static STOP: AtomicBool = AtomicBool::new(true);
+        let faulty = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(1 << 20))));
+        faulty.add_rule(FaultRule::Nth {
+            kind: OpKind::Flush,
+            n: 1,
+        });
+        let dev = StopTolerant {
+            dev: faulty,
+            stopping: &STOP,
+        };
+        assert_eq!(dev.flush().unwrap_err().kind(), ErrorKind::Io);
+        dev.flush().unwrap();
+    }
 }

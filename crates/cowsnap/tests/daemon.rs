@@ -163,6 +163,10 @@ impl Daemon {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn output(&self) -> Vec<String> {
         self.output.0.lock().unwrap().clone()
     }
@@ -712,4 +716,316 @@ fn find_key(v: &serde_json::Value, key: &str) -> Option<String> {
         serde_json::Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
         _ => None,
     }
+}
+
+// The control socket's limits (control.rs): a client has this long for its request line.
+const CONTROL_DEADLINE: Duration = Duration::from_secs(5);
+const CONTROL_MAX_CLIENTS: usize = 32;
+
+impl TestPool {
+    fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
+/// A field of /proc/PID/status, in its unit (kB for VmRSS).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// Waits until the daemon runs at most `n` threads; returns the last count.
+fn settle_threads(pid: u32, n: usize, within: Duration) -> usize {
+    let end = Instant::now() + within;
+    loop {
+        let t = threads(pid);
+        if t <= n || Instant::now() > end {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a command and returns its output and how long it took.
+fn timed(cmd: &mut Command) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = run(cmd);
+    (out, start.elapsed())
+}
+
+/// Reads one reply line from `s` (empty when the daemon closed without one).
+fn reply_line(s: &UnixStream, within: Duration) -> String {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut line = String::new();
+    // A reset after the reply counts as a close.
+    let _ = BufReader::new(s).read_line(&mut line);
+    line
+}
+
+#[test]
+fn a_stalled_control_client_delays_no_command() {
+    let pool = TestPool::with_origin("stall", "disk", "8M");
+    let d = Daemon::start(&pool, &[]);
+    let stalled = UnixStream::connect(pool.control()).unwrap();
+    (&stalled).write_all(br#"{"op":"li"#).unwrap();
+    let start = Instant::now();
+    let (out, _) = timed(pool.cmd().arg("list"));
+    assert!(stdout(&out).contains("disk"), "{}", stdout(&out));
+    let (out, _) = timed(pool.cmd().args([
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "1M",
+    ]));
+    assert!(
+        stdout(&out).contains("created snapshot s"),
+        "{}",
+        stdout(&out)
+    );
+    let took = start.elapsed();
+    // Both ran while the stalled client still held its connection, unanswered.
+    assert!(took < CONTROL_DEADLINE, "list + create took {took:?}");
+    stalled.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let pending = (&stalled).read(&mut byte);
+    assert!(
+        matches!(&pending, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the stalled client was answered before the commands finished: {pending:?}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout(&run(pool.cmd().args(["list", "--json"])))).unwrap();
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["disk", "s"]);
+    // The snapshot is served too.
+    if have("qemu-io") {
+        assert!(qemu_io(&pool.uri("s"), "read -P 0 0 64k").contains("read 65536/65536"));
+    }
+    stalled.set_nonblocking(false).unwrap();
+    let answer = reply_line(&stalled, CONTROL_DEADLINE + Duration::from_secs(5));
+    assert!(answer.contains("no complete request"), "{answer:?}");
+    let (st, _) = d.stop();
+    assert!(st.success());
+}
+
+#[test]
+fn a_huge_control_request_is_refused_without_growing_the_daemon() {
+    let pool = TestPool::with_origin("huge", "disk", "8M");
+    let d = Daemon::start(&pool, &[]);
+    // Warm up the control path once, so the baseline includes a client thread's stack.
+    run(pool.cmd().arg("list"));
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_before = proc_status(d.pid(), "VmRSS");
+    let s = UnixStream::connect(pool.control()).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(br#"{"op":"list","pad":""#).unwrap();
+    // Stream 300 MB of one line, without holding it: the daemon stops reading early.
+    let chunk = vec![b'a'; 64 << 10];
+    let total: u64 = 300 << 20;
+    let mut sent = 0u64;
+    while sent < total {
+        match (&s).write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ),
+                    "after {sent} bytes: {e}"
+                );
+                break;
+            }
+        }
+    }
+    assert!(
+        sent < 16 << 20,
+        "the daemon read {sent} bytes of one request"
+    );
+    let answer = reply_line(&s, Duration::from_secs(10));
+    assert!(
+        answer.is_empty() || answer.contains("request too long"),
+        "{answer:?}"
+    );
+    let rss_after = proc_status(d.pid(), "VmRSS");
+    assert!(
+        rss_after < rss_before + 4096,
+        "VmRSS grew from {rss_before} kB to {rss_after} kB"
+    );
+    assert!(stdout(&run(pool.cmd().arg("list"))).contains("disk"));
+    let (st, out) = d.stop();
+    assert!(st.success());
+    assert!(
+        out.iter().any(|l| l.contains("request too long")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn many_idle_control_clients_keep_the_daemon_bounded() {
+    let pool = TestPool::with_origin("idle", "disk", "8M");
+    let d = Daemon::start(&pool, &[]);
+    run(pool.cmd().arg("list"));
+    std::thread::sleep(Duration::from_millis(200));
+    let base = threads(d.pid());
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(pool.control()).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads(d.pid());
+    assert!(
+        during <= base + CONTROL_MAX_CLIENTS,
+        "{during} threads with 100 idle clients (base {base})"
+    );
+    // Those beyond the bound were told at once.
+    let busy = idle[CONTROL_MAX_CLIENTS..]
+        .iter()
+        .filter(|s| reply_line(s, Duration::from_secs(2)).contains("busy"))
+        .count();
+    assert_eq!(busy, 100 - CONTROL_MAX_CLIENTS);
+    // A command still gets through, at the latest when the idle clients' deadline ends,
+    // while they stay connected.
+    let (out, took) = timed(pool.cmd().arg("list"));
+    assert!(stdout(&out).contains("disk"));
+    assert!(
+        took < CONTROL_DEADLINE + Duration::from_secs(5),
+        "list took {took:?}"
+    );
+    // Idle clients hold nothing beyond the deadline.
+    let after = settle_threads(d.pid(), base, CONTROL_DEADLINE + Duration::from_secs(5));
+    assert!(after <= base, "{after} threads left (base {base})");
+    for s in &idle[..CONTROL_MAX_CLIENTS] {
+        assert!(reply_line(s, Duration::from_secs(5)).contains("no complete request"));
+    }
+    drop(idle);
+    let (st, _) = d.stop();
+    assert!(st.success());
+}
+
+#[test]
+fn a_slow_control_client_is_cut_off_by_the_total_deadline() {
+    let pool = TestPool::with_origin("slow", "disk", "8M");
+    let d = Daemon::start(&pool, &[]);
+    let s = UnixStream::connect(pool.control()).unwrap();
+    let start = Instant::now();
+    let writer = s.try_clone().unwrap();
+    // One byte every 250 ms, never a newline: no single read ever waits long.
+    let trickle = std::thread::spawn(move || {
+        let mut n = 0u32;
+        for b in br#"{"op":"list""#.iter().chain(std::iter::repeat(&b' ')) {
+            if (&writer).write_all(&[*b]).is_err() {
+                break;
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        n
+    });
+    let answer = reply_line(&s, CONTROL_DEADLINE * 3);
+    let took = start.elapsed();
+    assert!(answer.contains("no complete request within"), "{answer:?}");
+    assert!(
+        took >= CONTROL_DEADLINE - Duration::from_millis(100)
+            && took < CONTROL_DEADLINE + Duration::from_secs(3),
+        "cut off after {took:?}"
+    );
+    // The daemon closed the connection: the trickle ends.
+    let sent = trickle.join().unwrap();
+    assert!(sent >= 15, "only {sent} bytes were sent");
+    let (st, _) = d.stop();
+    assert!(st.success());
+}
+
+#[test]
+fn a_command_gives_up_on_a_daemon_that_does_not_answer() {
+    let pool = TestPool::with_origin("mute", "disk", "8M");
+    // Something listens on the control socket and never answers.
+    let listener = std::os::unix::net::UnixListener::bind(pool.control()).unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in listener.incoming().take(2) {
+            conns.push(c.unwrap());
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let sock = pool.control().display().to_string();
+    for (flag, env) in [(Some("--timeout=1"), None), (None, Some("1"))] {
+        let mut cmd = pool.cmd();
+        cmd.args(flag).arg("list");
+        if let Some(v) = env {
+            cmd.env("COWSNAP_TIMEOUT", v);
+        }
+        let start = Instant::now();
+        let out = cmd.output().unwrap();
+        let took = start.elapsed();
+        assert!(!out.status.success());
+        assert!(took < Duration::from_secs(4), "gave up after {took:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("the daemon at {sock} did not answer within 1 s"))
+                && err.contains("--timeout"),
+            "{err}"
+        );
+    }
+    held.join().unwrap();
+}
+
+#[test]
+fn an_invalid_snapshot_does_not_fail_the_stop() {
+    if !require("invalid_stop", &["qemu-io"]) {
+        return;
+    }
+    let pool = TestPool::with_origin("invalid", "disk", "8M");
+    let d = Daemon::start(&pool, &[]);
+    run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "64K",
+    ]));
+    // 1 MiB of origin writes need far more old chunks than 64K holds: s is dropped.
+    assert!(qemu_io(&pool.uri("disk"), "write -P 0x5a 0 1M").contains("wrote 1048576/1048576"));
+    let status = stdout(&run(pool.cmd().args(["status", "s"])));
+    assert!(status.contains("Invalid"), "{status}");
+    // While serving, the invalid snapshot still fails I/O, as the kernel's does.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &pool.uri("s")])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Input/output error"), "{text}");
+    let (st, out) = d.stop();
+    assert!(st.success(), "exit {st}: {out:?}");
+    assert!(
+        out.iter().any(|l| l.contains("snapshot s is invalid")),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|l| l == "cowsnap: stopped"), "{out:?}");
+    // The origin's data was flushed and is there after the stop.
+    let d = Daemon::start(&pool, &[]);
+    assert!(qemu_io(&pool.uri("disk"), "read -P 0x5a 0 1M").contains("read 1048576/1048576"));
+    let (st, _) = d.stop();
+    assert!(st.success());
 }
