@@ -1,0 +1,579 @@
+//! Crash tests of the control plane: the real daemon is stopped dead at every step of
+//! snapshot create and remove (and offline origin create) while a writer runs, then
+//! restarted, and the pool is checked exactly:
+//!
+//! * every origin write acknowledged (each is FUA) is on the origin;
+//! * a snapshot that exists after the crash is valid and is exactly the origin at one point
+//!   in the writer's sequence (a snapshot that existed before the operation: at its own
+//!   point in time, all zeros here);
+//! * a snapshot that does not exist left no file behind, and its name can be used again.
+//!
+//! The daemon aborts at a step when `COWSNAP_CRASH_AT` names it (see
+//! `cowsnap_core::pool::CRASH_POINTS`); the random-kill test instead sends SIGKILL at a
+//! random moment of a create/remove loop (it prints its seed; `COWSNAP_SEED` replays and
+//! `COWSNAP_CRASH_TRIALS` sets the number of trials).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cowsnap_core::pool::CRASH_POINTS;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
+/// The origin: this many 4 KiB blocks.
+const BLOCKS: u64 = 1024;
+const BLOCK: usize = 4096;
+
+/// The writer: FUA writes in sequence, block `seq * 7 % BLOCKS`, each block carrying its
+/// sequence number; prints every acknowledged sequence number.
+const WRITER: &str = r#"
+import nbd, struct, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+blocks = int(sys.argv[2])
+seq = 0
+while True:
+    buf = struct.pack('<Q', seq + 1) * 512
+    try:
+        h.pwrite(buf, (seq * 7 % blocks) * 4096, nbd.CMD_FLAG_FUA)
+    except Exception as e:
+        print('stopped', e, flush=True)
+        break
+    print(seq, flush=True)
+    seq += 1
+"#;
+
+fn block_of(seq: u64) -> u64 {
+    seq * 7 % BLOCKS
+}
+
+/// The value a block holds after write `seq` (0 means never written).
+fn tag(block: &[u8]) -> u64 {
+    u64::from_le_bytes(block[..8].try_into().unwrap())
+}
+
+struct Pool {
+    dir: PathBuf,
+}
+
+impl Pool {
+    fn new(tag: &str) -> Pool {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "csc-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = Pool { dir };
+        p.ok(&["init"]);
+        p.ok(&[
+            "origin",
+            "create",
+            "o",
+            "--size",
+            &format!("{}", BLOCKS * 4096),
+        ]);
+        p
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("COWSNAP_POOL", &self.dir)
+            .env_remove("COWSNAP_CRASH_AT");
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cowsnap {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.dir.join("nbd.sock").display()
+        )
+    }
+
+    /// The pool's volumes as (name, status).
+    fn volumes(&self) -> Vec<(String, String)> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["list", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                (
+                    x["name"].as_str().unwrap().to_string(),
+                    x["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Files of the volume `name` in the pool directory (final or staged names).
+    fn files_of(&self, name: &str) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| {
+                f == &format!("{name}.cow")
+                    || f == &format!("{name}.img")
+                    || f.starts_with(&format!(".{name}."))
+            })
+            .collect()
+    }
+
+    /// A volume's whole content, read over NBD.
+    fn read(&self, export: &str) -> Vec<u8> {
+        let out = self.dir.join(format!("dump-{export}.raw"));
+        let st = Command::new("nbdcopy")
+            .args([&self.uri(export), out.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "nbdcopy {export}");
+        let data = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        data
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts `cowsnap serve`, with `crash_at` in its environment; waits until it serves.
+fn serve(pool: &Pool, crash_at: Option<&str>) -> Child {
+    let mut c = pool.cmd();
+    if let Some(at) = crash_at {
+        c.env("COWSNAP_CRASH_AT", at);
+    }
+    let mut child = c
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("cowsnap: serving") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("cowsnap serve did not start");
+    child
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "cowsnap serve stopped with {st}");
+}
+
+/// The writer, and the sequence numbers it saw acknowledged.
+struct Writer {
+    child: Child,
+    acked: mpsc::Receiver<u64>,
+    last: Option<u64>,
+}
+
+impl Writer {
+    fn start(pool: &Pool) -> Writer {
+        let script = pool.dir.join("writer.py");
+        std::fs::write(&script, WRITER).unwrap();
+        let mut child = Command::new("/usr/bin/python3")
+            .args([
+                script.to_str().unwrap(),
+                &pool.uri("o"),
+                &BLOCKS.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with the nbd module (python3-libnbd)");
+        let out = child.stdout.take().unwrap();
+        let (tx, acked) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(n) = line.parse::<u64>() {
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        Writer {
+            child,
+            acked,
+            last: None,
+        }
+    }
+
+    /// Waits until `n` more writes were acknowledged; returns the last one.
+    fn wait_for(&mut self, n: u64) -> u64 {
+        let goal = self.last.map_or(n - 1, |l| l + n);
+        while self.last.is_none_or(|l| l < goal) {
+            let seq = self
+                .acked
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the writer stalled");
+            self.last = Some(seq);
+        }
+        goal
+    }
+
+    /// Stops it (if the daemon did not); returns the last acknowledged write.
+    fn finish(mut self) -> Option<u64> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(seq) = self.acked.try_recv() {
+            self.last = Some(seq);
+        }
+        self.last
+    }
+}
+
+/// Checks the origin: every acknowledged write is there; a block may also hold the one
+/// write in flight when the daemon died (`last + 1`).
+fn check_origin(data: &[u8], last: u64) {
+    let mut want = vec![0u64; BLOCKS as usize];
+    for seq in 0..=last {
+        want[block_of(seq) as usize] = seq + 1;
+    }
+    for (b, blk) in data.chunks(BLOCK).enumerate() {
+        let got = tag(blk);
+        let in_flight = block_of(last + 1) == b as u64 && got == last + 2;
+        assert!(
+            got == want[b] || in_flight,
+            "origin block {b}: holds write {got}, acknowledged write {} lost",
+            want[b]
+        );
+    }
+}
+
+/// Checks that a snapshot is the origin at one point of the write sequence, at or after
+/// write `at_least` and no later than `at_most`; returns that point.
+fn check_point_in_time(data: &[u8], at_least: Option<u64>, at_most: u64) -> u64 {
+    let tags: Vec<u64> = data.chunks(BLOCK).map(tag).collect();
+    let k = tags.iter().copied().max().unwrap_or(0);
+    let mut want = vec![0u64; BLOCKS as usize];
+    for seq in 0..k {
+        want[block_of(seq) as usize] = seq + 1;
+    }
+    assert_eq!(
+        tags, want,
+        "the snapshot is not one point in time (latest write {k})"
+    );
+    if let Some(min) = at_least {
+        assert!(
+            k > min,
+            "the snapshot misses write {min}, acknowledged before it was asked for"
+        );
+    }
+    assert!(
+        k <= at_most + 2,
+        "the snapshot holds write {k}, after the daemon died"
+    );
+    k
+}
+
+fn crashed(mut child: Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(!st.success(), "the daemon did not crash: {st}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not reach its crash point"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn require_tools() {
+    for tool in ["nbdcopy"] {
+        let ok = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "{tool} is required (libnbd-bin)");
+    }
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "/usr/bin/python3 with the nbd module is required (python3-libnbd)"
+    );
+}
+
+/// One live snapshot operation killed at `point`, with the writer running.
+fn live_crash(point: &str) {
+    let pool = Pool::new("live");
+    let removing = point.starts_with("remove-snapshot");
+    if removing {
+        // Made offline: its point in time is the zeroed origin.
+        pool.ok(&[
+            "snapshot",
+            "create",
+            "s",
+            "--origin",
+            "o",
+            "--cow-size",
+            "8M",
+        ]);
+    }
+    let daemon = serve(&pool, Some(point));
+    let mut writer = Writer::start(&pool);
+    let before = writer.wait_for(100);
+    let op: Vec<&str> = if removing {
+        vec!["snapshot", "remove", "s"]
+    } else {
+        vec![
+            "snapshot",
+            "create",
+            "s",
+            "--origin",
+            "o",
+            "--cow-size",
+            "8M",
+        ]
+    };
+    let out = pool.cmd().args(&op).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{point}: the command succeeded though the daemon died"
+    );
+    crashed(daemon);
+    let last = writer.finish().unwrap();
+
+    let daemon = serve(&pool, None);
+    check_origin(&pool.read("o"), last);
+    let vols = pool.volumes();
+    match vols.iter().find(|(n, _)| n == "s") {
+        Some((_, status)) => {
+            assert!(status.contains('/'), "{point}: snapshot s is {status}");
+            let data = pool.read("s");
+            if removing {
+                assert!(
+                    data.iter().all(|&b| b == 0),
+                    "{point}: the snapshot missed copy-outs"
+                );
+            } else {
+                check_point_in_time(&data, Some(before), last);
+            }
+            assert_eq!(pool.files_of("s"), vec!["s.cow".to_string()], "{point}");
+        }
+        None => {
+            assert!(
+                pool.files_of("s").is_empty(),
+                "{point}: left {:?}",
+                pool.files_of("s")
+            );
+            pool.ok(&[
+                "snapshot",
+                "create",
+                "s",
+                "--origin",
+                "o",
+                "--cow-size",
+                "8M",
+            ]);
+        }
+    }
+    // A create exists after the crash once its manifest commit was reached; every step
+    // of a removal comes after its first commit (the mark), so the removal is finished.
+    let exists = vols.iter().any(|(n, _)| n == "s");
+    let committed = ["create-snapshot:committed", "create-snapshot:published"].contains(&point);
+    assert_eq!(exists, !removing && committed, "{point}: {vols:?}");
+    stop(daemon);
+}
+
+#[test]
+fn a_live_create_or_remove_killed_at_any_step_loses_nothing() {
+    require_tools();
+    let points: Vec<&str> = CRASH_POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("create-snapshot") || p.starts_with("remove-snapshot"))
+        .collect();
+    assert!(points.len() >= 10, "{points:?}");
+    for p in points {
+        eprintln!("crash point {p}");
+        live_crash(p);
+    }
+}
+
+#[test]
+fn an_offline_origin_create_killed_at_any_step_leaves_the_name_usable() {
+    for point in CRASH_POINTS
+        .iter()
+        .filter(|p| p.starts_with("create-origin"))
+    {
+        let pool = Pool::new("origin");
+        let out = pool
+            .cmd()
+            .env("COWSNAP_CRASH_AT", point)
+            .args(["origin", "create", "n", "--size", "1M"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}: did not crash");
+        let vols = pool.volumes();
+        if vols.iter().any(|(n, _)| n == "n") {
+            assert_eq!(pool.files_of("n"), vec!["n.img".to_string()], "{point}");
+        } else {
+            assert!(
+                pool.files_of("n").is_empty(),
+                "{point}: {:?}",
+                pool.files_of("n")
+            );
+            pool.ok(&["origin", "create", "n", "--size", "1M"]);
+        }
+        assert_eq!(
+            vols.iter().any(|(n, _)| n == "n"),
+            *point == "create-origin:committed",
+            "{point}"
+        );
+    }
+}
+
+/// A tiny deterministic generator (the test prints its seed).
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn sigkill_at_random_moments_of_a_create_remove_loop() {
+    require_tools();
+    let seed = std::env::var("COWSNAP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let trials: u64 = std::env::var("COWSNAP_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    eprintln!("sigkill_at_random_moments: COWSNAP_SEED={seed} COWSNAP_CRASH_TRIALS={trials}");
+    let mut rng = seed;
+    for trial in 0..trials {
+        let pool = Pool::new("random");
+        pool.ok(&[
+            "snapshot",
+            "create",
+            "base",
+            "--origin",
+            "o",
+            "--cow-size",
+            "8M",
+        ]);
+        let daemon = serve(&pool, None);
+        let mut writer = Writer::start(&pool);
+        writer.wait_for(50);
+        let pid = daemon.id();
+        let delay = Duration::from_millis(next(&mut rng) % 1500);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        });
+        // Create and remove snapshots until the daemon dies.
+        let mut i = 0;
+        loop {
+            let name = format!("t{}", i % 3);
+            let ok = pool
+                .cmd()
+                .args([
+                    "snapshot",
+                    "create",
+                    &name,
+                    "--origin",
+                    "o",
+                    "--cow-size",
+                    "8M",
+                ])
+                .output()
+                .unwrap()
+                .status
+                .success()
+                && pool
+                    .cmd()
+                    .args(["snapshot", "remove", &name])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success();
+            if !ok || i > 10_000 {
+                break;
+            }
+            i += 1;
+        }
+        killer.join().unwrap();
+        crashed(daemon);
+        let last = writer.finish().unwrap();
+        let daemon = serve(&pool, None);
+        check_origin(&pool.read("o"), last);
+        let vols = pool.volumes();
+        for (name, status) in &vols {
+            if name == "o" {
+                continue;
+            }
+            assert!(
+                status.contains('/'),
+                "trial {trial} (seed {seed}): {name} is {status}"
+            );
+            let data = pool.read(name);
+            if name == "base" {
+                assert!(
+                    data.iter().all(|&b| b == 0),
+                    "trial {trial} (seed {seed}): base changed"
+                );
+            } else {
+                check_point_in_time(&data, None, last);
+            }
+        }
+        for t in ["t0", "t1", "t2"] {
+            if !vols.iter().any(|(n, _)| n == t) {
+                assert!(
+                    pool.files_of(t).is_empty(),
+                    "trial {trial} (seed {seed}): {t} left {:?}",
+                    pool.files_of(t)
+                );
+            }
+        }
+        stop(daemon);
+        eprintln!(
+            "trial {trial}: {i} create/remove pairs before the kill; {} volumes after",
+            vols.len()
+        );
+    }
+}
