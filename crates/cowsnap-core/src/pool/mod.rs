@@ -456,12 +456,14 @@ impl Pool {
         }
         let prepared = self.prepare_snapshot(req)?;
         // Load once: formats a fresh COW and validates an adopted one.
-        let origin = self
+        // Claimed like the daemon claims it: nothing else may write it while the snapshot
+        // is taken, and it must be the file the pool recorded.
+        let (origin, origin_id) = self
             .manifest
             .origin(&req.origin)
-            .map(|o| self.resolve(&o.path))
+            .map(|o| (self.resolve(&o.path), o.id))
             .unwrap_or_default();
-        let origin_size = FileDevice::open_read_only(&origin)?.size();
+        let origin_size = self.open_volume_file(&origin, origin_id)?.size();
         let store = &prepared.store;
         let origin_chunks = store.chunk_size().chunks_covering(origin_size);
         store.load(&mut |e| {
