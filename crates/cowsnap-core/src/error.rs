@@ -40,7 +40,10 @@ pub enum ErrorKind {
 #[non_exhaustive]
 pub enum Error {
     /// A device I/O error.
-    #[error("{op} at byte {offset} on {device}: {source}")]
+    ///
+    /// The OS error is part of the message and not a `source()`, so a report that prints
+    /// the chain of causes shows it once.
+    #[error("{}", io_message(op, *offset, device, cause))]
     Io {
         /// The operation (`read`, `write`, `flush`, ...).
         op: &'static str,
@@ -49,8 +52,7 @@ pub enum Error {
         /// Which device.
         device: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// A request outside the device.
     #[error("request of {len} bytes at byte {offset} is outside the device of {size} bytes")]
@@ -142,8 +144,27 @@ impl Error {
             op,
             offset,
             device: device.into(),
-            source,
+            cause: source,
         }
+    }
+
+    /// The OS error under an [`Error::Io`].
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+/// `read at byte 4096 on DEV: ...` for data I/O; `open DEV: ...` for operations on a whole
+/// file, where a byte offset means nothing.
+fn io_message(op: &str, offset: u64, device: &str, cause: &io::Error) -> String {
+    match op {
+        "read" | "write" | "flush" | "discard" | "write_zeroes" => {
+            format!("{op} at byte {offset} on {device}: {cause}")
+        }
+        _ => format!("{op} {device}: {cause}"),
     }
 }
 

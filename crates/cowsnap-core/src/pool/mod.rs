@@ -643,6 +643,10 @@ pub struct PoolLock {
 impl PoolLock {
     /// Takes the lock, or fails at once naming the holder.
     pub fn acquire(dir: &Path) -> Result<PoolLock> {
+        if !dir.join(MANIFEST).exists() {
+            // The manifest's own error says what to do.
+            Manifest::load(dir)?;
+        }
         let path = dir.join("daemon.lock");
         let mut file = OpenOptions::new()
             .read(true)
