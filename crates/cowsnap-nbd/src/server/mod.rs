@@ -11,6 +11,7 @@
 
 mod conn;
 pub mod io;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -50,6 +51,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Option<Duration>,
     /// Where log lines go; `None` keeps the server silent.
     pub log: Option<LogFn>,
+    /// TLS for TCP connections (`NBD_OPT_STARTTLS`); `None` serves plain text only.
+    /// Unix-socket connections never use TLS: the socket's file mode guards them.
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +66,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             handshake_timeout: Some(Duration::from_secs(60)),
             log: None,
+            tls: None,
         }
     }
 }
@@ -76,6 +81,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("log", &self.log.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -307,7 +313,7 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                conn::run(&shared, stream);
+                conn::run(&shared, stream, id);
                 shared.conns.lock().remove(&id);
                 let mut active = shared.active.lock();
                 *active -= 1;
