@@ -179,7 +179,11 @@ impl TlsConfig {
                     what: format!("not a usable CA certificate: {e}"),
                 })?;
             }
+            // No list of acceptable CA names in the certificate request: it tells an
+            // unauthenticated peer nothing, and a client presents the certificate it has,
+            // so a certificate of another CA is judged, and refused, by the verifier.
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .clear_root_hint_subjects()
                 .build()
                 .map_err(|e| rejected(format!("client verification: {e}")))?;
             builder.with_client_cert_verifier(verifier)
