@@ -2,14 +2,15 @@
 //!
 //! The handshake runs on the connection's thread, feeding socket bytes to the sans-IO
 //! [`Handshake`]. When the client starts TLS, that thread runs the TLS handshake and from
-//! then on uses the decrypted side of a [`super::tls`] pump as the client's socket, for
-//! the rest of the handshake and for transmission alike. In transmission that thread and `workers - 1` more take turns as the
-//! *leader* (the leader/follower pattern): the leader holds the socket's read side, decodes
-//! the next request header, checks it and reads a WRITE's payload, then passes the read side
-//! on and executes the request itself and writes the whole reply under the write-side lock.
-//! No request moves between threads, so a request costs no thread hand-off beyond the
-//! passing of the read side, which happens while the request executes. Requests in flight
-//! are bounded by the workers and by a per-connection byte budget on READ and WRITE data.
+//! then on uses the decrypted side of a [`super::tls`] pump as the client's socket, for the
+//! rest of the handshake and for transmission alike. In transmission that thread and
+//! `workers - 1` more take turns as the *leader* (the leader/follower pattern): the leader
+//! holds the socket's read side, decodes the next request header, checks it and reads a
+//! WRITE's payload, then passes the read side on and executes the request itself and writes
+//! the whole reply under the write-side lock. No request moves between threads, so a
+//! request costs no thread hand-off beyond the passing of the read side, which happens
+//! while the request executes. Requests in flight are bounded by the workers and by a
+//! per-connection byte budget on READ and WRITE data.
 //!
 //! Refused requests are answered by the leader (a refused WRITE's payload is read and
 //! dropped first, so the stream stays in sync). A bad request magic or a truncated request

@@ -4,7 +4,8 @@
 //! snapshot can be added, a removed one stays open for the connections already using it).
 //! Each [`Listener`] (Unix socket, TCP socket, or one inherited through socket activation)
 //! gets an accepting thread; each connection gets a thread that runs the handshake and then
-//! the transmission pipeline described in [`conn`]. [`Server::shutdown`] stops accepting,
+//! the transmission pipeline described in [`conn`]; a TCP connection may first upgrade to
+//! TLS through [`tls`] when [`ServerConfig::tls`] is set. [`Server::shutdown`] stops accepting,
 //! lets every connection finish the requests it already received (closing the read side of
 //! its socket so no new ones arrive), waits for the replies to go out, and flushes every
 //! export.
