@@ -31,4 +31,5 @@ pub mod export;
 pub mod server;
 
 pub use export::{DeviceExport, Export, Extent};
+pub use server::tls::TlsConfig;
 pub use server::{Listener, Server, ServerConfig, ShutdownHandle};

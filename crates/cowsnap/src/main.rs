@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 mod control;
 mod cow;
 mod serve;
+mod tcp;
 mod volume;
 
 /// Userspace copy-on-write snapshots of block devices (dm-snapshot compatible).

@@ -4,7 +4,8 @@
 //! snapshot, exports each as an NBD export named after the volume, listens on
 //! `POOL/nbd.sock` (mode 0600) unless told otherwise or socket-activated, and answers pool
 //! commands on `POOL/control.sock`. With `--fuse DIR` each volume is also the file
-//! `DIR/NAME`. SIGTERM or SIGINT stop it cleanly: no new connections,
+//! `DIR/NAME`. TCP listeners get TLS and the plain-text-on-a-network refusal from
+//! [`crate::tcp`]. SIGTERM or SIGINT stop it cleanly: no new connections,
 //! requests in flight finish, every export and COW is flushed, the sockets are removed.
 //! An invalid snapshot is not flushed (it has nothing to keep) and does not fail the stop:
 //! it is logged, and the exit status is 0 unless flushing a valid volume failed.
@@ -52,6 +53,9 @@ pub struct ServeArgs {
     /// `losetup` can attach: `losetup -f --show DIR/NAME`.
     #[arg(long, value_name = "DIR")]
     pub fuse: Option<PathBuf>,
+    /// TLS for TCP listeners.
+    #[command(flatten)]
+    pub tls: crate::tcp::TlsArgs,
 }
 
 /// The pool's volumes as FUSE files.
@@ -275,6 +279,14 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         .iter()
         .map(|s| parse_addr(s))
         .collect::<Result<_>>()?;
+    let tls = args.tls.config()?;
+    let tls_on = tls.is_some();
+    for a in &addrs {
+        if let Addr::Tcp(hp) = a {
+            args.tls
+                .check_exposure(&format!("--listen tcp:{hp}"), &crate::tcp::resolve(hp)?)?;
+        }
+    }
     // Take inherited sockets first: this edits the environment, which is only safe
     // before any thread starts.
     let inherited = if activation::is_socket_activated() {
@@ -301,6 +313,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let server = Arc::new(Server::new(ServerConfig {
         log: Some(log),
         workers: usize::from(args.workers),
+        tls,
         ..ServerConfig::default()
     }));
     for name in active.volume_names() {
@@ -313,7 +326,13 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let mut endpoints = Vec::new();
     if let Some(listeners) = inherited {
         for l in listeners {
-            endpoints.push("an inherited socket (LISTEN_FDS) for export {NAME}".to_string());
+            if let Some(a) = l.tcp_addr() {
+                args.tls
+                    .check_exposure("an inherited TCP socket (LISTEN_FDS)", &[a])?;
+                endpoints.extend(crate::tcp::uris(a, tls_on));
+            } else {
+                endpoints.push("an inherited socket (LISTEN_FDS) for export {NAME}".to_string());
+            }
             server.listen(l)?;
         }
     } else {
@@ -337,7 +356,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
                     let bound = server
                         .listen_tcp(hp.as_str())
                         .with_context(|| format!("listening on tcp:{hp}"))?;
-                    endpoints.push(format!("nbd://{bound}/{{NAME}}"));
+                    endpoints.extend(crate::tcp::uris(bound, tls_on));
                 }
             }
         }
@@ -373,6 +392,31 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     };
 
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    if let (Some(dir), true) = (&args.tls.tls_creds, tls_on) {
+        // Before the "serving" line, which tells scripts the daemon is ready.
+        println!(
+            "cowsnap: TCP clients use TLS ({}{}); they need the CA certificate: \
+             libnbd nbds://...?tls-certificates=CLIENTDIR, qemu --object \
+             tls-creds-x509,id=tls0,dir=CLIENTDIR,endpoint=client (CLIENTDIR has ca-cert.pem{})",
+            match args.tls.policy() {
+                crate::tcp::TlsPolicy::On => "optional",
+                _ => "required",
+            },
+            if args.tls.tls_verify_peer {
+                format!(
+                    ", client certificates signed by {}/ca-cert.pem",
+                    dir.display()
+                )
+            } else {
+                String::new()
+            },
+            if args.tls.tls_verify_peer {
+                ", client-cert.pem, client-key.pem"
+            } else {
+                ""
+            }
+        );
+    }
     println!("cowsnap: serving pool {}", dir.display());
     for name in active.volume_names() {
         for ep in &endpoints {

@@ -8,10 +8,23 @@
 //! chosen with `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error).
 //!
 //! Options handled: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
-//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (with the one context `base:allocation`).
-//! Every other option, `EXTENDED_HEADERS` and `STARTTLS` included, is answered with
+//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (with the one context `base:allocation`),
+//! and `STARTTLS` when the handshake was given a [`TlsMode`] other than `Off`.
+//! Every other option, `EXTENDED_HEADERS` included, is answered with
 //! `NBD_REP_ERR_UNSUP` after its payload is skipped (without buffering it), so the option
 //! stream stays in sync whatever the client sends.
+//!
+//! TLS follows the specification's server modes. [`TlsMode::Off`] is NOTLS: `STARTTLS`
+//! gets `NBD_REP_ERR_UNSUP` and `NBD_REP_ERR_TLS_REQD` is never sent.
+//! [`TlsMode::Required`] is FORCEDTLS (qemu-nbd and nbdkit `--tls=require`): before TLS,
+//! every option but `STARTTLS` and `ABORT` is skipped and answered `NBD_REP_ERR_TLS_REQD`,
+//! and `EXPORT_NAME`, which cannot carry an error, ends the session.
+//! [`TlsMode::Optional`] is SELECTIVETLS with no TLS-only export (nbdkit `--tls=on`).
+//! `STARTTLS` is acknowledged and reported as [`Status::StartTls`]; the caller then runs
+//! the TLS handshake on the socket and calls [`Handshake::tls_started`], which forgets
+//! what was negotiated before (structured replies, metadata contexts) as the
+//! specification requires, and option haggling goes on inside TLS. A second `STARTTLS`
+//! gets `NBD_REP_ERR_INVALID`.
 
 use super::consts::*;
 use super::cursor::{Cursor, Truncated};
@@ -137,6 +150,18 @@ pub struct Negotiated {
     pub block_sizes_requested: bool,
 }
 
+/// How a handshake treats TLS: the specification's server modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// NOTLS: `STARTTLS` is answered `NBD_REP_ERR_UNSUP`.
+    #[default]
+    Off,
+    /// TLS at the client's choice (SELECTIVETLS without TLS-only exports).
+    Optional,
+    /// FORCEDTLS: nothing but `STARTTLS` and `ABORT` is served before TLS.
+    Required,
+}
+
 /// What [`Handshake::advance`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -146,6 +171,12 @@ pub enum Status {
     Transmission(Negotiated),
     /// The client sent `NBD_OPT_ABORT`: send the pending output (an ACK), then close.
     Aborted,
+    /// The client sent `NBD_OPT_STARTTLS` and it was acknowledged: send the pending
+    /// output, take the bytes already received with [`Handshake::take_leftover`] (they
+    /// belong to the TLS handshake), run the TLS handshake, then call
+    /// [`Handshake::tls_started`] and feed the decrypted stream. Until then `advance`
+    /// keeps reporting this.
+    StartTls,
 }
 
 /// A client error that ends the session with a hard disconnect.
@@ -160,6 +191,12 @@ pub enum HandshakeError {
     /// `NBD_OPT_EXPORT_NAME` named no export (it has no way to report an error).
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` before TLS on a server that requires TLS (it has no way to
+    /// report an error).
+    #[error(
+        "client chose an export with NBD_OPT_EXPORT_NAME without TLS, which this server requires"
+    )]
+    TlsRequired,
     /// The handshake already ended.
     #[error("handshake already finished")]
     Finished,
@@ -178,6 +215,8 @@ enum State {
         remaining: u64,
         reply: u32,
     },
+    /// `STARTTLS` was acknowledged; waiting for [`Handshake::tls_started`].
+    StartingTls,
     Done,
 }
 
@@ -192,6 +231,9 @@ pub struct Handshake {
     structured: bool,
     /// Canonical export name `base:allocation` was selected for, if any.
     meta_export: Option<String>,
+    tls_mode: TlsMode,
+    /// TLS was started: options now arrive through it.
+    tls_active: bool,
 }
 
 /// A malformed option payload.
@@ -227,7 +269,34 @@ impl Handshake {
             no_zeroes: false,
             structured: false,
             meta_export: None,
+            tls_mode: TlsMode::Off,
+            tls_active: false,
         }
+    }
+
+    /// Sets how the handshake treats TLS (default [`TlsMode::Off`]).
+    pub fn with_tls(mut self, mode: TlsMode) -> Self {
+        self.tls_mode = mode;
+        self
+    }
+
+    /// Whether TLS was started on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Tells the handshake that the TLS handshake after [`Status::StartTls`] succeeded:
+    /// option haggling restarts inside TLS, with nothing negotiated before kept.
+    /// Does nothing unless `advance` reported [`Status::StartTls`].
+    pub fn tls_started(&mut self) {
+        if self.state != State::StartingTls {
+            return;
+        }
+        self.tls_active = true;
+        self.structured = false;
+        self.meta_export = None;
+        self.input.clear();
+        self.state = State::OptionHeader;
     }
 
     /// Appends bytes received from the client.
@@ -255,6 +324,7 @@ impl Handshake {
         loop {
             match self.state {
                 State::Done => return Err(HandshakeError::Finished),
+                State::StartingTls => return Ok(Status::StartTls),
                 State::ClientFlags => {
                     let Some(b) = self.consume(4) else {
                         return Ok(Status::NeedInput);
@@ -282,7 +352,38 @@ impl Handshake {
                         self.state = State::Done;
                         return Err(HandshakeError::BadOptionMagic(magic));
                     }
+                    if self.tls_mode == TlsMode::Required
+                        && !self.tls_active
+                        && option != OPT_STARTTLS
+                        && option != OPT_ABORT
+                    {
+                        if option == OPT_EXPORT_NAME {
+                            self.state = State::Done;
+                            return Err(HandshakeError::TlsRequired);
+                        }
+                        self.state = State::Skip {
+                            option,
+                            remaining: u64::from(len),
+                            reply: REP_ERR_TLS_REQD,
+                        };
+                        continue;
+                    }
+                    let starttls = option == OPT_STARTTLS && self.tls_mode != TlsMode::Off;
                     self.state = match option {
+                        _ if starttls => {
+                            if len > MAX_OPTION_DATA {
+                                State::Skip {
+                                    option,
+                                    remaining: u64::from(len),
+                                    reply: REP_ERR_TOO_BIG,
+                                }
+                            } else {
+                                State::OptionData {
+                                    option,
+                                    len: len as usize,
+                                }
+                            }
+                        }
                         OPT_EXPORT_NAME
                         | OPT_ABORT
                         | OPT_LIST
@@ -333,10 +434,13 @@ impl Handshake {
                         };
                         return Ok(Status::NeedInput);
                     }
-                    let msg = if reply == REP_ERR_UNSUP {
-                        "option not supported"
-                    } else {
-                        "option data too large"
+                    let msg = match reply {
+                        REP_ERR_UNSUP => "option not supported",
+                        REP_ERR_TLS_REQD => {
+                            "this server requires TLS: send NBD_OPT_STARTTLS first \
+                             (e.g. an nbds:// URI, or qemu's tls-creds)"
+                        }
+                        _ => "option data too large",
                     };
                     self.reply(option, reply, msg.as_bytes());
                     self.state = State::OptionHeader;
@@ -347,7 +451,11 @@ impl Handshake {
                     };
                     self.state = State::OptionHeader;
                     if let Some(status) = self.option(option, &data)? {
-                        self.state = State::Done;
+                        self.state = if status == Status::StartTls {
+                            State::StartingTls
+                        } else {
+                            State::Done
+                        };
                         return Ok(status);
                     }
                 }
@@ -402,6 +510,18 @@ impl Handshake {
                 Ok(None)
             }
             OPT_INFO | OPT_GO => Ok(self.info_or_go(option, data)),
+            OPT_STARTTLS if self.tls_mode != TlsMode::Off => {
+                if !data.is_empty() {
+                    self.reply(option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+                    Ok(None)
+                } else if self.tls_active {
+                    self.reply(option, REP_ERR_INVALID, b"TLS is already active");
+                    Ok(None)
+                } else {
+                    self.reply(option, REP_ACK, &[]);
+                    Ok(Some(Status::StartTls))
+                }
+            }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 self.meta_context(option, data);
                 Ok(None)
@@ -588,3 +708,5 @@ impl Handshake {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

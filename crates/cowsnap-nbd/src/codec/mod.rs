@@ -14,7 +14,7 @@ pub mod request;
 
 pub use handshake::{
     transmission_flags, BlockSizes, Catalog, ExportInfo, Handshake, HandshakeError, Negotiated,
-    Status,
+    Status, TlsMode,
 };
 pub use reply::{ReadReply, ReplyHeader};
 pub use request::{

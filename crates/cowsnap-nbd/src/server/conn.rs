@@ -1,13 +1,16 @@
 //! One client connection: the handshake, then transmission.
 //!
 //! The handshake runs on the connection's thread, feeding socket bytes to the sans-IO
-//! [`Handshake`]. In transmission that thread and `workers - 1` more take turns as the
-//! *leader* (the leader/follower pattern): the leader holds the socket's read side, decodes
-//! the next request header, checks it and reads a WRITE's payload, then passes the read side
-//! on and executes the request itself and writes the whole reply under the write-side lock.
-//! No request moves between threads, so a request costs no thread hand-off beyond the
-//! passing of the read side, which happens while the request executes. Requests in flight
-//! are bounded by the workers and by a per-connection byte budget on READ and WRITE data.
+//! [`Handshake`]. When the client starts TLS, that thread runs the TLS handshake and from
+//! then on uses the decrypted side of a [`super::tls`] pump as the client's socket, for the
+//! rest of the handshake and for transmission alike. In transmission that thread and
+//! `workers - 1` more take turns as the *leader* (the leader/follower pattern): the leader
+//! holds the socket's read side, decodes the next request header, checks it and reads a
+//! WRITE's payload, then passes the read side on and executes the request itself and writes
+//! the whole reply under the write-side lock. No request moves between threads, so a
+//! request costs no thread hand-off beyond the passing of the read side, which happens
+//! while the request executes. Requests in flight are bounded by the workers and by a
+//! per-connection byte budget on READ and WRITE data.
 //!
 //! Refused requests are answered by the leader (a refused WRITE's payload is read and
 //! dropped first, so the stream stays in sync). A bad request magic or a truncated request
@@ -21,6 +24,7 @@ use cowsnap_core::dev::AlignedBuf;
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -29,12 +33,21 @@ use super::{Shared, Stream};
 use crate::codec::consts::EIO;
 use crate::codec::reply;
 use crate::codec::request::{validate, Command, HeaderError, Limits, RequestHeader};
-use crate::codec::{Handshake, Negotiated, Status, REQUEST_HEADER_LEN};
+use crate::codec::{Handshake, Negotiated, Status, TlsMode, REQUEST_HEADER_LEN};
 use crate::export::Export;
 
 /// Serves one connection to its end.
-pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream) {
-    let Some((neg, leftover)) = handshake(shared, &mut stream) else {
+pub(super) fn run(shared: &Arc<Shared>, stream: Stream, id: u64) {
+    let mut pump = None;
+    serve(shared, stream, id, &mut pump);
+    // The TLS pump sends the last replies and close_notify once the plain side closed.
+    if let Some(p) = pump {
+        let _ = p.join();
+    }
+}
+
+fn serve(shared: &Arc<Shared>, mut stream: Stream, id: u64, pump: &mut Option<JoinHandle<()>>) {
+    let Some((neg, leftover)) = handshake(shared, &mut stream, id, pump) else {
         stream.shutdown(Shutdown::Both);
         return;
     };
@@ -48,16 +61,34 @@ pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream) {
     transmission(shared, stream, export, &neg, leftover);
 }
 
-fn handshake(shared: &Shared, stream: &mut Stream) -> Option<(Negotiated, Vec<u8>)> {
+fn handshake(
+    shared: &Shared,
+    stream: &mut Stream,
+    id: u64,
+    pump: &mut Option<JoinHandle<()>>,
+) -> Option<(Negotiated, Vec<u8>)> {
     // A client that stalls in the handshake is dropped after the timeout.
     stream.set_read_timeout(shared.config.handshake_timeout);
-    let r = handshake_steps(shared, stream);
+    let r = handshake_steps(shared, stream, id, pump);
     stream.set_read_timeout(None);
     r
 }
 
-fn handshake_steps(shared: &Shared, stream: &mut Stream) -> Option<(Negotiated, Vec<u8>)> {
-    let mut hs = Handshake::new(shared.catalog());
+/// TLS applies to TCP connections; a Unix socket is guarded by its file permissions.
+fn tls_mode(shared: &Shared, stream: &Stream) -> TlsMode {
+    match (&shared.config.tls, stream) {
+        (Some(tls), Stream::Tcp(_)) => tls.mode(),
+        _ => TlsMode::Off,
+    }
+}
+
+fn handshake_steps(
+    shared: &Shared,
+    stream: &mut Stream,
+    id: u64,
+    pump: &mut Option<JoinHandle<()>>,
+) -> Option<(Negotiated, Vec<u8>)> {
+    let mut hs = Handshake::new(shared.catalog()).with_tls(tls_mode(shared, stream));
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let status = hs.advance();
@@ -70,6 +101,31 @@ fn handshake_steps(shared: &Shared, stream: &mut Stream) -> Option<(Negotiated, 
             Ok(Status::NeedInput) => {}
             Ok(Status::Transmission(neg)) => return Some((neg, hs.take_leftover())),
             Ok(Status::Aborted) => return None,
+            Ok(Status::StartTls) => {
+                let tls = shared.config.tls.as_ref()?;
+                let net = stream.try_clone().ok()?;
+                match super::tls::start(
+                    tls,
+                    net,
+                    hs.take_leftover(),
+                    &format!("nbd-conn-{id}"),
+                    shared.config.log.clone(),
+                ) {
+                    Ok(tunnel) => {
+                        let app = Stream::Unix(tunnel.app);
+                        app.set_read_timeout(shared.config.handshake_timeout);
+                        *stream = app;
+                        *pump = Some(tunnel.pump);
+                        hs.tls_started();
+                        continue;
+                    }
+                    Err(e) => {
+                        shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        shared.log(|| format!("refused a client: {e}"));
+                        return None;
+                    }
+                }
+            }
             Err(e) => {
                 shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 shared.log(|| format!("handshake failed: {e}"));

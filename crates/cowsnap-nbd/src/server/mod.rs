@@ -4,13 +4,15 @@
 //! snapshot can be added, a removed one stays open for the connections already using it).
 //! Each [`Listener`] (Unix socket, TCP socket, or one inherited through socket activation)
 //! gets an accepting thread; each connection gets a thread that runs the handshake and then
-//! the transmission pipeline described in [`conn`]. [`Server::shutdown`] stops accepting,
+//! the transmission pipeline described in [`conn`]; a TCP connection may first upgrade to
+//! TLS through [`tls`] when [`ServerConfig::tls`] is set. [`Server::shutdown`] stops accepting,
 //! lets every connection finish the requests it already received (closing the read side of
 //! its socket so no new ones arrive), waits for the replies to go out, and flushes every
 //! export.
 
 mod conn;
 pub mod io;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -50,6 +52,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Option<Duration>,
     /// Where log lines go; `None` keeps the server silent.
     pub log: Option<LogFn>,
+    /// TLS for TCP connections (`NBD_OPT_STARTTLS`); `None` serves plain text only.
+    /// Unix-socket connections never use TLS: the socket's file mode guards them.
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +67,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             handshake_timeout: Some(Duration::from_secs(60)),
             log: None,
+            tls: None,
         }
     }
 }
@@ -76,6 +82,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("drain_timeout", &self.drain_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("log", &self.log.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -307,7 +314,7 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                conn::run(&shared, stream);
+                conn::run(&shared, stream, id);
                 shared.conns.lock().remove(&id);
                 let mut active = shared.active.lock();
                 *active -= 1;
