@@ -18,6 +18,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
+use cowsnap_core::target::Origin;
+use cowsnap_core::units::Chunk;
 use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -121,19 +123,34 @@ fn export_for(
         .multi_conn(true)
         .description(format!("cowsnap {} {name}", kind_word(kind)));
     let path = PathBuf::from(&info.path);
-    e = match kind {
-        // An origin reads its image file directly: its holes are exact.
-        VolumeKind::Origin
-            if std::fs::metadata(&path)
-                .map(|m| m.is_file())
-                .unwrap_or(false) =>
-        {
-            e.seek_holes(&path)?
-        }
+    let regular = std::fs::metadata(&path)
+        .map(|m| m.is_file())
+        .unwrap_or(false);
+    e = match (kind, active.origin(name)) {
+        // An origin reads its image file directly: its holes are exact, and punching one
+        // zeroes fast where no snapshot has to copy the range out first.
+        (VolumeKind::Origin, Some(origin)) if regular => e
+            .seek_holes(&path)?
+            .fast_zero_by_punching(Arc::new(move |offset, len| {
+                nothing_to_copy_out(&origin, offset, len)
+            })),
         // A snapshot's view mixes COW and origin: report zeros only where it reads zeros.
+        // Zeroing it writes zeros into the COW, which is never fast.
         _ => e.scan_zeroes(),
     };
     Ok(Arc::new(e))
+}
+
+/// True when writing `offset..offset+len` of `origin` copies nothing out: every valid
+/// snapshot already holds (or is taking) its own copy of each chunk. A hint only: a
+/// snapshot created a moment later makes the write copy after all.
+fn nothing_to_copy_out(origin: &Origin, offset: u64, len: u64) -> bool {
+    origin.snapshots().iter().all(|s| {
+        !s.is_valid()
+            || s.chunk_size()
+                .chunk_range(offset, len)
+                .all(|c| !s.exceptions().needs_copy(Chunk(c)))
+    })
 }
 
 fn kind_word(k: VolumeKind) -> &'static str {
