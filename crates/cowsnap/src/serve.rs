@@ -42,9 +42,14 @@ pub struct ServeArgs {
     /// `qemu-nbd --cache=none`). Flushes still make data durable.
     #[arg(long)]
     pub direct: bool,
-    /// Worker threads per NBD connection: how many of its requests run at once.
+    /// Worker threads per NBD connection: how many of its requests run at once. They are
+    /// started as requests arrive; an idle connection holds one to three threads.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
+    /// Most NBD connections open at once, counting those still in the handshake; a client
+    /// beyond it is disconnected at once (one log line per 10 s says how many were).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
     /// Also show every volume as the file DIR/NAME (FUSE; made if missing), which
     /// `losetup` can attach: `losetup -f --show DIR/NAME`.
     #[arg(long, value_name = "DIR")]
@@ -235,6 +240,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let server = Arc::new(Server::new(ServerConfig {
         log: Some(log),
         workers: usize::from(args.workers),
+        max_connections: args.max_connections as usize,
         ..ServerConfig::default()
     }));
     for name in active.volume_names() {

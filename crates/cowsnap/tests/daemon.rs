@@ -837,3 +837,50 @@ fn big_zero_requests_fast_zero_and_nbdcopy_of_a_sparse_image() {
     let (st, out) = d.stop();
     assert!(st.success(), "{out:?}");
 }
+
+#[test]
+fn max_connections_refuses_the_extra_clients_with_one_log_line() {
+    need("max_connections", &["nbdinfo"]);
+    let pool = TestPool::with_origin("maxconn", "disk", "8M");
+    let d = Daemon::start(&pool, &["--max-connections", "2"]);
+    let mut held: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut s = UnixStream::connect(pool.sock()).unwrap();
+            let mut g = [0u8; 18];
+            s.read_exact(&mut g).unwrap();
+            assert_eq!(&g[..8], b"NBDMAGIC");
+            s
+        })
+        .collect();
+    for _ in 0..5 {
+        let mut s = UnixStream::connect(pool.sock()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "a third connection was served"
+        );
+    }
+    held.clear();
+    // Served again once the two are gone (their connection threads notice the close).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("nbdinfo")
+            .arg(pool.uri("disk"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nbdinfo is still refused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+    let lines: Vec<_> = out
+        .iter()
+        .filter(|l| l.contains("refused a connection"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out:?}");
+    assert!(lines[0].contains("--max-connections"), "{out:?}");
+}

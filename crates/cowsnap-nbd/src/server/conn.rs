@@ -1,13 +1,19 @@
 //! One client connection: the handshake, then transmission.
 //!
 //! The handshake runs on the connection's thread, feeding socket bytes to the sans-IO
-//! [`Handshake`]. In transmission that thread and `workers - 1` more take turns as the
-//! *leader* (the leader/follower pattern): the leader holds the socket's read side, decodes
-//! the next request header, checks it and reads a WRITE's payload, then passes the read side
-//! on and executes the request itself and writes the whole reply under the write-side lock.
-//! No request moves between threads, so a request costs no thread hand-off beyond the
-//! passing of the read side, which happens while the request executes. Requests in flight
-//! are bounded by the workers and by a per-connection byte budget on READ and WRITE data.
+//! [`Handshake`]. In transmission that thread and up to `workers - 1` more take turns as
+//! the *leader* (the leader/follower pattern): the leader holds the socket's read side,
+//! decodes the next request header, checks it and reads a WRITE's payload, then passes the
+//! read side on and executes the request itself and writes the whole reply under the
+//! write-side lock. No request moves between threads, so a request costs no thread hand-off
+//! beyond the passing of the read side, which happens while the request executes. Requests
+//! in flight are bounded by the workers and by a per-connection byte budget on READ and
+//! WRITE data.
+//!
+//! Workers start lazily: a leader that got a request and sees no other worker waiting to
+//! lead starts one (up to `workers`), so a connection that sends nothing holds one thread.
+//! A worker that would wait to lead behind two others already waiting ends instead, so a
+//! connection that went idle after a burst falls back to three threads.
 //!
 //! Refused requests are answered by the leader (a refused WRITE's payload is read and
 //! dropped first, so the stream stays in sync). A bad request magic or a truncated request
@@ -19,8 +25,9 @@ use std::io::{BufReader, Read, Write};
 
 use cowsnap_core::dev::AlignedBuf;
 use std::net::Shutdown;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread::Scope;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -213,20 +220,13 @@ fn transmission(
             stream: write_half,
             ok: true,
         }),
+        max_workers: cfg.workers.max(1),
+        workers: AtomicUsize::new(1),
+        waiting: AtomicUsize::new(0),
     };
-    // This thread is one of the workers; the others are scoped to the connection.
-    std::thread::scope(|s| {
-        for i in 1..cfg.workers.max(1) {
-            let conn = &conn;
-            let spawned = std::thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(s, move || conn.work());
-            if let Err(e) = spawned {
-                shared.log(|| format!("cannot start a worker thread: {e}"));
-            }
-        }
-        conn.work();
-    });
+    // This thread is the first worker; the others, started as requests arrive, are scoped
+    // to the connection.
+    std::thread::scope(|s| conn.work(s));
     stream.shutdown(Shutdown::Both);
 }
 
@@ -244,30 +244,73 @@ struct Conn<R> {
     budget: Arc<Budget>,
     input: Mutex<Input<R>>,
     output: Mutex<Output>,
+    /// Most workers.
+    max_workers: usize,
+    /// Workers running.
+    workers: AtomicUsize,
+    /// Workers waiting to become the leader.
+    waiting: AtomicUsize,
 }
 
-impl<R: Read> Conn<R> {
-    fn work(&self) {
+/// A worker ends when at least this many others already wait to lead.
+const SPARE_WORKERS: usize = 2;
+
+impl<R: Read + Send> Conn<R> {
+    fn work<'s>(&'s self, scope: &'s Scope<'s, '_>) {
         loop {
             let next = {
+                // Enough others wait to lead: this worker is not needed.
+                if self.waiting.fetch_add(1, Ordering::SeqCst) >= SPARE_WORKERS {
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    break;
+                }
                 let mut input = self.input.lock();
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
                 if input.ended {
-                    return;
+                    break;
                 }
                 let next = self.next(&mut input.reader);
-                if matches!(next, Next::End) {
-                    input.ended = true;
+                match next {
+                    Next::End => input.ended = true,
+                    // Someone must read the next request while this one executes.
+                    Next::Job(_) => self.standby(scope),
+                    Next::Refused(..) => {}
                 }
                 next
             };
             match next {
-                Next::End => return,
+                Next::End => break,
                 Next::Refused(bytes, permit) => {
                     self.output.lock().send(&bytes);
                     drop(permit);
                 }
                 Next::Job(job) => self.execute(job),
             }
+        }
+        self.workers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Starts one more worker if none waits to lead and the limit allows.
+    fn standby<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let n = self.workers.fetch_add(1, Ordering::SeqCst);
+        if n >= self.max_workers {
+            self.workers.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-worker-{n}"))
+            .spawn_scoped(scope, move || self.work(scope));
+        if let Err(e) = spawned {
+            self.workers.fetch_sub(1, Ordering::SeqCst);
+            self.shared.log(|| {
+                format!(
+                    "cannot start a worker thread ({e}); the connection goes on with fewer: \
+                     lower --workers or --max-connections, or raise the thread limit"
+                )
+            });
         }
     }
 
