@@ -4,8 +4,10 @@
 //! snapshot, exports each as an NBD export named after the volume, listens on
 //! `POOL/nbd.sock` (mode 0600) unless told otherwise or socket-activated, and answers pool
 //! commands on `POOL/control.sock`. With `--fuse DIR` each volume is also the file
-//! `DIR/NAME`. SIGTERM or SIGINT stop it cleanly: no new connections,
-//! requests in flight finish, every export and COW is flushed, the sockets are removed.
+//! `DIR/NAME`. At most `--max-connections` NBD connections are open at once. SIGTERM or
+//! SIGINT stop it cleanly: no new connections, requests in flight finish, requests that
+//! arrived but were not started get `ESHUTDOWN`, every export and COW is flushed, the
+//! sockets are removed.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;

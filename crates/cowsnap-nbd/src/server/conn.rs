@@ -20,6 +20,12 @@
 //! ends the session. When reading stops (DISC, end of stream, shutdown), the workers finish
 //! the requests they hold, send their replies, and the socket is closed; a client that
 //! vanished only makes replies be dropped.
+//!
+//! Once [`Server::shutdown`](super::Server::shutdown) has begun, the leader reads only what
+//! has already arrived (the read side is shut down, which wakes a leader waiting for
+//! data): each request found there is answered with `ESHUTDOWN` instead of being executed
+//! (a DISC still just ends the session), and the session ends where the received data
+//! does. A client that sends after that finds the socket closed.
 
 use std::io::{BufReader, Read, Write};
 
@@ -33,9 +39,9 @@ use parking_lot::{Condvar, Mutex};
 
 use super::io::execute;
 use super::{Shared, Stream};
-use crate::codec::consts::EIO;
+use crate::codec::consts::{EIO, ESHUTDOWN};
 use crate::codec::reply;
-use crate::codec::request::{validate, Command, HeaderError, Limits, RequestHeader};
+use crate::codec::request::{validate, Command, HeaderError, Limits, Rejection, RequestHeader};
 use crate::codec::{Handshake, Negotiated, Status, REQUEST_HEADER_LEN};
 use crate::export::Export;
 
@@ -171,6 +177,23 @@ impl Output {
     }
 }
 
+/// The socket's read side as the leader sees it: blocking reads until shutdown begins,
+/// then only what has already arrived.
+struct Incoming {
+    stream: Stream,
+    shared: Arc<Shared>,
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            self.stream.read_arrived(buf)
+        } else {
+            self.stream.read(buf)
+        }
+    }
+}
+
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -212,7 +235,10 @@ fn transmission(
         input: Mutex::new(Input {
             reader: BufReader::with_capacity(
                 64 * 1024,
-                std::io::Cursor::new(leftover).chain(read_half),
+                std::io::Cursor::new(leftover).chain(Incoming {
+                    stream: read_half,
+                    shared: shared.clone(),
+                }),
             ),
             ended: false,
         }),
@@ -364,7 +390,16 @@ impl<R: Read + Send> Conn<R> {
             }
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        match validate(&h, limits) {
+        let checked = match validate(&h, limits) {
+            Ok(Command::Disconnect) => Ok(Command::Disconnect),
+            // Arrived, but read after shutdown began: refused, not executed.
+            _ if shared.stopping.load(Ordering::SeqCst) => Err(Rejection {
+                errno: ESHUTDOWN,
+                message: "the server is shutting down",
+            }),
+            r => r,
+        };
+        match checked {
             Ok(Command::Disconnect) => Next::End,
             Ok(cmd) => {
                 let cost = match cmd {

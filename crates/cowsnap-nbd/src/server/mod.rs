@@ -9,9 +9,10 @@
 //! counting those still in the handshake: the acceptor closes any further one at once, with
 //! no thread spent on it, and logs at most one line per [`REFUSAL_LOG_INTERVAL`] about
 //! them. [`Server::shutdown`] stops accepting,
-//! lets every connection finish the requests it already received (closing the read side of
-//! its socket so no new ones arrive), waits for the replies to go out, and flushes every
-//! export.
+//! lets every connection finish the requests it is executing, answers the requests that
+//! had already arrived but were not yet read with `ESHUTDOWN` (then closes the read side
+//! of the socket, so nothing more is read), waits for the replies to go out, and flushes
+//! every export.
 
 mod conn;
 pub mod io;
@@ -122,6 +123,22 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
         };
+    }
+
+    /// Reads only what has already arrived: `Ok(0)` when nothing has.
+    fn read_arrived(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let fd = match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        };
+        loop {
+            return match rustix::net::recv(fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) => Ok(n),
+                Err(rustix::io::Errno::AGAIN) => Ok(0),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => Err(e.into()),
+            };
+        }
     }
 }
 
