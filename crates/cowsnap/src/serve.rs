@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub direct: bool,
     /// Worker threads per NBD connection: how many of its requests run at once. They are
-    /// started as requests arrive; an idle connection holds one to three threads.
+    /// started as requests arrive and end when idle: an idle connection holds one thread.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
     /// Most NBD connections open at once, counting those still in the handshake; a client

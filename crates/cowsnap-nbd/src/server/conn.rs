@@ -12,8 +12,10 @@
 //!
 //! Workers start lazily: a leader that got a request and sees no other worker waiting to
 //! lead starts one (up to `workers`), so a connection that sends nothing holds one thread.
-//! A worker that would wait to lead behind two others already waiting ends instead, so a
-//! connection that went idle after a burst falls back to three threads.
+//! A worker that has waited [`IDLE_WORKER_EXIT`] to lead ends (the leader it waited
+//! behind is alive, and starts a new worker when requests come), so a connection that went
+//! idle after a burst falls back to one thread; under load no worker waits that long, so
+//! threads are not started and ended per request.
 //!
 //! Refused requests are answered by the leader (a refused WRITE's payload is read and
 //! dropped first, so the stream stays in sync). A bad request magic or a truncated request
@@ -34,6 +36,7 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::Scope;
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -278,20 +281,18 @@ struct Conn<R> {
     waiting: AtomicUsize,
 }
 
-/// A worker ends when at least this many others already wait to lead.
-const SPARE_WORKERS: usize = 2;
+/// A worker that waited this long to lead ends.
+const IDLE_WORKER_EXIT: Duration = Duration::from_secs(1);
 
 impl<R: Read + Send> Conn<R> {
     fn work<'s>(&'s self, scope: &'s Scope<'s, '_>) {
         loop {
             let next = {
-                // Enough others wait to lead: this worker is not needed.
-                if self.waiting.fetch_add(1, Ordering::SeqCst) >= SPARE_WORKERS {
-                    self.waiting.fetch_sub(1, Ordering::SeqCst);
-                    break;
-                }
-                let mut input = self.input.lock();
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let input = self.input.try_lock_for(IDLE_WORKER_EXIT);
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
+                // Idle that long: the leader holding the input stays, this one is not needed.
+                let Some(mut input) = input else { break };
                 if input.ended {
                     break;
                 }

@@ -42,8 +42,8 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ServerConfig {
     /// Most threads per connection, each reading, executing and answering one request at
-    /// a time (requests in flight at once). They are started as requests arrive: a
-    /// connection in the handshake or idle since it started holds one thread.
+    /// a time (requests in flight at once). They are started as requests arrive and end
+    /// after a second idle: a connection in the handshake or an idle one holds one thread.
     pub workers: usize,
     /// Most connections open at once, counting those still in the handshake; further ones
     /// are closed as soon as they are accepted.
