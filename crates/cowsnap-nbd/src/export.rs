@@ -2,21 +2,31 @@
 //!
 //! [`Export`] extends [`BlockDevice`] with block status (`base:allocation`), a read-only
 //! flag, whether a flush on one connection covers writes acknowledged on every connection
-//! (`NBD_FLAG_CAN_MULTI_CONN`), whether zeroing is fast (`NBD_CMD_FLAG_FAST_ZERO`) and a
-//! description. Block status must be conservative: a range may be reported as zero or as a
-//! hole only when it truly reads as zeros, because copy tools skip such ranges. The default
-//! reports everything as data, which is always safe.
+//! (`NBD_FLAG_CAN_MULTI_CONN`), fast zeroing (`NBD_CMD_FLAG_FAST_ZERO`, see
+//! [`Export::zero_fast`]) and a description. Block status must be conservative: a range
+//! may be reported as zero or as a hole only when it truly reads as zeros, because copy
+//! tools skip such ranges. The default reports everything as data, which is always safe.
 //!
 //! [`DeviceExport`] wraps any device with those settings and offers two exact ways to find
 //! zeros: asking the file system for holes (`SEEK_DATA`/`SEEK_HOLE` on a regular file) or
 //! reading the range and looking (cheap for in-memory devices).
+//!
+//! **The fast-zero rule.** Zeroing is *fast* when it changes metadata only: no data of the
+//! range is written and nothing is copied out first. An in-memory device drops its pages
+//! ([`DeviceExport::fast_zero`]); a regular file has a hole punched
+//! ([`DeviceExport::fast_zero_by_punching`]), which reads as zeros and which `SEEK_HOLE`
+//! (so block status) then reports as a hole. An origin with snapshots is fast only where
+//! every valid snapshot already holds its own copy of the range (the caller's condition
+//! says so); a snapshot is never fast, since each zeroed chunk becomes an exception whose
+//! zeros are written into the COW. A request that would be slow is refused at once with
+//! `ENOTSUP` having changed nothing, as the protocol asks.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, Fua, MemDevice};
-use cowsnap_core::{Error, Result};
+use cowsnap_core::{Error, ErrorKind, Result};
 
 use crate::codec::consts::{STATE_HOLE, STATE_ZERO};
 
@@ -75,10 +85,24 @@ pub trait Export: BlockDevice {
         false
     }
 
-    /// Zeroing `len` bytes without `NO_HOLE` is faster than writing them (for example
+    /// Zeroing `len` bytes without `NO_HOLE` may be faster than writing them (for example
     /// by punching a hole). When false, fast-zero requests fail at once with `ENOTSUP`.
     fn can_fast_zero(&self) -> bool {
         false
+    }
+
+    /// Zeroes `offset..offset+len` for a `WRITE_ZEROES` with `NBD_CMD_FLAG_FAST_ZERO`, but
+    /// only if that is fast: metadata only, without writing the range's data and without
+    /// copying anything out first. Returns `Ok(false)`, having changed nothing, when it
+    /// would be slow; the client then gets `ENOTSUP` and zeroes its own way. The default
+    /// zeroes with [`BlockDevice::write_zeroes`] when [`Export::can_fast_zero`] says that
+    /// is fast.
+    fn zero_fast(&self, offset: u64, len: u64, fua: Fua) -> Result<bool> {
+        if !self.can_fast_zero() {
+            return Ok(false);
+        }
+        self.write_zeroes(offset, len, fua)?;
+        Ok(true)
     }
 
     /// Human-readable description for `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
@@ -102,13 +126,46 @@ enum Allocation {
 const SCAN_BLOCK: u64 = 64 * 1024;
 const SCAN_LIMIT: u64 = 64 << 20;
 
+/// Whether zeroing a range is fast right now (see [`DeviceExport::fast_zero_by_punching`]).
+pub type FastZeroCondition = Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
+
+/// How a [`DeviceExport`] zeroes fast.
+enum FastZero {
+    /// Never: fast-zero requests get `ENOTSUP`.
+    Never,
+    /// The device's `write_zeroes` is always fast.
+    WriteZeroes,
+    /// The device's discard punches a hole that reads as zeros; fast when the condition
+    /// holds for the range.
+    Punch(FastZeroCondition),
+}
+
+impl std::fmt::Debug for FastZero {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FastZero::Never => "Never",
+            FastZero::WriteZeroes => "WriteZeroes",
+            FastZero::Punch(_) => "Punch",
+        })
+    }
+}
+
+/// True when a discard failed because the device or file system cannot discard at all
+/// (so nothing changed).
+fn cannot_discard(e: &Error) -> bool {
+    match e {
+        Error::Io { cause, .. } => cause.raw_os_error() == Some(95),
+        e => e.kind() == ErrorKind::Unsupported,
+    }
+}
+
 /// A [`BlockDevice`] exported with chosen settings.
 #[derive(Debug)]
 pub struct DeviceExport {
     dev: Arc<dyn BlockDevice>,
     read_only: bool,
     multi_conn: bool,
-    fast_zero: bool,
+    fast_zero: FastZero,
     description: String,
     allocation: Allocation,
 }
@@ -120,7 +177,7 @@ impl DeviceExport {
             dev,
             read_only: false,
             multi_conn: false,
-            fast_zero: false,
+            fast_zero: FastZero::Never,
             description: String::new(),
             allocation: Allocation::AllData,
         }
@@ -136,7 +193,7 @@ impl DeviceExport {
     }
 
     /// Exports a file or block device: multi-connection (its flush is a device-wide
-    /// `fdatasync`); for a regular file, zeroing punches holes (fast) and holes are found
+    /// `fdatasync`); for a regular file, fast zeroing punches holes and holes are found
     /// with `SEEK_HOLE`.
     pub fn file(dev: FileDevice) -> Result<Self> {
         let path = dev.path().to_path_buf();
@@ -145,7 +202,9 @@ impl DeviceExport {
             .is_file();
         let export = DeviceExport::new(Arc::new(dev)).multi_conn(true);
         if regular {
-            Ok(export.fast_zero(true).seek_holes(&path)?)
+            Ok(export
+                .fast_zero_by_punching(Arc::new(|_, _| true))
+                .seek_holes(&path)?)
         } else {
             Ok(export)
         }
@@ -163,9 +222,24 @@ impl DeviceExport {
         self
     }
 
-    /// Declares that zeroing without `NO_HOLE` is fast.
+    /// Declares that the device's `write_zeroes` is always fast (metadata only, as for an
+    /// in-memory device), or that zeroing is never fast.
     pub fn fast_zero(mut self, yes: bool) -> Self {
-        self.fast_zero = yes;
+        self.fast_zero = if yes {
+            FastZero::WriteZeroes
+        } else {
+            FastZero::Never
+        };
+        self
+    }
+
+    /// Zeroes fast by discarding: declares that the device's discard punches a hole that
+    /// reads as zeros (a regular file, or an origin whose image is one), and that doing so
+    /// is fast for a range when `when(offset, len)` holds (for an origin: no snapshot would
+    /// copy the range out first). A device that cannot discard makes fast zeroing fail
+    /// with `ENOTSUP`, having changed nothing.
+    pub fn fast_zero_by_punching(mut self, when: FastZeroCondition) -> Self {
+        self.fast_zero = FastZero::Punch(when);
         self
     }
 
@@ -247,7 +321,33 @@ impl Export for DeviceExport {
         self.multi_conn
     }
     fn can_fast_zero(&self) -> bool {
-        self.fast_zero && !self.read_only
+        !matches!(self.fast_zero, FastZero::Never) && !self.read_only
+    }
+    fn zero_fast(&self, offset: u64, len: u64, fua: Fua) -> Result<bool> {
+        if self.read_only {
+            return Ok(false);
+        }
+        match &self.fast_zero {
+            FastZero::Never => Ok(false),
+            FastZero::WriteZeroes => {
+                self.dev.write_zeroes(offset, len, fua)?;
+                Ok(true)
+            }
+            FastZero::Punch(when) => {
+                if !when(offset, len) {
+                    return Ok(false);
+                }
+                match self.dev.discard(offset, len) {
+                    Ok(()) => {}
+                    Err(e) if cannot_discard(&e) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+                if fua == Fua::Yes {
+                    self.dev.flush()?;
+                }
+                Ok(true)
+            }
+        }
     }
     fn description(&self) -> String {
         self.description.clone()
@@ -410,5 +510,40 @@ mod tests {
         let ro = e.read_only(true);
         assert!(ro.write_at(&[0; 512], 0, Fua::No).is_err());
         assert!(!ro.can_fast_zero());
+    }
+
+    #[test]
+    fn fast_zero_punches_a_hole_only_when_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        let size = 8u64 << 20;
+        let dev = FileDevice::create(&path, size).unwrap();
+        dev.write_at(&vec![7u8; 4 << 20], 0, Fua::No).unwrap();
+        let allow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let a = allow.clone();
+        let e = DeviceExport::new(Arc::new(dev))
+            .fast_zero_by_punching(Arc::new(move |_, _| {
+                a.load(std::sync::atomic::Ordering::SeqCst)
+            }))
+            .seek_holes(&path)
+            .unwrap();
+        // Refused: nothing changes.
+        assert!(!e.zero_fast(1 << 20, 1 << 20, Fua::No).unwrap());
+        let mut b = vec![0u8; 1 << 20];
+        e.read_at(&mut b, 1 << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+        // Allowed: zeros, and block status reports a hole there.
+        allow.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(e.zero_fast(1 << 20, 1 << 20, Fua::Yes).unwrap());
+        e.read_at(&mut b, 1 << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        let ext = e.block_status(1 << 20, 1 << 20);
+        assert_eq!(ext, vec![Extent::hole(1 << 20)]);
+        // Never fast: plain devices and read-only exports.
+        let plain = DeviceExport::new(Arc::new(MemDevice::new(1 << 20)));
+        assert!(!plain.can_fast_zero());
+        assert!(!plain.zero_fast(0, 4096, Fua::No).unwrap());
+        let ro = e.read_only(true);
+        assert!(!ro.zero_fast(0, 4096, Fua::No).unwrap());
     }
 }

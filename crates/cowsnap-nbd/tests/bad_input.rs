@@ -510,6 +510,74 @@ fn shutdown_drains_in_flight_requests_and_flushes() {
     assert_eq!(fx.server.connections(), 0);
 }
 
+/// Requests the client sent before shutdown began but the server had not read yet (its one
+/// worker was busy) are answered with ESHUTDOWN, in both reply modes, not dropped; the
+/// request being executed completes; then the connection closes.
+#[test]
+fn requests_unread_when_shutdown_begins_get_eshutdown() {
+    for structured in [true, false] {
+        let dev = Arc::new(MemDevice::new(SIZE));
+        let gated = Arc::new(GatedDevice::new(dev.clone()));
+        let gate = gated.gate(OpKind::Write, 0, 4096, 1);
+        let fx = Fixture::with_config(
+            vec![("disk", Arc::new(DeviceExport::new(gated)))],
+            ServerConfig {
+                workers: 1,
+                ..ServerConfig::default()
+            },
+        );
+        let mut c = RawClient::connect(&fx.sock);
+        c.go("disk", structured, false);
+        c.request(CMD_WRITE, 0, 1, 0, 4096);
+        c.send(&[9u8; 4096]);
+        gate.wait_arrived(1);
+        // Sent while the only worker is held: not read yet.
+        c.request(CMD_READ, 0, 2, 8192, 4096);
+        c.request(CMD_WRITE, 0, 3, 8192, 4096);
+        c.send(&[7u8; 4096]);
+        c.request(CMD_FLUSH, 0, 4, 0, 0);
+        std::thread::sleep(Duration::from_millis(50));
+        let handle = fx.server.shutdown_handle();
+        let h2 = handle.clone();
+        let stopper = std::thread::spawn(move || h2.shutdown());
+        wait_for("shutdown to begin", || handle.is_stopping());
+        std::thread::sleep(Duration::from_millis(50));
+        gate.release();
+        let mut replies: Vec<(u64, u32)> = Vec::new();
+        for _ in 0..4 {
+            match c.reply(0) {
+                Reply::Simple { error, cookie, .. } => replies.push((cookie, error)),
+                Reply::Chunk {
+                    cookie,
+                    ty,
+                    payload,
+                    ..
+                } => {
+                    assert_eq!(ty, REPLY_TYPE_ERROR, "cookie {cookie}");
+                    let e = decode_error_payload(ty, &payload).expect("error payload");
+                    assert!(e.message.contains("shutting down"), "{}", e.message);
+                    replies.push((cookie, e.error));
+                }
+            }
+        }
+        replies.sort();
+        assert_eq!(
+            replies,
+            [(1, 0), (2, ESHUTDOWN), (3, ESHUTDOWN), (4, ESHUTDOWN)],
+            "structured={structured}"
+        );
+        assert!(c.is_closed());
+        stopper.join().unwrap().unwrap();
+        // The held write went through; the refused one did not.
+        let mut buf = [0u8; 4096];
+        dev.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [9u8; 4096]);
+        dev.read_at(&mut buf, 8192).unwrap();
+        assert_eq!(buf, [0u8; 4096]);
+        assert_eq!(fx.server.connections(), 0);
+    }
+}
+
 #[test]
 fn tcp_listener_serves_too() {
     let server = cowsnap_nbd::Server::new(ServerConfig::default());

@@ -5,10 +5,12 @@
 //! `POOL/nbd.sock` (mode 0600) unless told otherwise or socket-activated, and answers pool
 //! commands on `POOL/control.sock`. With `--fuse DIR` each volume is also the file
 //! `DIR/NAME`. TCP listeners get TLS and the plain-text-on-a-network refusal from
-//! [`crate::tcp`]. SIGTERM or SIGINT stop it cleanly: no new connections,
-//! requests in flight finish, every export and COW is flushed, the sockets are removed.
-//! An invalid snapshot is not flushed (it has nothing to keep) and does not fail the stop:
-//! it is logged, and the exit status is 0 unless flushing a valid volume failed.
+//! [`crate::tcp`]. At most `--max-connections` NBD connections are open at once. SIGTERM or
+//! SIGINT stop it cleanly: no new connections, requests in flight finish, requests that
+//! arrived but were not started get `ESHUTDOWN`, every export and COW is flushed, the
+//! sockets are removed. An invalid snapshot is not flushed (it has nothing to keep) and
+//! does not fail the stop: it is logged, and the exit status is 0 unless flushing a valid
+//! volume failed.
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
@@ -23,6 +25,8 @@ use clap::Args;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, Fua};
 use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
+use cowsnap_core::target::Origin;
+use cowsnap_core::units::Chunk;
 use cowsnap_core::ErrorKind;
 use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
@@ -46,9 +50,14 @@ pub struct ServeArgs {
     /// `qemu-nbd --cache=none`). Flushes still make data durable.
     #[arg(long)]
     pub direct: bool,
-    /// Worker threads per NBD connection: how many of its requests run at once.
+    /// Worker threads per NBD connection: how many of its requests run at once. They are
+    /// started as requests arrive and end when idle: an idle connection holds one thread.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
+    /// Most NBD connections open at once, counting those still in the handshake; a client
+    /// beyond it is disconnected at once (one log line per 10 s says how many were).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
     /// Also show every volume as the file DIR/NAME (FUSE; made if missing), which
     /// `losetup` can attach: `losetup -f --show DIR/NAME`.
     #[arg(long, value_name = "DIR")]
@@ -139,16 +148,19 @@ fn export_for(
         .multi_conn(true)
         .description(format!("cowsnap {} {name}", kind_word(kind)));
     let path = PathBuf::from(&info.path);
-    e = match kind {
-        // An origin reads its image file directly: its holes are exact.
-        VolumeKind::Origin
-            if std::fs::metadata(&path)
-                .map(|m| m.is_file())
-                .unwrap_or(false) =>
-        {
-            e.seek_holes(&path)?
-        }
+    let regular = std::fs::metadata(&path)
+        .map(|m| m.is_file())
+        .unwrap_or(false);
+    e = match (kind, active.origin(name)) {
+        // An origin reads its image file directly: its holes are exact, and punching one
+        // zeroes fast where no snapshot has to copy the range out first.
+        (VolumeKind::Origin, Some(origin)) if regular => e
+            .seek_holes(&path)?
+            .fast_zero_by_punching(Arc::new(move |offset, len| {
+                nothing_to_copy_out(&origin, offset, len)
+            })),
         // A snapshot's view mixes COW and origin: report zeros only where it reads zeros.
+        // Zeroing it writes zeros into the COW, which is never fast.
         _ => e.scan_zeroes(),
     };
     Ok(Arc::new(e))
@@ -193,6 +205,18 @@ impl BlockDevice for StopTolerant {
     fn describe(&self) -> String {
         self.dev.describe()
     }
+}
+
+/// True when writing `offset..offset+len` of `origin` copies nothing out: every valid
+/// snapshot already holds (or is taking) its own copy of each chunk. A hint only: a
+/// snapshot created a moment later makes the write copy after all.
+fn nothing_to_copy_out(origin: &Origin, offset: u64, len: u64) -> bool {
+    origin.snapshots().iter().all(|s| {
+        !s.is_valid()
+            || s.chunk_size()
+                .chunk_range(offset, len)
+                .all(|c| !s.exceptions().needs_copy(Chunk(c)))
+    })
 }
 
 fn kind_word(k: VolumeKind) -> &'static str {
@@ -314,6 +338,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         log: Some(log),
         workers: usize::from(args.workers),
         tls,
+        max_connections: args.max_connections as usize,
         ..ServerConfig::default()
     }));
     for name in active.volume_names() {

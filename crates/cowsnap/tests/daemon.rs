@@ -1029,3 +1029,174 @@ fn an_invalid_snapshot_does_not_fail_the_stop() {
     let (st, _) = d.stop();
     assert!(st.success());
 }
+
+/// Fails the test when a tool is missing, CI or not: these tests have no fallback.
+fn need(test: &str, tools: &[&str]) {
+    let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
+    assert!(
+        missing.is_empty(),
+        "{test}: missing {missing:?}: apt-get install -y libnbd-bin python3-libnbd qemu-utils"
+    );
+    let py = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        py,
+        "{test}: /usr/bin/python3 cannot import nbd: apt-get install -y python3-libnbd"
+    );
+}
+
+/// Runs tests/zero_probe.py against `uri` for one phase.
+fn zero_probe(uri: &str, phase: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/zero_probe.py");
+    let out = run(Command::new("/usr/bin/python3").args([script, uri, phase]));
+    assert!(stdout(&out).contains(&format!("{phase}: ok")), "{out:?}");
+}
+
+/// A 256 MiB sparse image with 1 MiB of data at a few offsets, and the offsets.
+fn sparse_image(path: &Path) -> Vec<u64> {
+    const MIB: u64 = 1 << 20;
+    let offsets = vec![0, 70 * MIB + 4096, 150 * MIB, 255 * MIB];
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(256 * MIB).unwrap();
+    for (i, &off) in offsets.iter().enumerate() {
+        let data: Vec<u8> = (0..MIB as usize)
+            .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i as u8 + 1) | 1)
+            .collect();
+        std::os::unix::fs::FileExt::write_all_at(&f, &data, off).unwrap();
+    }
+    offsets
+}
+
+/// `nbdinfo --map` as (offset, length, type).
+fn nbd_map(uri: &str) -> Vec<(u64, u64, u32)> {
+    stdout(&run(Command::new("nbdinfo").args(["--map", uri])))
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that the map reports every data range as data and everything else of the
+/// 256 MiB image (outside the data's 1 MiB neighbourhood) with `zero_bits` set.
+fn check_sparse_map(uri: &str, data: &[u64], zero_bits: u32) {
+    const MIB: u64 = 1 << 20;
+    let map = nbd_map(uri);
+    for &(off, len, ty) in &map {
+        let near_data = data
+            .iter()
+            .any(|&d| off < d + 2 * MIB && d.saturating_sub(MIB) < off + len);
+        if data.iter().any(|&d| off < d + MIB && d < off + len) {
+            assert_eq!(
+                ty & 2,
+                0,
+                "{uri}: data at {off}+{len} reported as zero: {map:?}"
+            );
+        } else if !near_data {
+            assert_eq!(
+                ty & zero_bits,
+                zero_bits,
+                "{uri}: zeros at {off}+{len} reported as {ty}: {map:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn big_zero_requests_fast_zero_and_nbdcopy_of_a_sparse_image() {
+    let test = "big_zero_requests";
+    need(test, &["nbdcopy", "nbdinfo"]);
+    let pool = TestPool::with_origin("zero", "disk", "256M");
+    let d = Daemon::start(&pool, &[]);
+    // Without snapshots an origin zeroes fast by punching a hole.
+    zero_probe(&pool.uri("disk"), "origin-alone");
+    run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "snap",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "300M",
+    ]));
+    // With one, only ranges the snapshot already holds are fast; 200 MiB in one request.
+    zero_probe(&pool.uri("disk"), "origin-snapshot");
+    zero_probe(&pool.uri("snap"), "snapshot");
+
+    // nbdcopy sends zero requests of up to 120 MiB for the holes; copy a sparse image into
+    // each export and back, byte for byte.
+    let src = pool.path("sparse.img");
+    let data = sparse_image(&src);
+    let want = std::fs::read(&src).unwrap();
+    for export in ["snap", "disk"] {
+        run(Command::new("nbdcopy").args([src.to_str().unwrap(), &pool.uri(export)]));
+        let back = pool.path(&format!("{export}-back.img"));
+        run(Command::new("nbdcopy").args([&pool.uri(export), back.to_str().unwrap()]));
+        let got = std::fs::read(&back).unwrap();
+        assert_eq!(got.len(), want.len(), "{export}: size");
+        assert!(
+            got == want,
+            "{export}: the copy back differs from the image"
+        );
+    }
+    // Block status: the origin reports its zeroed ranges as holes (hole|zero), the
+    // snapshot as zeros.
+    check_sparse_map(&pool.uri("disk"), &data, 3);
+    check_sparse_map(&pool.uri("snap"), &data, 2);
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+}
+
+#[test]
+fn max_connections_refuses_the_extra_clients_with_one_log_line() {
+    need("max_connections", &["nbdinfo"]);
+    let pool = TestPool::with_origin("maxconn", "disk", "8M");
+    let d = Daemon::start(&pool, &["--max-connections", "2"]);
+    let mut held: Vec<UnixStream> = (0..2)
+        .map(|_| {
+            let mut s = UnixStream::connect(pool.sock()).unwrap();
+            let mut g = [0u8; 18];
+            s.read_exact(&mut g).unwrap();
+            assert_eq!(&g[..8], b"NBDMAGIC");
+            s
+        })
+        .collect();
+    for _ in 0..5 {
+        let mut s = UnixStream::connect(pool.sock()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0) | Err(_)),
+            "a third connection was served"
+        );
+    }
+    held.clear();
+    // Served again once the two are gone (their connection threads notice the close).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("nbdinfo")
+            .arg(pool.uri("disk"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nbdinfo is still refused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+    let lines: Vec<_> = out
+        .iter()
+        .filter(|l| l.contains("refused a connection"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out:?}");
+    assert!(lines[0].contains("--max-connections"), "{out:?}");
+}

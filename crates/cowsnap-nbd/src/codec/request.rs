@@ -4,7 +4,9 @@
 //! [`RequestHeader::decode`] only fails on a short buffer or a bad magic (after which the
 //! stream cannot be resynchronised, so the session ends). [`validate`] turns a header into
 //! a [`Command`] or a [`Rejection`] carrying the NBD error the specification asks for:
-//! `EINVAL` for unknown commands or flags, misaligned or oversized requests and reads,
+//! `EINVAL` for unknown commands or flags, misaligned requests, READs and WRITEs larger
+//! than the maximum block size (which limits payloads only: TRIM, WRITE_ZEROES and CACHE
+//! may cover up to 4 GiB - 1 and the server splits them), and reads,
 //! trims, caches or block-status queries past the end; `ENOSPC` for writes and zero
 //! writes past the end; `EPERM` for writes to a read-only export. A rejected `WRITE` still
 //! has its payload on the wire: see [`RequestHeader::payload_len`].
@@ -239,11 +241,9 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
         ));
     }
     let fast = h.flags & CMD_FLAG_FAST_ZERO != 0;
-    let limited = match h.kind {
-        CMD_READ | CMD_WRITE | CMD_CACHE => true,
-        CMD_WRITE_ZEROES => !fast,
-        _ => false,
-    };
+    // The maximum block size limits payloads (a WRITE's data, a READ's reply); TRIM,
+    // WRITE_ZEROES and CACHE carry none and may cover up to the 32-bit length.
+    let limited = matches!(h.kind, CMD_READ | CMD_WRITE);
     if limited && length > lim.block_sizes.max {
         return Err(reject(
             EINVAL,
@@ -464,19 +464,27 @@ mod tests {
         assert_eq!(errno(hdr(CMD_WRITE, 0, u64::MAX - 511, 512), &l), ENOSPC);
         assert_eq!(errno(hdr(CMD_READ, 0, 1, 512), &l), EINVAL);
         assert_eq!(errno(hdr(CMD_WRITE, 0, 0, 100), &l), EINVAL);
-        // Beyond the maximum block size.
+        // Beyond the maximum block size: only payloads are limited.
         assert_eq!(errno(hdr(CMD_READ, 0, 0, 128 * 1024), &l), EINVAL);
         assert_eq!(errno(hdr(CMD_WRITE, 0, 0, 128 * 1024), &l), EINVAL);
-        assert_eq!(errno(hdr(CMD_CACHE, 0, 0, 128 * 1024), &l), EINVAL);
-        assert_eq!(errno(hdr(CMD_WRITE_ZEROES, 0, 0, 128 * 1024), &l), EINVAL);
-        // Not limited: trim, block status, fast zero.
+        // Not limited: trim, cache, zeroing (fast or not), block status.
         assert!(validate(&hdr(CMD_TRIM, 0, 0, 128 * 1024), &l).is_ok());
+        assert!(validate(&hdr(CMD_CACHE, 0, 0, 128 * 1024), &l).is_ok());
+        assert!(validate(&hdr(CMD_WRITE_ZEROES, 0, 0, 128 * 1024), &l).is_ok());
         assert!(validate(&hdr(CMD_BLOCK_STATUS, 0, 0, 128 * 1024), &l).is_ok());
         assert!(validate(
             &hdr(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 128 * 1024),
             &l
         )
         .is_ok());
+        // Up to the 32-bit length limit, inside the export.
+        let mut big = lim();
+        big.size = 8 << 30;
+        let max_len = u32::MAX / 512 * 512;
+        for kind in [CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES] {
+            assert!(validate(&hdr(kind, 0, 0, max_len), &big).is_ok(), "{kind}");
+        }
+        assert_eq!(errno(hdr(CMD_WRITE_ZEROES, 0, 0, max_len), &l), ENOSPC);
     }
 
     #[test]

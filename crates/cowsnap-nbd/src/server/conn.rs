@@ -3,7 +3,7 @@
 //! The handshake runs on the connection's thread, feeding socket bytes to the sans-IO
 //! [`Handshake`]. When the client starts TLS, that thread runs the TLS handshake and from
 //! then on uses the decrypted side of a [`super::tls`] pump as the client's socket, for the
-//! rest of the handshake and for transmission alike. In transmission that thread and
+//! rest of the handshake and for transmission alike. In transmission that thread and up to
 //! `workers - 1` more take turns as the *leader* (the leader/follower pattern): the leader
 //! holds the socket's read side, decodes the next request header, checks it and reads a
 //! WRITE's payload, then passes the read side on and executes the request itself and writes
@@ -12,27 +12,41 @@
 //! while the request executes. Requests in flight are bounded by the workers and by a
 //! per-connection byte budget on READ and WRITE data.
 //!
+//! Workers start lazily: a leader that got a request and sees no other worker waiting to
+//! lead starts one (up to `workers`), so a connection that sends nothing holds one thread.
+//! A worker that has waited [`IDLE_WORKER_EXIT`] to lead ends (the leader it waited
+//! behind is alive, and starts a new worker when requests come), so a connection that went
+//! idle after a burst falls back to one thread; under load no worker waits that long, so
+//! threads are not started and ended per request.
+//!
 //! Refused requests are answered by the leader (a refused WRITE's payload is read and
 //! dropped first, so the stream stays in sync). A bad request magic or a truncated request
 //! ends the session. When reading stops (DISC, end of stream, shutdown), the workers finish
 //! the requests they hold, send their replies, and the socket is closed; a client that
 //! vanished only makes replies be dropped.
+//!
+//! Once [`Server::shutdown`](super::Server::shutdown) has begun, the leader reads only what
+//! has already arrived (the read side is shut down, which wakes a leader waiting for
+//! data): each request found there is answered with `ESHUTDOWN` instead of being executed
+//! (a DISC still just ends the session), and the session ends where the received data
+//! does. A client that sends after that finds the socket closed.
 
 use std::io::{BufReader, Read, Write};
 
 use cowsnap_core::dev::AlignedBuf;
 use std::net::Shutdown;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, Scope};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use super::io::execute;
 use super::{Shared, Stream};
-use crate::codec::consts::EIO;
+use crate::codec::consts::{EIO, ESHUTDOWN};
 use crate::codec::reply;
-use crate::codec::request::{validate, Command, HeaderError, Limits, RequestHeader};
+use crate::codec::request::{validate, Command, HeaderError, Limits, Rejection, RequestHeader};
 use crate::codec::{Handshake, Negotiated, Status, TlsMode, REQUEST_HEADER_LEN};
 use crate::export::Export;
 
@@ -220,6 +234,23 @@ impl Output {
     }
 }
 
+/// The socket's read side as the leader sees it: blocking reads until shutdown begins,
+/// then only what has already arrived.
+struct Incoming {
+    stream: Stream,
+    shared: Arc<Shared>,
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            self.stream.read_arrived(buf)
+        } else {
+            self.stream.read(buf)
+        }
+    }
+}
+
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -261,7 +292,10 @@ fn transmission(
         input: Mutex::new(Input {
             reader: BufReader::with_capacity(
                 64 * 1024,
-                std::io::Cursor::new(leftover).chain(read_half),
+                std::io::Cursor::new(leftover).chain(Incoming {
+                    stream: read_half,
+                    shared: shared.clone(),
+                }),
             ),
             ended: false,
         }),
@@ -269,20 +303,13 @@ fn transmission(
             stream: write_half,
             ok: true,
         }),
+        max_workers: cfg.workers.max(1),
+        workers: AtomicUsize::new(1),
+        waiting: AtomicUsize::new(0),
     };
-    // This thread is one of the workers; the others are scoped to the connection.
-    std::thread::scope(|s| {
-        for i in 1..cfg.workers.max(1) {
-            let conn = &conn;
-            let spawned = std::thread::Builder::new()
-                .name(format!("nbd-worker-{i}"))
-                .spawn_scoped(s, move || conn.work());
-            if let Err(e) = spawned {
-                shared.log(|| format!("cannot start a worker thread: {e}"));
-            }
-        }
-        conn.work();
-    });
+    // This thread is the first worker; the others, started as requests arrive, are scoped
+    // to the connection.
+    std::thread::scope(|s| conn.work(s));
     stream.shutdown(Shutdown::Both);
 }
 
@@ -300,30 +327,71 @@ struct Conn<R> {
     budget: Arc<Budget>,
     input: Mutex<Input<R>>,
     output: Mutex<Output>,
+    /// Most workers.
+    max_workers: usize,
+    /// Workers running.
+    workers: AtomicUsize,
+    /// Workers waiting to become the leader.
+    waiting: AtomicUsize,
 }
 
-impl<R: Read> Conn<R> {
-    fn work(&self) {
+/// A worker that waited this long to lead ends.
+const IDLE_WORKER_EXIT: Duration = Duration::from_secs(1);
+
+impl<R: Read + Send> Conn<R> {
+    fn work<'s>(&'s self, scope: &'s Scope<'s, '_>) {
         loop {
             let next = {
-                let mut input = self.input.lock();
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let input = self.input.try_lock_for(IDLE_WORKER_EXIT);
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                // Idle that long: the leader holding the input stays, this one is not needed.
+                let Some(mut input) = input else { break };
                 if input.ended {
-                    return;
+                    break;
                 }
                 let next = self.next(&mut input.reader);
-                if matches!(next, Next::End) {
-                    input.ended = true;
+                match next {
+                    Next::End => input.ended = true,
+                    // Someone must read the next request while this one executes.
+                    Next::Job(_) => self.standby(scope),
+                    Next::Refused(..) => {}
                 }
                 next
             };
             match next {
-                Next::End => return,
+                Next::End => break,
                 Next::Refused(bytes, permit) => {
                     self.output.lock().send(&bytes);
                     drop(permit);
                 }
                 Next::Job(job) => self.execute(job),
             }
+        }
+        self.workers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Starts one more worker if none waits to lead and the limit allows.
+    fn standby<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        let n = self.workers.fetch_add(1, Ordering::SeqCst);
+        if n >= self.max_workers {
+            self.workers.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-worker-{n}"))
+            .spawn_scoped(scope, move || self.work(scope));
+        if let Err(e) = spawned {
+            self.workers.fetch_sub(1, Ordering::SeqCst);
+            self.shared.log(|| {
+                format!(
+                    "cannot start a worker thread ({e}); the connection goes on with fewer: \
+                     lower --workers or --max-connections, or raise the thread limit"
+                )
+            });
         }
     }
 
@@ -377,7 +445,16 @@ impl<R: Read> Conn<R> {
             }
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        match validate(&h, limits) {
+        let checked = match validate(&h, limits) {
+            Ok(Command::Disconnect) => Ok(Command::Disconnect),
+            // Arrived, but read after shutdown began: refused, not executed.
+            _ if shared.stopping.load(Ordering::SeqCst) => Err(Rejection {
+                errno: ESHUTDOWN,
+                message: "the server is shutting down",
+            }),
+            r => r,
+        };
+        match checked {
             Ok(Command::Disconnect) => Next::End,
             Ok(cmd) => {
                 let cost = match cmd {

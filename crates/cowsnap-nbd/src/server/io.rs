@@ -3,9 +3,12 @@
 //! This is the one place where core errors become NBD error codes ([`nbd_errno`], through
 //! [`cowsnap_core::Error::errno`]), and where the command semantics the device interface
 //! does not spell out are decided: TRIM is a hint (a device that cannot discard still
-//! succeeds), `NO_HOLE` zeroing writes zero buffers, `FAST_ZERO` fails at once with
-//! `ENOTSUP` unless the export says zeroing is fast, and block status extents are cut to
-//! what the protocol allows ([`normalize_extents`]).
+//! succeeds), `NO_HOLE` zeroing writes zero buffers, `FAST_ZERO` zeroes through
+//! [`Export::zero_fast`] and fails at once with `ENOTSUP` when that would be slow (always
+//! with `NO_HOLE`), and block status extents are cut to what the protocol allows
+//! ([`normalize_extents`]). TRIM and WRITE_ZEROES may cover up to 4 GiB; they reach the
+//! device in pieces of at most [`SPLIT`] bytes, so that no layer below (an origin routing
+//! its copy-outs, a snapshot writing its exceptions) holds state for the whole range.
 
 use cowsnap_core::dev::{AlignedBuf, Fua};
 use cowsnap_core::{Error, ErrorKind};
@@ -73,6 +76,25 @@ fn core(r: cowsnap_core::Result<()>) -> Result<(), (u32, String)> {
 
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// The most a TRIM or WRITE_ZEROES passes to the device at once (the default maximum
+/// block size, the size of the largest WRITE).
+pub const SPLIT: u64 = 32 << 20;
+
+/// Calls `f` on consecutive pieces of `offset..offset+len` of at most [`SPLIT`] bytes.
+fn split(
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(u64, u64) -> cowsnap_core::Result<()>,
+) -> cowsnap_core::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(SPLIT);
+        f(offset + done, n)?;
+        done += n;
+    }
+    Ok(())
+}
+
 fn write_zero_buffers(export: &dyn Export, offset: u64, len: u64) -> cowsnap_core::Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
     let mut done = 0u64;
@@ -118,15 +140,13 @@ pub fn execute(
             length,
             fua,
         } => {
-            let r = if length == 0 {
-                Ok(())
-            } else {
-                match export.discard(offset, u64::from(length)) {
+            let r = split(offset, u64::from(length), |o, n| {
+                match export.discard(o, n) {
                     // TRIM is a hint: a device that cannot discard ignores it.
                     Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
                     r => r,
                 }
-            };
+            });
             let r = r.and_then(|()| if fua { export.flush() } else { Ok(()) });
             status(structured, cookie, core(r))
         }
@@ -138,28 +158,37 @@ pub fn execute(
             no_hole,
             fast,
         } => {
-            if fast && (no_hole || !export.can_fast_zero()) {
-                return status(
+            let slow = || {
+                status(
                     structured,
                     cookie,
-                    Err((ENOTSUP, "zeroing would not be fast".into())),
-                );
+                    Err((ENOTSUP, "zeroing this range would not be fast".into())),
+                )
+            };
+            if fast && (no_hole || !export.can_fast_zero()) {
+                return slow();
             }
             let len = u64::from(length);
-            let r = if len == 0 {
-                Ok(())
-            } else if no_hole {
-                write_zero_buffers(export, offset, len).and_then(|()| {
-                    if fua {
-                        export.flush()
-                    } else {
-                        Ok(())
+            let r = if fast {
+                // Stops at the first piece that would be slow; the client then zeroes the
+                // range its own way (the pieces before may already be zeros).
+                let mut all_fast = true;
+                let r = split(offset, len, |o, n| {
+                    if all_fast {
+                        all_fast = export.zero_fast(o, n, Fua::No)?;
                     }
-                })
+                    Ok(())
+                });
+                if r.is_ok() && !all_fast {
+                    return slow();
+                }
+                r
+            } else if no_hole {
+                split(offset, len, |o, n| write_zero_buffers(export, o, n))
             } else {
-                let fua = if fua { Fua::Yes } else { Fua::No };
-                export.write_zeroes(offset, len, fua)
+                split(offset, len, |o, n| export.write_zeroes(o, n, Fua::No))
             };
+            let r = r.and_then(|()| if fua { export.flush() } else { Ok(()) });
             status(structured, cookie, core(r))
         }
         Command::BlockStatus {
@@ -393,6 +422,78 @@ mod tests {
             .error,
             0
         );
+    }
+
+    #[test]
+    fn zeroing_and_trimming_longer_than_a_split() {
+        let size = 3 * SPLIT + (1 << 20);
+        let e = crate::export::DeviceExport::memory(MemDevice::new(size));
+        let len = (2 * SPLIT + (1 << 20)) as u32;
+        for no_hole in [false, true] {
+            e.write_at(&[5u8; 4096], SPLIT, Fua::No).unwrap();
+            e.write_at(&[5u8; 4096], 2 * SPLIT + 4096, Fua::No).unwrap();
+            let z = exec(
+                &e,
+                Command::WriteZeroes {
+                    offset: 4096,
+                    length: len,
+                    fua: true,
+                    no_hole,
+                    fast: false,
+                },
+                &[],
+            );
+            assert_eq!(z.error, 0);
+            let mut b = [1u8; 4096];
+            e.read_at(&mut b, SPLIT).unwrap();
+            assert_eq!(b, [0u8; 4096]);
+            e.read_at(&mut b, 2 * SPLIT + 4096).unwrap();
+            assert_eq!(b, [0u8; 4096]);
+        }
+        // Fast zeroing of a memory device is fast at any length.
+        e.write_at(&[5u8; 4096], 2 * SPLIT, Fua::No).unwrap();
+        let f = exec(
+            &e,
+            Command::WriteZeroes {
+                offset: 0,
+                length: len,
+                fua: false,
+                no_hole: false,
+                fast: true,
+            },
+            &[],
+        );
+        assert_eq!(f.error, 0);
+        let mut b = [1u8; 4096];
+        e.read_at(&mut b, 2 * SPLIT).unwrap();
+        assert_eq!(b, [0u8; 4096]);
+        let t = exec(
+            &e,
+            Command::Trim {
+                offset: 0,
+                length: len,
+                fua: true,
+            },
+            &[],
+        );
+        assert_eq!(t.error, 0);
+        // A plain device is never fast: ENOTSUP, nothing changed.
+        let plain = crate::export::DeviceExport::new(std::sync::Arc::new(MemDevice::new(size)));
+        plain.write_at(&[5u8; 4096], 0, Fua::No).unwrap();
+        let f = exec(
+            &plain,
+            Command::WriteZeroes {
+                offset: 0,
+                length: len,
+                fua: false,
+                no_hole: false,
+                fast: true,
+            },
+            &[],
+        );
+        assert_eq!(f.error, ENOTSUP);
+        plain.read_at(&mut b, 0).unwrap();
+        assert_eq!(b, [5u8; 4096]);
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //! snapshot can be added, a removed one stays open for the connections already using it).
 //! Each [`Listener`] (Unix socket, TCP socket, or one inherited through socket activation)
 //! gets an accepting thread; each connection gets a thread that runs the handshake and then
-//! the transmission pipeline described in [`conn`]; a TCP connection may first upgrade to
-//! TLS through [`tls`] when [`ServerConfig::tls`] is set. [`Server::shutdown`] stops accepting,
-//! lets every connection finish the requests it already received (closing the read side of
-//! its socket so no new ones arrive), waits for the replies to go out, and flushes every
-//! export.
+//! the transmission pipeline described in [`conn`], which adds worker threads only as
+//! requests arrive; a TCP connection may first upgrade to TLS through [`tls`] when
+//! [`ServerConfig::tls`] is set. At most [`ServerConfig::max_connections`] connections are
+//! open at once, counting those still in the handshake: the acceptor closes any further one
+//! at once, with no thread spent on it, and logs at most one line per
+//! [`REFUSAL_LOG_INTERVAL`] about them. [`Server::shutdown`] stops accepting,
+//! lets every connection finish the requests it is executing, answers the requests that
+//! had already arrived but were not yet read with `ESHUTDOWN` (then closes the read side
+//! of the socket, so nothing more is read), waits for the replies to go out, and flushes
+//! every export.
 
 mod conn;
 pub mod io;
@@ -32,12 +37,19 @@ use crate::export::Export;
 /// A callback receiving log lines (protocol violations, I/O failures).
 pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Refused connections are logged at most once per this interval (with a count).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Tunables of a [`Server`].
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// Threads per connection, each reading, executing and answering one request at a
-    /// time (requests in flight at once).
+    /// Most threads per connection, each reading, executing and answering one request at
+    /// a time (requests in flight at once). They are started as requests arrive and end
+    /// after a second idle: a connection in the handshake or an idle one holds one thread.
     pub workers: usize,
+    /// Most connections open at once, counting those still in the handshake; further ones
+    /// are closed as soon as they are accepted.
+    pub max_connections: usize,
     /// Bytes of READ and WRITE data a connection may hold in flight (one request larger
     /// than this still runs, alone).
     pub inflight_bytes: usize,
@@ -61,6 +73,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             workers: 4,
+            max_connections: 64,
             inflight_bytes: 64 << 20,
             block_sizes: BlockSizes::default(),
             max_discard: 256 << 20,
@@ -76,6 +89,7 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("workers", &self.workers)
+            .field("max_connections", &self.max_connections)
             .field("inflight_bytes", &self.inflight_bytes)
             .field("block_sizes", &self.block_sizes)
             .field("max_discard", &self.max_discard)
@@ -116,6 +130,22 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
         };
+    }
+
+    /// Reads only what has already arrived: `Ok(0)` when nothing has.
+    fn read_arrived(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let fd = match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        };
+        loop {
+            return match rustix::net::recv(fd, &mut *buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) => Ok(n),
+                Err(rustix::io::Errno::AGAIN) => Ok(0),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => Err(e.into()),
+            };
+        }
     }
 }
 
@@ -246,6 +276,17 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Sessions ended because the client broke the protocol.
     pub protocol_errors: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: AtomicU64,
+}
+
+/// Rate limit of the "connection refused" log line.
+#[derive(Default)]
+struct RefusalLog {
+    /// When the last line was logged.
+    last: Option<Instant>,
+    /// Refusals since then that were not logged.
+    unlogged: u64,
 }
 
 pub(crate) struct Shared {
@@ -261,6 +302,7 @@ pub(crate) struct Shared {
     acceptors: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
     next_id: AtomicU64,
     stats: Stats,
+    refusals: Mutex<RefusalLog>,
 }
 
 impl Shared {
@@ -298,18 +340,58 @@ impl Shared {
             .map(|(_, e)| e.clone())
     }
 
-    /// Starts serving one connection on its own thread.
+    /// Closes a connection beyond `max_connections`, logging at most one line per
+    /// [`REFUSAL_LOG_INTERVAL`] so that a flood does not flood the log.
+    fn refuse(&self, stream: Stream) {
+        stream.shutdown(Shutdown::Both);
+        drop(stream);
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let mut r = self.refusals.lock();
+        let now = Instant::now();
+        if r.last
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL)
+        {
+            r.unlogged += 1;
+            return;
+        }
+        let earlier = std::mem::take(&mut r.unlogged);
+        r.last = Some(now);
+        drop(r);
+        let max = self.config.max_connections;
+        self.log(|| {
+            let more = if earlier > 0 {
+                format!(" ({earlier} more refused since the last such line)")
+            } else {
+                String::new()
+            };
+            format!(
+                "refused a connection: {max} connections are open, the most allowed{more}; \
+                 close idle clients or raise the limit (cowsnap serve --max-connections)"
+            )
+        });
+    }
+
+    /// Starts serving one connection on its own thread, or refuses it when
+    /// `max_connections` are open.
     fn spawn_connection(self: &Arc<Self>, stream: Stream) {
         if self.stopping.load(Ordering::SeqCst) {
             stream.shutdown(Shutdown::Both);
             return;
+        }
+        {
+            let mut active = self.active.lock();
+            if *active >= self.config.max_connections.max(1) {
+                drop(active);
+                self.refuse(stream);
+                return;
+            }
+            *active += 1;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         if let Ok(clone) = stream.try_clone() {
             self.conns.lock().insert(id, clone);
         }
-        *self.active.lock() += 1;
         let shared = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
@@ -327,11 +409,18 @@ impl Shared {
                 threads.push(h);
             }
             Err(e) => {
-                self.log(|| format!("cannot start a connection thread: {e}"));
+                self.log(|| {
+                    format!(
+                        "cannot start a connection thread ({e}); closed the connection: \
+                         lower --max-connections or --workers, or raise the thread limit"
+                    )
+                });
                 if let Some(s) = self.conns.lock().remove(&id) {
                     s.shutdown(Shutdown::Both);
                 }
-                *self.active.lock() -= 1;
+                let mut active = self.active.lock();
+                *active -= 1;
+                self.idle.notify_all();
             }
         }
     }
@@ -483,6 +572,7 @@ impl Server {
                 acceptors: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(0),
                 stats: Stats::default(),
+                refusals: Mutex::new(RefusalLog::default()),
             }),
         }
     }
