@@ -389,11 +389,11 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                conn::run(&shared, stream);
-                shared.conns.lock().remove(&id);
-                let mut active = shared.active.lock();
-                *active -= 1;
-                shared.idle.notify_all();
+                let reg = Registration {
+                    shared: shared.clone(),
+                    id,
+                };
+                conn::run(&shared, stream, reg);
             });
         match spawned {
             Ok(h) => {
@@ -497,6 +497,22 @@ impl Shared {
         }
         self.stopped.store(true, Ordering::SeqCst);
         first
+    }
+}
+
+/// A connection's place in the server's books (its socket in `conns`, its count in
+/// `active`): dropped when the connection's last thread ends.
+pub(crate) struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.conns.lock().remove(&self.id);
+        let mut active = self.shared.active.lock();
+        *active -= 1;
+        self.shared.idle.notify_all();
     }
 }
 
