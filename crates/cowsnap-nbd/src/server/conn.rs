@@ -37,31 +37,24 @@ use cowsnap_core::dev::AlignedBuf;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::{JoinHandle, Scope};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
 use super::io::execute;
-use super::{Shared, Stream};
+use super::{Registration, Shared, Stream};
 use crate::codec::consts::{EIO, ESHUTDOWN};
 use crate::codec::reply;
 use crate::codec::request::{validate, Command, HeaderError, Limits, Rejection, RequestHeader};
 use crate::codec::{Handshake, Negotiated, Status, TlsMode, REQUEST_HEADER_LEN};
 use crate::export::Export;
 
-/// Serves one connection to its end.
-pub(super) fn run(shared: &Arc<Shared>, stream: Stream, id: u64) {
-    let mut pump = None;
-    serve(shared, stream, id, &mut pump);
-    // The TLS pump sends the last replies and close_notify once the plain side closed.
-    if let Some(p) = pump {
-        let _ = p.join();
-    }
-}
-
-fn serve(shared: &Arc<Shared>, mut stream: Stream, id: u64, pump: &mut Option<JoinHandle<()>>) {
-    let Some((neg, leftover)) = handshake(shared, &mut stream, id, pump) else {
+/// Serves one connection to its end. `reg` is dropped (joining the TLS pump, if any, then
+/// taking the connection off the server's books) when its last thread ends.
+pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream, mut reg: Registration) {
+    let id = reg.id;
+    let Some((neg, leftover)) = handshake(shared, &mut stream, id, &mut reg.pump) else {
         stream.shutdown(Shutdown::Both);
         return;
     };
@@ -72,7 +65,7 @@ fn serve(shared: &Arc<Shared>, mut stream: Stream, id: u64, pump: &mut Option<Jo
         return;
     };
     shared.stats.transmissions.fetch_add(1, Ordering::Relaxed);
-    transmission(shared, stream, export, &neg, leftover);
+    transmission(shared, stream, export, &neg, leftover, reg);
 }
 
 fn handshake(
@@ -272,13 +265,14 @@ fn transmission(
     export: Arc<dyn Export>,
     neg: &Negotiated,
     leftover: Vec<u8>,
+    reg: Registration,
 ) {
     let cfg = &shared.config;
     let (Ok(write_half), Ok(read_half)) = (stream.try_clone(), stream.try_clone()) else {
         stream.shutdown(Shutdown::Both);
         return;
     };
-    let conn = Conn {
+    let conn = Arc::new(Conn {
         shared: shared.clone(),
         limits: Limits::from(neg),
         structured: neg.structured,
@@ -306,11 +300,12 @@ fn transmission(
         max_workers: cfg.workers.max(1),
         workers: AtomicUsize::new(1),
         waiting: AtomicUsize::new(0),
-    };
-    // This thread is the first worker; the others, started as requests arrive, are scoped
-    // to the connection.
-    std::thread::scope(|s| conn.work(s));
-    stream.shutdown(Shutdown::Both);
+        socket: stream,
+        _reg: reg,
+    });
+    // This thread is the first worker; the others start as requests arrive. The last one
+    // to end drops the connection, which closes the socket.
+    conn.work();
 }
 
 /// A connection in transmission. Its workers take turns as the *leader*, which holds the
@@ -333,13 +328,23 @@ struct Conn<R> {
     workers: AtomicUsize,
     /// Workers waiting to become the leader.
     waiting: AtomicUsize,
+    /// The socket, closed when the last worker is done.
+    socket: Stream,
+    /// Dropped after the socket is closed: the connection leaves the server's books.
+    _reg: Registration,
+}
+
+impl<R> Drop for Conn<R> {
+    fn drop(&mut self) {
+        self.socket.shutdown(Shutdown::Both);
+    }
 }
 
 /// A worker that waited this long to lead ends.
 const IDLE_WORKER_EXIT: Duration = Duration::from_secs(1);
 
-impl<R: Read + Send> Conn<R> {
-    fn work<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+impl<R: Read + Send + 'static> Conn<R> {
+    fn work(self: &Arc<Self>) {
         loop {
             let next = {
                 self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -354,7 +359,7 @@ impl<R: Read + Send> Conn<R> {
                 match next {
                     Next::End => input.ended = true,
                     // Someone must read the next request while this one executes.
-                    Next::Job(_) => self.standby(scope),
+                    Next::Job(_) => self.standby(),
                     Next::Refused(..) => {}
                 }
                 next
@@ -372,7 +377,7 @@ impl<R: Read + Send> Conn<R> {
     }
 
     /// Starts one more worker if none waits to lead and the limit allows.
-    fn standby<'s>(&'s self, scope: &'s Scope<'s, '_>) {
+    fn standby(self: &Arc<Self>) {
         if self.waiting.load(Ordering::SeqCst) > 0 {
             return;
         }
@@ -381,9 +386,10 @@ impl<R: Read + Send> Conn<R> {
             self.workers.fetch_sub(1, Ordering::SeqCst);
             return;
         }
+        let conn = self.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-worker-{n}"))
-            .spawn_scoped(scope, move || self.work(scope));
+            .spawn(move || conn.work());
         if let Err(e) = spawned {
             self.workers.fetch_sub(1, Ordering::SeqCst);
             self.shared.log(|| {

@@ -396,11 +396,12 @@ impl Shared {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                conn::run(&shared, stream, id);
-                shared.conns.lock().remove(&id);
-                let mut active = shared.active.lock();
-                *active -= 1;
-                shared.idle.notify_all();
+                let reg = Registration {
+                    shared: shared.clone(),
+                    id,
+                    pump: None,
+                };
+                conn::run(&shared, stream, reg);
             });
         match spawned {
             Ok(h) => {
@@ -504,6 +505,28 @@ impl Shared {
         }
         self.stopped.store(true, Ordering::SeqCst);
         first
+    }
+}
+
+/// A connection's place in the server's books (its socket in `conns`, its count in
+/// `active`): dropped when the connection's last thread ends.
+pub(crate) struct Registration {
+    shared: Arc<Shared>,
+    pub(crate) id: u64,
+    /// A TLS connection's pump: it sends the last replies and `close_notify` once the
+    /// plain side is closed, and is waited for before the connection leaves the books.
+    pub(crate) pump: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(p) = self.pump.take() {
+            let _ = p.join();
+        }
+        self.shared.conns.lock().remove(&self.id);
+        let mut active = self.shared.active.lock();
+        *active -= 1;
+        self.shared.idle.notify_all();
     }
 }
 
