@@ -479,7 +479,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
     let trials: u64 = std::env::var("COWSNAP_CRASH_TRIALS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(12);
     eprintln!("sigkill_at_random_moments: COWSNAP_SEED={seed} COWSNAP_CRASH_TRIALS={trials}");
     let mut rng = seed;
     for trial in 0..trials {
@@ -498,17 +498,21 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
         writer.wait_for(50);
         let pid = daemon.id();
         let delay = Duration::from_millis(next(&mut rng) % 1500);
+        let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = killed.clone();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
+            flag.store(true, Ordering::SeqCst);
         });
-        // Create and remove snapshots until the daemon dies.
+        // Create and remove snapshots until the daemon dies (after that the commands
+        // would act on the files offline).
         let mut i = 0;
-        loop {
+        while !killed.load(Ordering::SeqCst) {
             let name = format!("t{}", i % 3);
-            let ok = pool
+            let created = pool
                 .cmd()
                 .args([
                     "snapshot",
@@ -522,7 +526,11 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
                 .output()
                 .unwrap()
                 .status
-                .success()
+                .success();
+            if killed.load(Ordering::SeqCst) {
+                break;
+            }
+            let removed = created
                 && pool
                     .cmd()
                     .args(["snapshot", "remove", &name])
@@ -530,7 +538,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
                     .unwrap()
                     .status
                     .success();
-            if !ok || i > 10_000 {
+            if !removed {
                 break;
             }
             i += 1;
