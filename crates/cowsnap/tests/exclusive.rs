@@ -310,6 +310,17 @@ fn a_mounted_block_device_and_two_names_of_one_device_are_refused() {
         ]);
         assert!(err.contains("already used by this pool"), "{err}");
     }
+    // A loop device over a pool file is that file: refused as a COW of another origin.
+    pool.ok(&["origin", "create", "img", "--size", "4M"]);
+    let over = Loop::attach(&pool.path("img.img")).expect("losetup over the origin image");
+    let err = pool.refused(&[
+        "snapshot", "create", "s2", "--origin", "disk", "--cow", &over.0, "--format",
+    ]);
+    assert!(
+        err.contains("already used by this pool") && err.contains("origin \"img\""),
+        "{err}"
+    );
+    drop(over);
     let _ = std::fs::remove_dir(&mnt);
     let _ = std::fs::remove_file(&backing);
 }

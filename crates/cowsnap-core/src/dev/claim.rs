@@ -83,6 +83,23 @@ impl FileId {
         })
     }
 
+    /// The files this one stands for: itself, and for a loop device the file behind it
+    /// (from `/sys/dev/block/M:m/loop/backing_file`), so that `/dev/loop0` over an origin
+    /// image is seen as that image.
+    pub fn with_backing(self) -> Vec<FileId> {
+        let mut out = vec![self];
+        if let FileId::Block { rdev } = self {
+            let (ma, mi) = major_minor(rdev);
+            let sys = format!("/sys/dev/block/{ma}:{mi}/loop/backing_file");
+            if let Ok(p) = std::fs::read_to_string(sys) {
+                if let Ok(id) = FileId::of_path(Path::new(p.trim_end_matches('\n'))) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
     /// The id of an open file.
     pub fn of_file(file: &File, name: &str) -> Result<FileId> {
         let meta = file

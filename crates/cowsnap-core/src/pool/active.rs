@@ -286,7 +286,7 @@ type Seen = HashMap<FileId, String>;
 /// Checks that `path` is a file no other volume uses; returns its id.
 fn unaliased(path: &Path, what: &str, seen: &Seen) -> Result<FileId> {
     let id = FileId::of_path(path)?;
-    if let Some(other) = seen.get(&id) {
+    if let Some(other) = id.with_backing().iter().find_map(|i| seen.get(i)) {
         return Err(Error::Busy(format!(
             "{} is the same file as {other} ({id}): one file cannot serve two volumes; fix {what} in {MANIFEST}",
             path.display()
@@ -305,7 +305,9 @@ fn open_origin(
     unaliased(&path, &format!("origin {:?}", o.name), seen)?;
     let dev = pool.open_volume_file(&path, o.id)?;
     let id = dev.id()?;
-    seen.insert(id, format!("origin {:?}", o.name));
+    for i in id.with_backing() {
+        seen.insert(i, format!("origin {:?}", o.name));
+    }
     Ok((Origin::new(Arc::new(dev), copier.clone()), id))
 }
 
@@ -319,7 +321,9 @@ fn open_snapshot(
     unaliased(&path, &format!("snapshot {:?}", s.name), seen)?;
     let dev = pool.open_volume_file(&path, s.id)?;
     let id = dev.id()?;
-    seen.insert(id, format!("the COW of snapshot {:?}", s.name));
+    for i in id.with_backing() {
+        seen.insert(i, format!("the COW of snapshot {:?}", s.name));
+    }
     let kind = s.store_kind()?;
     let store = PersistentStore::open(
         super::cow_device(dev),

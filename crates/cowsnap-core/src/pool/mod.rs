@@ -271,7 +271,12 @@ impl Pool {
 
     /// Refuses a file that is already a volume of this pool under any name.
     fn check_not_in_pool(&self, path: &Path, id: FileId) -> Result<()> {
-        if let Some((what, _)) = self.volume_ids().into_iter().find(|(_, i)| *i == id) {
+        let mine = id.with_backing();
+        let taken = self
+            .volume_ids()
+            .into_iter()
+            .find(|(_, i)| i.with_backing().iter().any(|v| mine.contains(v)));
+        if let Some((what, _)) = taken {
             return Err(Error::Busy(format!(
                 "{} is already used by this pool: it is {what} ({id}), under this or another name; a volume file can serve one volume only",
                 path.display()
