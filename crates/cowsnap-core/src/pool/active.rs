@@ -355,10 +355,18 @@ impl ActivePool {
             .map(|s| s.name.clone())
             .collect();
         for name in transient {
-            warnings.extend(pool.remove_snapshot(&name)?);
-            warnings.push(format!(
-                "transient snapshot {name:?} was lost when the process holding it stopped; removed"
-            ));
+            match pool.remove_snapshot(&name) {
+                Ok(w) => {
+                    warnings.extend(w);
+                    warnings.push(format!(
+                        "transient snapshot {name:?} was lost when the process holding it stopped; removed"
+                    ));
+                }
+                // Marked `removing` or not, it is never activated: the next start retries.
+                Err(e) => warnings.push(format!(
+                    "transient snapshot {name:?} was lost when the process holding it stopped; removing it failed ({e}), the next start retries"
+                )),
+            }
         }
         let mut seen = Seen::new();
         let mut ids: HashMap<String, FileId> = HashMap::new();
@@ -378,6 +386,9 @@ impl ActivePool {
         let mut snapshots = BTreeMap::new();
         for s in &pool.manifest().snapshots {
             let opened = match origins.get(&s.origin) {
+                _ if s.removing || s.store == "N" => Err(Error::Busy(
+                    "its removal did not finish; remove it again, or restart, to finish it".into(),
+                )),
                 None => Err(Error::Busy(format!(
                     "its origin {:?} is not available",
                     s.origin
