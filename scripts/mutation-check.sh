@@ -4,6 +4,7 @@
 # tree still passes its test (a test that cannot see its race).
 #
 #   scripts/mutation-check.sh            # all mutations
+#   scripts/mutation-check.sh remove     # only those whose name contains "remove"
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 scratch=$(mktemp -d)
@@ -21,12 +22,14 @@ mutations=(
   "S3: origin write does not wait on pending exceptions it does not own@crates/cowsnap-core/src/target/origin.rs@s/let _ = p.wait\(\);//@race@s3_origin_writes_wait_on_the_pending_exceptions_of_every_snapshot"
   "abandoned exceptions are not aborted in the store@crates/cowsnap-core/src/target/origin.rs@s/batches\[i\].push\(s.own\(o\)\);/batches[i].push(o);/@engine@a_request_that_panics_mid_copy_never_blocks_later_commits"
   "zero-ahead: frontier moves before the zeros are written@crates/cowsnap-core/src/dev/prezero.rs@s/(\s*self.zero\(from, offset.max\(from\).min\(to\)\)\?;\n\s*self.zero\(end.max\(from\), to\)\?;)(\n\s*self.frontier.store\(to.max\(end\), Ordering::Release\);)/\$2\$1/@lib@dev::prezero::tests::concurrent_front_filling_writes_are_never_zeroed"
-  "remove: snapshot deactivated before the manifest marks it removing (the manifest write takes 200 ms)@crates/cowsnap-core/src/pool/active.rs@s/(        inner\.pool\.mark_removing\(name\)\?;\n)(        let Some\(active\) = inner\.snapshots\.remove\(name\) else \{.*?\n        \}\n)(        crash_point\("remove-snapshot:deactivated"\);\n)/\$2        std::thread::sleep(std::time::Duration::from_millis(200));\n\$3\$1/s@cowsnap/control_crash@a_live_create_or_remove_killed_at_any_step_loses_nothing"
+  "remove: snapshot deactivated before the manifest marks it removing (the manifest write takes 200 ms)@crates/cowsnap-core/src/pool/active.rs@s/(        inner\.pool\.mark_removing\(name\)\?;\n)(        let Some\(active\) = inner\.snapshots\.remove\(name\) else \{.*?\n        \}\n)(        crash_point\(\"remove-snapshot:deactivated\"\);\n)/\$2        std::thread::sleep(std::time::Duration::from_millis(200));\n\$3\$1/s@cowsnap/control_crash@a_live_create_or_remove_killed_at_any_step_loses_nothing"
   "combiner: exceptions committed before their copy is written@crates/cowsnap-core/src/copy/combine.rs@s/(\n    let mut i = 0;\n    while i < list.len\(\) \{)/\n    let st = &get(list[0].1, list[0].2).store;\n    st.mark_ready(&list.iter().flat_map(|&(_, r, w)| get(r, w).exceptions.clone()).collect::<Vec<_>>());\n    st.commit_ready();\$1/@crash@crash_at_every_boundary_of_random_workloads"
 )
 
+only="${1:-}"
 for m in "${mutations[@]}"; do
   IFS='@' read -r name file subst testfile test <<<"$m"
+  [[ -z "$only" || "$name" == *"$only"* ]] || continue
   rm -rf "$scratch/tree"; mkdir -p "$scratch/tree"
   (cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$scratch/tree")
   before=$(sha256sum "$scratch/tree/$file")
