@@ -27,5 +27,5 @@ case "$(qemu-io --version | head -1)" in
   *) echo "test-qemu72: qemu-io on PATH is not 7.2" >&2; exit 1 ;;
 esac
 cd "$repo"
-cargo test -p cowsnap --test daemon
+cargo test -p cowsnap --test daemon --test exclusive --test tls
 cargo test -p cowsnap-nbd --test qemu
