@@ -384,6 +384,12 @@ impl Pool {
                         abs.display()
                     )));
                 }
+                if req.transient && !req.format {
+                    return Err(Error::InvalidArgument(format!(
+                        "a transient store writes over {} from its first byte: add --format to allow it (the whole file must be zeros)",
+                        abs.display()
+                    )));
+                }
                 if req.format && !dev.is_zeroed()? {
                     return Err(Error::InvalidArgument(format!(
                         "{} is not all zeros: --format refuses to overwrite data. Zero it first, or give --cow-size to let the pool make a COW file",

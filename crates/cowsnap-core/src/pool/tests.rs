@@ -285,6 +285,18 @@ fn a_file_with_data_is_never_formatted() {
     }
     assert_eq!(bytes(&fs_img), data);
     assert!(pool.manifest().snapshots.is_empty());
+    // Live, a transient store would write over it too.
+    let (active, _) = activate(&dir);
+    for format in [false, true] {
+        let mut r = req("t", "base", CowSpec::Path(fs_img.clone()));
+        r.transient = true;
+        r.format = format;
+        let e = active.create_snapshot(&r).unwrap_err().to_string();
+        let want = if format { "not all zeros" } else { "--format" };
+        assert!(e.contains(want), "{e}");
+    }
+    drop(active);
+    assert_eq!(bytes(&fs_img), data);
     fs::remove_dir_all(&dir).unwrap();
 }
 
