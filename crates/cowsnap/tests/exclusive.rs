@@ -303,13 +303,31 @@ fn a_mounted_block_device_and_two_names_of_one_device_are_refused() {
     // Unmounted, it is accepted; the same device under another node name is refused
     // as a COW (it is the origin).
     pool.ok(&["origin", "add", "disk", "--path", &lo.0]);
-    let node = format!("/dev/block/{}", major_minor(&lo.0));
-    if Path::new(&node).exists() {
-        let err = pool.refused(&[
-            "snapshot", "create", "s", "--origin", "disk", "--cow", &node, "--format",
-        ]);
-        assert!(err.contains("already used by this pool"), "{err}");
-    }
+    // Another device node of the same block device (as /dev/block/M:m would be).
+    let node = pool.dir.with_extension("node");
+    let _ = std::fs::remove_file(&node);
+    let mm = major_minor(&lo.0);
+    let (ma, mi) = mm.split_once(':').unwrap();
+    let st = Command::new("mknod")
+        .args([node.to_str().unwrap(), "b", ma, mi])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mknod {mm}");
+    let err = pool.refused(&[
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow",
+        node.to_str().unwrap(),
+        "--format",
+    ]);
+    let _ = std::fs::remove_file(&node);
+    assert!(
+        err.contains("already used by this pool") && err.contains("origin \"disk\""),
+        "{err}"
+    );
     // A loop device over a pool file is that file: refused as a COW of another origin.
     pool.ok(&["origin", "create", "img", "--size", "4M"]);
     let over = Loop::attach(&pool.path("img.img")).expect("losetup over the origin image");
