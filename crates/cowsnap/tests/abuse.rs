@@ -3,12 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
+use common::{proc_field, python_nbd, stop, tool, Pool};
 
 /// Opens N connections to a unix socket and holds them; prints how many the server
 /// closed at once and how many it kept, then waits for a line on stdin.
@@ -38,59 +39,23 @@ print(closed, kept, flush=True)
 sys.stdin.readline()
 "#;
 
-fn proc_field(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("csa-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cs = |args: &[&str]| {
-        Command::new(BIN)
-            .env("COWSNAP_POOL", &dir)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    assert!(cs(&["init"]).status.success());
-    assert!(cs(&["origin", "create", "o", "--size", "16M"])
-        .status
-        .success());
-    let mut daemon = Command::new(BIN)
-        .env("COWSNAP_POOL", &dir)
-        .args(["serve", "--max-connections", "64"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = daemon.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.starts_with("cowsnap: serving") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("serve did not start");
+    tool("nbdinfo");
+    python_nbd();
+    let pool = Pool::new("flood");
+    pool.ok(&["origin", "create", "o", "--size", "16M"]);
+    let daemon = pool.serve_with(&["--max-connections", "64"], &[], Stdio::null());
     let pid = daemon.id();
     let threads0 = proc_field(pid, "Threads:");
     let rss0 = proc_field(pid, "VmRSS:");
 
-    let script = dir.join("flood.py");
+    let script = pool.path("flood.py");
     std::fs::write(&script, FLOOD).unwrap();
     let mut flood = Command::new("/usr/bin/python3")
         .args([
             script.to_str().unwrap(),
-            dir.join("nbd.sock").to_str().unwrap(),
+            pool.path("nbd.sock").to_str().unwrap(),
             "2000",
         ])
         .stdin(Stdio::piped())
@@ -121,7 +86,7 @@ fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
     assert!(rss < rss0 + 64 * 1024, "VmRSS {rss0} -> {rss} kB");
     // Commands still answer at once.
     let t = Instant::now();
-    assert!(cs(&["list"]).status.success());
+    pool.ok(&["list"]);
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "list took {:?}",
@@ -134,10 +99,7 @@ fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ok = Command::new("nbdinfo")
-            .arg(format!(
-                "nbd+unix:///o?socket={}",
-                dir.join("nbd.sock").display()
-            ))
+            .arg(pool.uri("o"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -152,9 +114,5 @@ fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    assert!(daemon.wait().unwrap().success());
-    let _ = std::fs::remove_dir_all(&dir);
+    stop(daemon);
 }

@@ -15,16 +15,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{python_nbd, stop, tool, Pool};
 use cowsnap_core::pool::CRASH_POINTS;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
 /// The origin: this many 4 KiB blocks.
 const BLOCKS: u64 = 1024;
 const BLOCK: usize = 4096;
@@ -57,135 +57,66 @@ fn tag(block: &[u8]) -> u64 {
     u64::from_le_bytes(block[..8].try_into().unwrap())
 }
 
-struct Pool {
-    dir: PathBuf,
+/// A pool with the origin `o` the writer writes.
+fn new_pool(tag: &str) -> Pool {
+    let p = Pool::new(tag);
+    p.ok(&[
+        "origin",
+        "create",
+        "o",
+        "--size",
+        &format!("{}", BLOCKS * 4096),
+    ]);
+    p
 }
 
-impl Pool {
-    fn new(tag: &str) -> Pool {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "csc-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let p = Pool { dir };
-        p.ok(&["init"]);
-        p.ok(&[
-            "origin",
-            "create",
-            "o",
-            "--size",
-            &format!("{}", BLOCKS * 4096),
-        ]);
-        p
-    }
-
-    fn cmd(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.env("COWSNAP_POOL", &self.dir)
-            .env_remove("COWSNAP_CRASH_AT");
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd().args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "cowsnap {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!(
-            "nbd+unix:///{export}?socket={}",
-            self.dir.join("nbd.sock").display()
-        )
-    }
-
-    /// The pool's volumes as (name, status).
-    fn volumes(&self) -> Vec<(String, String)> {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(&["list", "--json"])).unwrap();
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| {
-                (
-                    x["name"].as_str().unwrap().to_string(),
-                    x["status"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    }
-
-    /// Files of the volume `name` in the pool directory (final or staged names).
-    fn files_of(&self, name: &str) -> Vec<String> {
-        std::fs::read_dir(&self.dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|f| {
-                f == &format!("{name}.cow")
-                    || f == &format!("{name}.img")
-                    || f.starts_with(&format!(".{name}."))
-            })
-            .collect()
-    }
-
-    /// A volume's whole content, read over NBD.
-    fn read(&self, export: &str) -> Vec<u8> {
-        let out = self.dir.join(format!("dump-{export}.raw"));
-        let st = Command::new("nbdcopy")
-            .args([&self.uri(export), out.to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(st.success(), "nbdcopy {export}");
-        let data = std::fs::read(&out).unwrap();
-        std::fs::remove_file(&out).unwrap();
-        data
-    }
+/// The pool's volumes as (name, status).
+fn volumes(pool: &Pool) -> Vec<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(&pool.ok(&["list", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["name"].as_str().unwrap().to_string(),
+                x["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Files of the volume `name` in the pool directory (final or staged names).
+fn files_of(pool: &Pool, name: &str) -> Vec<String> {
+    std::fs::read_dir(&pool.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| {
+            f == &format!("{name}.cow")
+                || f == &format!("{name}.img")
+                || f.starts_with(&format!(".{name}."))
+        })
+        .collect()
+}
+
+/// A volume's whole content, read over NBD.
+fn read(pool: &Pool, export: &str) -> Vec<u8> {
+    let out = pool.dir.join(format!("dump-{export}.raw"));
+    let st = Command::new("nbdcopy")
+        .args([&pool.uri(export), out.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "nbdcopy {export}");
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
 }
 
 /// Starts `cowsnap serve`, with `crash_at` in its environment; waits until it serves.
 fn serve(pool: &Pool, crash_at: Option<&str>) -> Child {
-    let mut c = pool.cmd();
-    if let Some(at) = crash_at {
-        c.env("COWSNAP_CRASH_AT", at);
+    match crash_at {
+        Some(at) => pool.serve_with(&[], &[("COWSNAP_CRASH_AT", at)], Stdio::null()),
+        None => pool.serve(),
     }
-    let mut child = c
-        .arg("serve")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.starts_with("cowsnap: serving") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("cowsnap serve did not start");
-    child
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let st = child.wait().unwrap();
-    assert!(st.success(), "cowsnap serve stopped with {st}");
 }
 
 /// The writer, and the sequence numbers it saw acknowledged.
@@ -309,25 +240,13 @@ fn crashed(mut child: Child) {
 }
 
 fn require_tools() {
-    let ok = Command::new("sh")
-        .args(["-c", "command -v nbdcopy"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "nbdcopy is required (libnbd-bin)");
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "/usr/bin/python3 with the nbd module is required (python3-libnbd)"
-    );
+    tool("nbdcopy");
+    python_nbd();
 }
 
 /// One live snapshot operation killed at `point`, with the writer running.
 fn live_crash(point: &str) {
-    let pool = Pool::new("live");
+    let pool = new_pool("live");
     let removing = point.starts_with("remove-snapshot");
     if removing {
         // Made offline: its point in time is the zeroed origin.
@@ -366,12 +285,12 @@ fn live_crash(point: &str) {
     let last = writer.finish().unwrap();
 
     let daemon = serve(&pool, None);
-    check_origin(&pool.read("o"), last);
-    let vols = pool.volumes();
+    check_origin(&read(&pool, "o"), last);
+    let vols = volumes(&pool);
     match vols.iter().find(|(n, _)| n == "s") {
         Some((_, status)) => {
             assert!(status.contains('/'), "{point}: snapshot s is {status}");
-            let data = pool.read("s");
+            let data = read(&pool, "s");
             if removing {
                 assert!(
                     data.iter().all(|&b| b == 0),
@@ -380,13 +299,13 @@ fn live_crash(point: &str) {
             } else {
                 check_point_in_time(&data, Some(before), last);
             }
-            assert_eq!(pool.files_of("s"), vec!["s.cow".to_string()], "{point}");
+            assert_eq!(files_of(&pool, "s"), vec!["s.cow".to_string()], "{point}");
         }
         None => {
             assert!(
-                pool.files_of("s").is_empty(),
+                files_of(&pool, "s").is_empty(),
                 "{point}: left {:?}",
-                pool.files_of("s")
+                files_of(&pool, "s")
             );
             pool.ok(&[
                 "snapshot",
@@ -428,7 +347,7 @@ fn an_offline_origin_create_killed_at_any_step_leaves_the_name_usable() {
         .iter()
         .filter(|p| p.starts_with("create-origin"))
     {
-        let pool = Pool::new("origin");
+        let pool = new_pool("origin");
         let out = pool
             .cmd()
             .env("COWSNAP_CRASH_AT", point)
@@ -436,14 +355,14 @@ fn an_offline_origin_create_killed_at_any_step_leaves_the_name_usable() {
             .output()
             .unwrap();
         assert!(!out.status.success(), "{point}: did not crash");
-        let vols = pool.volumes();
+        let vols = volumes(&pool);
         if vols.iter().any(|(n, _)| n == "n") {
-            assert_eq!(pool.files_of("n"), vec!["n.img".to_string()], "{point}");
+            assert_eq!(files_of(&pool, "n"), vec!["n.img".to_string()], "{point}");
         } else {
             assert!(
-                pool.files_of("n").is_empty(),
+                files_of(&pool, "n").is_empty(),
                 "{point}: {:?}",
-                pool.files_of("n")
+                files_of(&pool, "n")
             );
             pool.ok(&["origin", "create", "n", "--size", "1M"]);
         }
@@ -483,7 +402,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
     eprintln!("sigkill_at_random_moments: COWSNAP_SEED={seed} COWSNAP_CRASH_TRIALS={trials}");
     let mut rng = seed;
     for trial in 0..trials {
-        let pool = Pool::new("random");
+        let pool = new_pool("random");
         pool.ok(&[
             "snapshot",
             "create",
@@ -547,8 +466,8 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
         crashed(daemon);
         let last = writer.finish().unwrap();
         let daemon = serve(&pool, None);
-        check_origin(&pool.read("o"), last);
-        let vols = pool.volumes();
+        check_origin(&read(&pool, "o"), last);
+        let vols = volumes(&pool);
         for (name, status) in &vols {
             if name == "o" {
                 continue;
@@ -557,7 +476,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
                 status.contains('/'),
                 "trial {trial} (seed {seed}): {name} is {status}"
             );
-            let data = pool.read(name);
+            let data = read(&pool, name);
             if name == "base" {
                 assert!(
                     data.iter().all(|&b| b == 0),
@@ -570,9 +489,9 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
         for t in ["t0", "t1", "t2"] {
             if !vols.iter().any(|(n, _)| n == t) {
                 assert!(
-                    pool.files_of(t).is_empty(),
+                    files_of(&pool, t).is_empty(),
                     "trial {trial} (seed {seed}): {t} left {:?}",
-                    pool.files_of(t)
+                    files_of(&pool, t)
                 );
             }
         }

@@ -5,114 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
-
-struct Pool {
-    dir: PathBuf,
-}
-
-impl Pool {
-    fn new(tag: &str) -> Pool {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "csx-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let p = Pool { dir };
-        p.ok(&["init"]);
-        p
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .env("COWSNAP_POOL", &self.dir)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "cowsnap {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs a command that must fail; returns its error output.
-    fn refused(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "cowsnap {args:?} was accepted");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.join(f)
-    }
-
-    fn serve(&self) -> Child {
-        self.serve_with(Stdio::null())
-    }
-
-    /// `serve` with its error output (warnings) in the file `log`.
-    fn serve_logging(&self, log: &Path) -> Child {
-        self.serve_with(std::fs::File::create(log).unwrap().into())
-    }
-
-    fn serve_with(&self, stderr: Stdio) -> Child {
-        let mut child = Command::new(BIN)
-            .env("COWSNAP_POOL", &self.dir)
-            .arg("serve")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("cowsnap: serving") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("cowsnap serve did not start");
-        child
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    child.wait().unwrap();
-}
-
-fn tool(cmd: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "{cmd} is required by this test");
-}
+use common::{is_root, stop, tool, Pool};
 
 #[test]
 fn qemu_and_cowsnap_see_each_others_claims() {
@@ -270,7 +169,7 @@ impl Drop for Loop {
 
 #[test]
 fn a_mounted_block_device_and_two_names_of_one_device_are_refused() {
-    if !rustix_is_root() {
+    if !is_root() {
         eprintln!("SKIP a_mounted_block_device: needs root for loop devices");
         assert!(std::env::var("CI").is_err(), "CI runs as root");
         return;
@@ -356,13 +255,6 @@ fn major_minor(dev: &str) -> String {
     format!("{}:{}", it.next().unwrap(), it.next().unwrap())
 }
 
-fn rustix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 #[test]
 fn the_pool_is_private_to_its_owner() {
     let pool = Pool::new("private");
@@ -382,7 +274,7 @@ fn the_pool_is_private_to_its_owner() {
     for f in ["pool.json", "o.img", "s.cow", "daemon.lock"] {
         assert_eq!(mode(&pool.path(f)), 0o600, "{f}");
     }
-    if rustix_is_root() {
+    if is_root() {
         // An unprivileged user can read none of it, even with the directory opened up.
         std::fs::set_permissions(&pool.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let out = Command::new("runuser")
