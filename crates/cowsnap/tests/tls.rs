@@ -15,33 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
+mod common;
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// True when every tool is there; under CI a missing tool fails the test.
-fn require(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        !ci(),
-        "{test}: required tools missing under CI: {missing:?}"
-    );
-    eprintln!("SKIP {test}: missing {missing:?} (CI would fail)");
-    false
-}
+use common::{require, run, BIN};
 
 fn text(out: &Output) -> String {
     format!(
@@ -49,20 +25,6 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// Runs a command, failing the test with its output if it fails.
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}",
-        out.status,
-        text(&out)
-    );
-    out
 }
 
 /// Runs a command that must fail; returns its output.

@@ -130,14 +130,53 @@ pub fn stop(mut child: Child) {
     assert!(st.success(), "cowsnap serve stopped with {st}");
 }
 
-/// Fails the test when `cmd` is not on PATH (these tests have no fallback).
-pub fn tool(cmd: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
+/// True under CI (`CI` set, as `.ci/run` does): a missing tool then fails a test.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// True when `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "{cmd} is required by this test");
+        .is_ok_and(|s| s.success())
+}
+
+/// True when every tool is there; under CI a missing tool fails the test, elsewhere it
+/// prints a SKIP line.
+pub fn require(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !ci(),
+        "{test}: required tools missing under CI: {missing:?}"
+    );
+    eprintln!("SKIP {test}: missing {missing:?} (CI would fail)");
+    false
+}
+
+/// Runs a command, failing the test with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Fails the test when `cmd` is not on PATH (these tests have no fallback).
+pub fn tool(cmd: &str) {
+    assert!(have(cmd), "{cmd} is required by this test");
 }
 
 /// Fails the test without Debian's python3 and its nbd module (python3-libnbd).
