@@ -3,7 +3,7 @@
 //! [`Handshake`] never touches a socket: the caller sends what [`Handshake::take_output`]
 //! returns, feeds whatever the client sent to [`Handshake::push_input`], and calls
 //! [`Handshake::advance`] until it reports [`Status::Transmission`] (the client chose an
-//! export), [`Status::Aborted`] (the client sent `NBD_OPT_ABORT`) or an error (a violation
+//! export), [`Status::Aborted`] (the client sent `NBD_OPT_ABORT`, or an option met a server shutting down and got `NBD_REP_ERR_SHUTDOWN`) or an error (a violation
 //! that ends the session: unknown client flags, a bad option magic, or an unknown export
 //! chosen with `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error).
 //!
@@ -197,6 +197,10 @@ pub enum HandshakeError {
         "client chose an export with NBD_OPT_EXPORT_NAME without TLS, which this server requires"
     )]
     TlsRequired,
+    /// `NBD_OPT_EXPORT_NAME` while the server shuts down (it has no way to report an
+    /// error).
+    #[error("client chose an export with NBD_OPT_EXPORT_NAME while the server shuts down")]
+    ShuttingDown,
     /// The handshake already ended.
     #[error("handshake already finished")]
     Finished,
@@ -234,6 +238,8 @@ pub struct Handshake {
     tls_mode: TlsMode,
     /// TLS was started: options now arrive through it.
     tls_active: bool,
+    /// The server is shutting down: options get `NBD_REP_ERR_SHUTDOWN`.
+    shutting_down: bool,
 }
 
 /// A malformed option payload.
@@ -271,7 +277,16 @@ impl Handshake {
             meta_export: None,
             tls_mode: TlsMode::Off,
             tls_active: false,
+            shutting_down: false,
         }
+    }
+
+    /// The server began shutting down: every option from now on but `ABORT` is answered
+    /// `NBD_REP_ERR_SHUTDOWN` and ends the handshake ([`Status::Aborted`]);
+    /// `NBD_OPT_EXPORT_NAME`, which has no error reply, ends it with
+    /// [`HandshakeError::ShuttingDown`].
+    pub fn shutting_down(&mut self) {
+        self.shutting_down = true;
     }
 
     /// Sets how the handshake treats TLS (default [`TlsMode::Off`]).
@@ -351,6 +366,18 @@ impl Handshake {
                     if magic != IHAVEOPT {
                         self.state = State::Done;
                         return Err(HandshakeError::BadOptionMagic(magic));
+                    }
+                    if self.shutting_down && option != OPT_ABORT {
+                        if option == OPT_EXPORT_NAME {
+                            self.state = State::Done;
+                            return Err(HandshakeError::ShuttingDown);
+                        }
+                        self.state = State::Skip {
+                            option,
+                            remaining: u64::from(len),
+                            reply: REP_ERR_SHUTDOWN,
+                        };
+                        continue;
                     }
                     if self.tls_mode == TlsMode::Required
                         && !self.tls_active
@@ -440,9 +467,14 @@ impl Handshake {
                             "this server requires TLS: send NBD_OPT_STARTTLS first \
                              (e.g. an nbds:// URI, or qemu's tls-creds)"
                         }
+                        REP_ERR_SHUTDOWN => "the server is shutting down: try again later",
                         _ => "option data too large",
                     };
                     self.reply(option, reply, msg.as_bytes());
+                    if reply == REP_ERR_SHUTDOWN {
+                        self.state = State::Done;
+                        return Ok(Status::Aborted);
+                    }
                     self.state = State::OptionHeader;
                 }
                 State::OptionData { option, len } => {

@@ -143,6 +143,10 @@ fn handshake_steps(
             Ok(0) | Err(_) => return None,
             Ok(n) => n,
         };
+        // Options that arrive once shutdown began are answered NBD_REP_ERR_SHUTDOWN.
+        if shared.stopping.load(Ordering::SeqCst) {
+            hs.shutting_down();
+        }
         hs.push_input(buf.get(..n).unwrap_or_default());
     }
 }

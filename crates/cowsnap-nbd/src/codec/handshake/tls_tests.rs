@@ -1,4 +1,4 @@
-//! Unit tests of the `STARTTLS` rules in each [`TlsMode`].
+//! Unit tests of the `STARTTLS` rules in each [`TlsMode`], and of options met by a shutdown.
 
 use super::*;
 use crate::codec::cursor::Cursor;
@@ -246,4 +246,29 @@ fn huge_options_before_tls_are_skipped_in_pieces() {
     assert_eq!(s, Ok(Status::NeedInput));
     assert_eq!(r, vec![(OPT_STARTTLS, REP_ERR_TOO_BIG)]);
     start_tls(&mut h);
+}
+
+#[test]
+fn once_shutdown_began_options_get_err_shutdown_and_end_the_handshake() {
+    // An option answered normally, then shutdown begins.
+    let mut h = started(TlsMode::Off);
+    let (s, r) = send(&mut h, &opt(OPT_LIST, &[]));
+    assert_eq!(s, Ok(Status::NeedInput));
+    assert_eq!(r.last(), Some(&(OPT_LIST, REP_ACK)));
+    h.shutting_down();
+    let (s, r) = send(&mut h, &opt(OPT_GO, &go_data("disk")));
+    assert_eq!(s, Ok(Status::Aborted));
+    assert_eq!(r, vec![(OPT_GO, REP_ERR_SHUTDOWN)]);
+    // EXPORT_NAME has no error reply: the handshake ends with an error.
+    let mut h = started(TlsMode::Off);
+    h.shutting_down();
+    let (s, r) = send(&mut h, &opt(OPT_EXPORT_NAME, b"disk"));
+    assert_eq!(s, Err(HandshakeError::ShuttingDown));
+    assert!(r.is_empty());
+    // ABORT is still acknowledged.
+    let mut h = started(TlsMode::Off);
+    h.shutting_down();
+    let (s, r) = send(&mut h, &opt(OPT_ABORT, &[]));
+    assert_eq!(s, Ok(Status::Aborted));
+    assert_eq!(r, vec![(OPT_ABORT, REP_ACK)]);
 }
