@@ -328,7 +328,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     }
     let read_only: HashSet<String> = args.read_only.iter().cloned().collect();
     for n in &read_only {
-        if active.volume(n).is_none() {
+        if active.info(n).is_none() {
             bail!("--read-only {n}: no volume called {n:?} in this pool");
         }
     }

@@ -15,8 +15,8 @@
 //!   `200 + bit` (bits: 0 consistent read, 1 write, 2 write unchanged, 3 resize). A writer
 //!   claim holds consistent read, write and write-unchanged, and shares neither write nor
 //!   resize: it locks bytes 100, 101, 102, 201 and 203, then checks that no other open file
-//!   description holds a lock on 200 or 201 (someone refuses to let us read or write) or on
-//!   101 or 103 (someone writes or resizes). Locking before checking means two claimants
+//!   description holds a lock on 200, 201 or 202 (someone refuses to share a permission we
+//!   hold) or on 101 or 103 (someone writes or resizes). Locking before checking means two claimants
 //!   racing each see the other. The locks go away with the file description (on close or
 //!   at process death), so a crashed daemon never leaves a stale claim.
 //! * Block devices are also opened `O_EXCL` (by [`FileDevice`](super::FileDevice)), which
@@ -200,6 +200,7 @@ pub fn claim(file: &File, name: &str) -> Result<()> {
     let checks = [
         (SHARED_BASE + CONSISTENT_READ, CONSISTENT_READ, false),
         (SHARED_BASE + WRITE, WRITE, false),
+        (SHARED_BASE + WRITE_UNCHANGED, WRITE_UNCHANGED, false),
         (PERM_BASE + WRITE, WRITE, true),
         (PERM_BASE + RESIZE, RESIZE, true),
     ];

@@ -530,15 +530,27 @@ impl ActivePool {
         })?;
         // On any error below, dropping `prepared` deletes a COW file the pool made.
         let prepared = inner.pool.prepare_snapshot(req)?;
-        let snap = Snapshot::load(&origin, prepared.store.clone())?;
+        inner.pool.guard_format(&prepared)?;
+        // On a failure below, every handle on the COW goes before `undo_format` opens it.
+        let snap = match Snapshot::load(&origin, prepared.store.clone()) {
+            Ok(snap) => snap,
+            Err(e) => {
+                drop(prepared);
+                return Err(inner.pool.undo_format(&req.name, e));
+            }
+        };
         crash_point("create-snapshot:loaded");
-        origin.activate(&snap)?;
+        if let Err(e) = origin.activate(&snap) {
+            drop((snap, prepared));
+            return Err(inner.pool.undo_format(&req.name, e));
+        }
         crash_point("create-snapshot:activated");
         let (entry, warning) = match inner.pool.commit_snapshot(prepared) {
             Ok(done) => done,
             Err(e) => {
                 let _ = origin.deactivate(&snap);
-                return Err(e);
+                drop(snap);
+                return Err(inner.pool.undo_format(&req.name, e));
             }
         };
         inner.snapshots.insert(

@@ -161,6 +161,30 @@ impl Manifest {
                 )));
             }
         }
+        // A file the pool owns (and may delete) is a plain name inside the pool directory.
+        let plain = |p: &PathBuf| {
+            let mut c = p.components();
+            matches!(c.next(), Some(std::path::Component::Normal(_))) && c.next().is_none()
+        };
+        for (name, path) in self
+            .origins
+            .iter()
+            .filter(|o| o.owned)
+            .map(|o| (&o.name, &o.path))
+            .chain(
+                self.snapshots
+                    .iter()
+                    .filter(|s| s.owned)
+                    .map(|s| (&s.name, &s.cow)),
+            )
+        {
+            if !plain(path) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {name:?}: a file the pool owns must be a plain name inside the pool, not {}",
+                    path.display()
+                )));
+            }
+        }
         for s in &self.snapshots {
             if self.origin(&s.origin).is_none() {
                 return Err(Error::InvalidArgument(format!(

@@ -133,6 +133,17 @@ impl Pool {
                 dir.display()
             )));
         }
+        // The pool settles files by name in its directory: it must be its own.
+        let empty = fs::read_dir(dir)
+            .map_err(|e| Error::io("read", 0, dir.display().to_string(), e))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not empty: a pool needs a directory of its own (give a new or empty one)",
+                dir.display()
+            )));
+        }
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("chmod 0700", 0, dir.display().to_string(), e))?;
         let manifest = Manifest::new();
@@ -156,6 +167,8 @@ impl Pool {
             notes: Vec::new(),
         };
         pool.notes = staging::recover(dir, &pool.manifest)?;
+        // A removal that cannot finish now stays marked: its snapshot is never activated,
+        // and the next open (or a `snapshot remove`) tries again.
         let removing: Vec<String> = pool
             .manifest
             .snapshots
@@ -164,18 +177,24 @@ impl Pool {
             .map(|s| s.name.clone())
             .collect();
         for name in removing {
-            let mut notes = pool.finish_removal(&name, None)?;
-            pool.notes.push(format!(
-                "snapshot {name:?}: finished its interrupted removal"
-            ));
-            pool.notes.append(&mut notes);
+            match pool.finish_removal(&name, None) {
+                Ok(mut notes) => {
+                    pool.notes
+                        .push(format!("snapshot {name:?}: finished its interrupted removal"));
+                    pool.notes.append(&mut notes);
+                }
+                Err(e) => pool.notes.push(format!(
+                    "snapshot {name:?}: its interrupted removal could not finish ({e}); it stays out of service until it does"
+                )),
+            }
         }
         pool.notes.extend(permission_warnings(&pool));
         Ok(pool)
     }
 
-    /// Messages from [`open`](Self::open): leftovers settled, removals finished, files
-    /// other users can read.
+    /// Messages from [`open`](Self::open) (leftovers settled, removals finished, files
+    /// other users can read) and from later changes that committed but left a file to
+    /// settle.
     pub fn notes(&self) -> &[String] {
         &self.notes
     }
@@ -271,6 +290,16 @@ impl Pool {
 
     /// Refuses a file that is already a volume of this pool under any name.
     fn check_not_in_pool(&self, path: &Path, id: FileId) -> Result<()> {
+        let in_pool = fs::canonicalize(&self.dir).is_ok_and(|d| path.parent() == Some(&d));
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if in_pool
+            && name.is_some_and(|n| n.starts_with('.') || n == MANIFEST || n == "daemon.lock")
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{} is one of the pool's own files: keep adopted files outside the pool directory",
+                path.display()
+            )));
+        }
         let mine = id.with_backing();
         let taken = self
             .volume_ids()
@@ -306,7 +335,11 @@ impl Pool {
         next.origins.push(entry.clone());
         self.commit(next)?;
         crash_point("create-origin:committed");
-        file.publish()?;
+        // Committed: the origin exists. A failed rename is settled by the next open.
+        if let Err(e) = file.publish() {
+            self.notes
+                .push(format!("{e}: the next start of the pool finishes it"));
+        }
         Ok(entry)
     }
 
@@ -417,7 +450,9 @@ impl Pool {
         };
         let kind = store.kind();
         let owned = new_file.is_some();
+        let formats_adopted = !owned && !req.transient && req.format;
         Ok(Prepared {
+            formats_adopted,
             entry: SnapshotEntry {
                 name: req.name.clone(),
                 origin: req.origin.clone(),
@@ -443,14 +478,53 @@ impl Pool {
             ..
         } = prepared;
         let mut next = self.manifest.clone();
+        // A formatted adoption is in the manifest already, marked `removing`.
+        next.snapshots.retain(|s| s.name != entry.name);
         next.snapshots.push(entry.clone());
         self.commit(next)?;
         crash_point("create-snapshot:committed");
+        // Committed: the snapshot exists. A failed rename is settled by the next open.
+        let mut warning = warning;
         if let Some(f) = new_file {
-            f.publish()?;
+            if let Err(e) = f.publish() {
+                let w = format!("{e}: the next start of the pool finishes it");
+                warning = Some(match warning {
+                    Some(first) => format!("{first}; {w}"),
+                    None => w,
+                });
+            }
         }
         crash_point("create-snapshot:published");
         Ok((entry, warning))
+    }
+
+    /// Before an adopted file is formatted (`--format`), commits its entry marked
+    /// `removing`: the format writes a valid COW header into a file the user owns, and a
+    /// crash or a failure before the create commits must not leave it looking like a valid
+    /// snapshot. A `removing` entry is never activated; its removal (at the next open, or
+    /// by [`undo_format`](Self::undo_format)) marks the header invalid and drops it.
+    fn guard_format(&mut self, prepared: &Prepared) -> Result<()> {
+        if !prepared.formats_adopted {
+            return Ok(());
+        }
+        let mut next = self.manifest.clone();
+        let mut entry = prepared.entry.clone();
+        entry.removing = true;
+        next.snapshots.push(entry);
+        self.commit(next)
+    }
+
+    /// Undoes [`guard_format`](Self::guard_format) after a failed create; returns `e`.
+    fn undo_format(&mut self, prepared_name: &str, e: Error) -> Error {
+        if self
+            .manifest
+            .snapshot(prepared_name)
+            .is_some_and(|s| s.removing)
+        {
+            // Best effort: if it fails, the next open finishes it.
+            let _ = self.finish_removal(prepared_name, None);
+        }
+        e
     }
 
     /// Creates a snapshot offline: its point in time is the origin image as it is now.
@@ -474,10 +548,14 @@ impl Pool {
             .origin(&req.origin)
             .map(|o| (self.resolve(&o.path), o.id))
             .unwrap_or_default();
-        let origin_size = self.open_volume_file(&origin, origin_id)?.size();
-        let store = &prepared.store;
-        let origin_chunks = store.chunk_size().chunks_covering(origin_size);
-        store.load(&mut |e| {
+        let origin_dev = self.open_volume_file(&origin, origin_id)?;
+        let origin_chunks = prepared
+            .store
+            .chunk_size()
+            .chunks_covering(origin_dev.size());
+        self.guard_format(&prepared)?;
+        let store = prepared.store.clone();
+        let loaded = store.load(&mut |e| {
             if e.old.0 >= origin_chunks {
                 return Err(Error::Corrupt {
                     device: store.cow().describe(),
@@ -486,9 +564,18 @@ impl Pool {
                 });
             }
             Ok(())
-        })?;
+        });
+        drop(store);
+        if let Err(e) = loaded {
+            // Every handle on the COW goes before `undo_format` opens it.
+            drop(prepared);
+            return Err(self.undo_format(&req.name, e));
+        }
         crash_point("create-snapshot:loaded");
-        self.commit_snapshot(prepared)
+        let done = self.commit_snapshot(prepared);
+        let done = done.map_err(|e| self.undo_format(&req.name, e));
+        drop(origin_dev);
+        done
     }
 
     /// Status of every volume, or only of the volume `only`, read from the files without
@@ -562,8 +649,11 @@ impl Pool {
         next.snapshots.retain(|s| s.name != name);
         self.commit(next)?;
         crash_point("remove-snapshot:committed");
+        // Committed: the snapshot is gone. A file left behind is deleted by the next open.
         if let Some(t) = trash {
-            staging::unlink(&t)?;
+            if let Err(e) = staging::unlink(&t) {
+                warnings.push(format!("{e}: the next start of the pool deletes it"));
+            }
         }
         crash_point("remove-snapshot:unlinked");
         Ok(warnings)
@@ -584,6 +674,8 @@ struct Prepared {
     store: Arc<dyn ExceptionStore>,
     warning: Option<String>,
     new_file: Option<staging::NewFile>,
+    /// An adopted file the load will format (`--format`): see [`Pool::guard_format`].
+    formats_adopted: bool,
 }
 
 fn cow_device(dev: FileDevice) -> Arc<dyn BlockDevice> {

@@ -164,6 +164,11 @@ pub(crate) fn stage_removal(final_path: &Path, id: Option<FileId>) -> Result<Opt
         return Ok(None);
     }
     let to = staged(final_path, DEL);
+    // A removal name left by an earlier attempt at this same removal: only this entry's
+    // file can have it, and the entry is going.
+    if fs::symlink_metadata(&to).is_ok_and(|m| m.file_type().is_file()) {
+        unlink(&to)?;
+    }
     rename_noreplace(final_path, &to)?;
     Ok(Some(to))
 }
@@ -223,35 +228,51 @@ pub(crate) fn recover(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
             continue;
         }
         let id = FileId::of(&meta);
-        let owner = owned.iter().find(|(_, eid, _)| eid.is_some() && *eid == id);
+        // The entry whose file this is: same id, and the staged name of its final path (an
+        // inode number alone may have been reused since).
+        let owner = owned.iter().find(|(final_path, eid, _)| {
+            eid.is_some()
+                && *eid == id
+                && (path == staged(final_path, NEW) || path == staged(final_path, DEL))
+        });
         match owner {
             Some((final_path, _, vol)) if fs::symlink_metadata(final_path).is_err() => {
-                rename_noreplace(&path, final_path)?;
-                changed = true;
-                msgs.push(format!(
-                    "volume {vol:?}: {} renamed to {} (an interrupted create or remove)",
-                    path.display(),
-                    final_path.display()
-                ));
+                match rename_noreplace(&path, final_path) {
+                    Ok(()) => {
+                        changed = true;
+                        msgs.push(format!(
+                            "volume {vol:?}: {} renamed to {} (an interrupted create or remove)",
+                            path.display(),
+                            final_path.display()
+                        ));
+                    }
+                    Err(e) => msgs.push(format!("volume {vol:?}: {e}; left as it is")),
+                }
             }
             Some((final_path, _, vol)) => msgs.push(format!(
                 "volume {vol:?}: {} left alone: {} exists already",
                 path.display(),
                 final_path.display()
             )),
-            None => {
-                fs::remove_file(&path)
-                    .map_err(|e| Error::io("delete", 0, path.display().to_string(), e))?;
-                changed = true;
-                msgs.push(format!(
-                    "deleted {}, left by an interrupted create or remove",
+            None => match fs::remove_file(&path) {
+                Ok(()) => {
+                    changed = true;
+                    msgs.push(format!(
+                        "deleted {}, left by an interrupted create or remove",
+                        path.display()
+                    ));
+                }
+                Err(e) => msgs.push(format!(
+                    "{} (left by an interrupted create or remove) could not be deleted: {e}",
                     path.display()
-                ));
-            }
+                )),
+            },
         }
     }
     if changed {
-        sync_dir(dir)?;
+        if let Err(e) = sync_dir(dir) {
+            msgs.push(e.to_string());
+        }
     }
     Ok(msgs)
 }

@@ -471,3 +471,82 @@ fn a_zeroed_pool_cow_fails_its_snapshot_and_is_never_reformatted() {
     drop(active);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_format_interrupted_before_its_commit_leaves_no_valid_header() {
+    let dir = tmpdir("fmtcrash");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    let outside = tmpdir("fmtcrash-user");
+    fs::create_dir_all(&outside).unwrap();
+    let ext = outside.join("zeros.cow");
+    create_new_sparse(&ext, 256 << 10);
+    let mut r = req("s", "base", CowSpec::Path(ext.clone()));
+    r.format = true;
+    // The steps of a create up to the format, then a "crash" (nothing more happens).
+    let prepared = pool.prepare_snapshot(&r).unwrap();
+    pool.guard_format(&prepared).unwrap();
+    prepared.store.load(&mut |_| Ok(())).unwrap();
+    assert_eq!(&bytes(&ext)[..4], b"SnAp");
+    drop(prepared);
+    drop(pool);
+    let pool = Pool::open(&dir).unwrap();
+    assert!(
+        pool.manifest().snapshot("s").is_none(),
+        "the create did not happen"
+    );
+    let raw = bytes(&ext);
+    assert_eq!(raw[4], 0, "the header the format wrote is marked invalid");
+    fs::remove_dir_all(&dir).unwrap();
+    fs::remove_dir_all(&outside).unwrap();
+}
+
+#[test]
+fn pools_keep_to_their_own_directory() {
+    let dir = tmpdir("own");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("notes.txt"), b"mine").unwrap();
+    let e = Pool::init(&dir).unwrap_err().to_string();
+    assert!(e.contains("not empty"), "{e}");
+    fs::remove_file(dir.join("notes.txt")).unwrap();
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    // The pool's own files are never adopted.
+    let staged = dir.join(".x.cow.new");
+    create_new_sparse(&staged, 256 << 10);
+    for p in [staged.clone(), dir.join(MANIFEST)] {
+        let mut r = req("s", "base", CowSpec::Path(p));
+        r.format = true;
+        let e = pool.create_snapshot(&r).unwrap_err().to_string();
+        assert!(e.contains("pool's own files"), "{e}");
+    }
+    // A hand-edited manifest cannot make the pool own a file outside it.
+    let mut m = Manifest::load(&dir).unwrap();
+    m.origins[0].path = "../elsewhere.img".into();
+    let e = m.store(&dir).unwrap_err().to_string();
+    assert!(e.contains("plain name inside the pool"), "{e}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_staged_file_is_matched_by_its_name_as_well_as_its_inode() {
+    let dir = tmpdir("reuse");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_snapshot(&req("x", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    // x's COW went missing, and a staged file of another name got its inode number.
+    fs::rename(dir.join("x.cow"), dir.join(".y.cow.new")).unwrap();
+    drop(pool);
+    let pool = Pool::open(&dir).unwrap();
+    assert!(
+        !dir.join("x.cow").exists(),
+        "another volume's staged file was renamed to x.cow"
+    );
+    assert!(
+        !dir.join(".y.cow.new").exists(),
+        "a staged file of no entry is deleted"
+    );
+    drop(pool);
+    fs::remove_dir_all(&dir).unwrap();
+}
