@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use cowsnap_core::copy::Copier;
-use cowsnap_core::dev::{BlockDevice, Fua};
+use cowsnap_core::dev::{BlockDevice, FileId, Fua};
 use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
 use cowsnap_core::target::Origin;
 use cowsnap_core::units::Chunk;
@@ -148,9 +148,11 @@ fn export_for(
         .multi_conn(true)
         .description(format!("cowsnap {} {name}", kind_word(kind)));
     let path = PathBuf::from(&info.path);
-    let regular = std::fs::metadata(&path)
-        .map(|m| m.is_file())
-        .unwrap_or(false);
+    // Holes are read from the image by path: only when the path still names the file the
+    // pool opened (a replaced file would report another file's holes).
+    let regular = std::fs::metadata(&path).is_ok_and(|m| {
+        m.is_file() && FileId::of(&m).is_some() && FileId::of(&m) == active.file_id(name)
+    });
     e = match (kind, active.origin(name)) {
         // An origin reads its image file directly: its holes are exact, and punching one
         // zeroes fast where no snapshot has to copy the range out first.

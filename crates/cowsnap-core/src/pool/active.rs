@@ -488,6 +488,19 @@ impl ActivePool {
         self.inner.lock().read_only_reason(name)
     }
 
+    /// The identity of a served volume's file (origin image or COW), as the pool recorded
+    /// it when it opened the file.
+    pub fn file_id(&self, name: &str) -> Option<FileId> {
+        let inner = self.inner.lock();
+        if !inner.origins.contains_key(name) && !inner.snapshots.contains_key(name) {
+            return None;
+        }
+        let m = inner.pool.manifest();
+        m.origin(name)
+            .and_then(|o| o.id)
+            .or_else(|| m.snapshot(name).and_then(|s| s.id))
+    }
+
     /// The origin called `name`.
     pub fn origin(&self, name: &str) -> Option<Arc<Origin>> {
         self.inner.lock().origins.get(name).cloned()
