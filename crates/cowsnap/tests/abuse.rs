@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{proc_field, python_nbd, stop, tool, Pool};
+use common::{proc_field, python_nbd, tool, Pool};
 
 /// Opens N connections to a unix socket and holds them; prints how many the server
 /// closed at once and how many it kept, then waits for a line on stdin.
@@ -45,8 +45,8 @@ fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
     python_nbd();
     let pool = Pool::new("flood");
     pool.ok(&["origin", "create", "o", "--size", "16M"]);
-    let daemon = pool.serve_with(&["--max-connections", "64"], &[], Stdio::null());
-    let pid = daemon.id();
+    let daemon = pool.serve_with(&["--max-connections", "64"], &[]);
+    let pid = daemon.pid();
     let threads0 = proc_field(pid, "Threads:");
     let rss0 = proc_field(pid, "VmRSS:");
 
@@ -114,5 +114,5 @@ fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop(daemon);
+    daemon.stop_ok();
 }

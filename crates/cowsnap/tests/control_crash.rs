@@ -21,9 +21,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{python_nbd, stop, tool, Pool};
+use common::{python_nbd, tool, Daemon, Pool};
 use cowsnap_core::pool::CRASH_POINTS;
 /// The origin: this many 4 KiB blocks.
 const BLOCKS: u64 = 1024;
@@ -70,6 +70,19 @@ fn new_pool(tag: &str) -> Pool {
     p
 }
 
+/// `snapshot create NAME` of the origin with an 8 MiB COW; it must succeed.
+fn create_snapshot(pool: &Pool, name: &str) {
+    pool.ok(&[
+        "snapshot",
+        "create",
+        name,
+        "--origin",
+        "o",
+        "--cow-size",
+        "8M",
+    ]);
+}
+
 /// The pool's volumes as (name, status).
 fn volumes(pool: &Pool) -> Vec<(String, String)> {
     let v: serde_json::Value = serde_json::from_str(&pool.ok(&["list", "--json"])).unwrap();
@@ -112,9 +125,9 @@ fn read(pool: &Pool, export: &str) -> Vec<u8> {
 }
 
 /// Starts `cowsnap serve`, with `crash_at` in its environment; waits until it serves.
-fn serve(pool: &Pool, crash_at: Option<&str>) -> Child {
+fn serve(pool: &Pool, crash_at: Option<&str>) -> Daemon {
     match crash_at {
-        Some(at) => pool.serve_with(&[], &[("COWSNAP_CRASH_AT", at)], Stdio::null()),
+        Some(at) => pool.serve_with(&[], &[("COWSNAP_CRASH_AT", at)]),
         None => pool.serve(),
     }
 }
@@ -224,21 +237,6 @@ fn check_point_in_time(data: &[u8], at_least: Option<u64>, at_most: u64) -> u64 
     k
 }
 
-fn crashed(mut child: Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(!st.success(), "the daemon did not crash: {st}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not reach its crash point"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn require_tools() {
     tool("nbdcopy");
     python_nbd();
@@ -250,15 +248,7 @@ fn live_crash(point: &str) {
     let removing = point.starts_with("remove-snapshot");
     if removing {
         // Made offline: its point in time is the zeroed origin.
-        pool.ok(&[
-            "snapshot",
-            "create",
-            "s",
-            "--origin",
-            "o",
-            "--cow-size",
-            "8M",
-        ]);
+        create_snapshot(&pool, "s");
     }
     let daemon = serve(&pool, Some(point));
     let mut writer = Writer::start(&pool);
@@ -281,7 +271,7 @@ fn live_crash(point: &str) {
         !out.status.success(),
         "{point}: the command succeeded though the daemon died"
     );
-    crashed(daemon);
+    daemon.wait_crash();
     let last = writer.finish().unwrap();
 
     let daemon = serve(&pool, None);
@@ -307,15 +297,7 @@ fn live_crash(point: &str) {
                 "{point}: left {:?}",
                 files_of(&pool, "s")
             );
-            pool.ok(&[
-                "snapshot",
-                "create",
-                "s",
-                "--origin",
-                "o",
-                "--cow-size",
-                "8M",
-            ]);
+            create_snapshot(&pool, "s");
         }
     }
     // A create exists after the crash once its manifest commit was reached; every step
@@ -323,7 +305,7 @@ fn live_crash(point: &str) {
     let exists = vols.iter().any(|(n, _)| n == "s");
     let committed = ["create-snapshot:committed", "create-snapshot:published"].contains(&point);
     assert_eq!(exists, !removing && committed, "{point}: {vols:?}");
-    stop(daemon);
+    daemon.stop_ok();
 }
 
 #[test]
@@ -403,19 +385,11 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
     let mut rng = seed;
     for trial in 0..trials {
         let pool = new_pool("random");
-        pool.ok(&[
-            "snapshot",
-            "create",
-            "base",
-            "--origin",
-            "o",
-            "--cow-size",
-            "8M",
-        ]);
+        create_snapshot(&pool, "base");
         let daemon = serve(&pool, None);
         let mut writer = Writer::start(&pool);
         writer.wait_for(50);
-        let pid = daemon.id();
+        let pid = daemon.pid();
         let delay = Duration::from_millis(next(&mut rng) % 1500);
         let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = killed.clone();
@@ -463,7 +437,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
             i += 1;
         }
         killer.join().unwrap();
-        crashed(daemon);
+        daemon.wait_crash();
         let last = writer.finish().unwrap();
         let daemon = serve(&pool, None);
         check_origin(&read(&pool, "o"), last);
@@ -495,7 +469,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
                 );
             }
         }
-        stop(daemon);
+        daemon.stop_ok();
         eprintln!(
             "trial {trial}: {i} create/remove pairs before the kill; {} volumes after",
             vols.len()

@@ -9,13 +9,13 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{ci, have, require, run, BIN};
+use common::{ci, have, require, run, Daemon, BIN};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -72,95 +72,9 @@ impl Drop for TestPool {
     }
 }
 
-/// A running `cowsnap serve`; stopped with SIGTERM when dropped.
-struct Daemon {
-    child: Child,
-    output: std::sync::Arc<parking_lot_free::Lines>,
-}
-
-/// A tiny line collector (no extra dependency).
-mod parking_lot_free {
-    use std::sync::Mutex;
-    #[derive(Default)]
-    pub struct Lines(pub Mutex<Vec<String>>);
-}
-
 impl Daemon {
     fn start(pool: &TestPool, args: &[&str]) -> Daemon {
-        let mut child = pool
-            .cmd()
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cowsnap serve");
-        let lines = std::sync::Arc::new(parking_lot_free::Lines::default());
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("cowsnap: serving") {
-                    let _ = tx.send(());
-                }
-                l2.0.lock().unwrap().push(line);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let l3 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l3.0.lock().unwrap().push(line);
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("cowsnap serve did not start: {:?}", lines.0.lock().unwrap());
-        }
-        Daemon {
-            child,
-            output: lines,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn output(&self) -> Vec<String> {
-        self.output.0.lock().unwrap().clone()
-    }
-
-    /// SIGTERM, then waits; returns the exit status and the daemon's output.
-    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let st = self.terminate();
-        (st, self.output())
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("cowsnap serve did not stop on SIGTERM: {:?}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.terminate();
-        }
+        Daemon::spawn(pool.cmd().arg("serve").args(args))
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{is_root, stop, tool, Pool};
+use common::{is_root, tool, Pool};
 
 #[test]
 fn qemu_and_cowsnap_see_each_others_claims() {
@@ -42,7 +42,7 @@ fn qemu_and_cowsnap_see_each_others_claims() {
         std::fs::read(&img).unwrap().iter().all(|&b| b == 0),
         "the image changed"
     );
-    stop(daemon);
+    daemon.stop_ok();
     // And cowsnap refuses an image QEMU holds, naming the holder.
     let mut qnbd = Command::new("qemu-nbd")
         .args([
@@ -65,14 +65,13 @@ fn qemu_and_cowsnap_see_each_others_claims() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The daemon starts, and serves the origin as failed, naming the holder.
-    let log = pool.dir.with_extension("log");
-    let daemon = pool.serve_logging(&log);
+    let daemon = pool.serve();
     let info = pool.ok(&["status", "o", "--json"]);
-    stop(daemon);
+    let (st, out) = daemon.stop();
+    assert!(st.success(), "{out:?}");
     let _ = qnbd.kill();
     let _ = qnbd.wait();
-    let err = std::fs::read_to_string(&log).unwrap();
-    let _ = std::fs::remove_file(&log);
+    let err = out.join("\n");
     assert!(
         err.contains("is in use") && err.contains("qemu-nbd"),
         "{err}"
@@ -109,8 +108,8 @@ fn a_second_pool_cannot_take_an_origin_of_the_first() {
     let daemon_b = b.serve();
     let info = b.ok(&["status", "shared", "--json"]);
     assert!(info.contains("\"Failed\""), "{info}");
-    stop(daemon_b);
-    stop(daemon);
+    daemon_b.stop_ok();
+    daemon.stop_ok();
 }
 
 #[test]

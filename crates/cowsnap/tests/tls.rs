@@ -8,16 +8,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{require, run, BIN};
+use common::{require, run, Daemon, BIN};
 
 fn text(out: &Output) -> String {
     format!(
@@ -162,96 +159,9 @@ fn issue(ca: &Path, prefix: &Path, usage: &str, san: &str) {
     let _ = std::fs::remove_file(ext);
 }
 
-/// A running `cowsnap serve`; stopped with SIGTERM when dropped.
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
 impl Daemon {
     fn start(s: &Setup, args: &[&str]) -> Daemon {
-        let mut child = s
-            .cmd()
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn cowsnap serve");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let l2 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let ready = line.starts_with("cowsnap: serving");
-                l2.lock().unwrap().push(line);
-                if ready {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        let l3 = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l3.lock().unwrap().push(line);
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("cowsnap serve did not start: {:?}", lines.lock().unwrap());
-        }
-        // The URI lines follow the "serving" line.
-        std::thread::sleep(Duration::from_millis(100));
-        Daemon { child, lines }
-    }
-
-    fn output(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    /// `HOST:PORT` of the first URI printed with `scheme` (`nbds` or `nbd`).
-    fn host_port(&self, scheme: &str) -> String {
-        let prefix = format!("{scheme}://");
-        self.output()
-            .iter()
-            .find_map(|l| {
-                let at = l.find(&prefix)?;
-                let rest = &l[at + prefix.len()..];
-                Some(rest[..rest.find('/')?].to_string())
-            })
-            .unwrap_or_else(|| panic!("no {prefix} URI printed: {:?}", self.output()))
-    }
-
-    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let st = self.terminate();
-        (st, self.output())
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("cowsnap serve did not stop on SIGTERM: {:?}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.terminate();
-        }
+        Daemon::spawn(s.cmd().arg("serve").args(args))
     }
 }
 

@@ -4,10 +4,11 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
@@ -74,44 +75,18 @@ impl Pool {
         )
     }
 
-    /// `cowsnap serve ARGS`, with `env` added and its error output to `stderr`; returns
-    /// once it serves.
-    pub fn serve_with(&self, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Child {
+    /// `cowsnap serve ARGS` on this pool, with `env` added; returns once it serves.
+    pub fn serve_with(&self, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut c = self.cmd();
         for (k, v) in env {
             c.env(k, v);
         }
-        let mut child = c
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("cowsnap: serving") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!("cowsnap serve did not start");
-        }
-        child
+        Daemon::spawn(c.arg("serve").args(args))
     }
 
     /// `cowsnap serve` with no options.
-    pub fn serve(&self) -> Child {
-        self.serve_with(&[], &[], Stdio::null())
-    }
-
-    /// `cowsnap serve` with its error output (warnings) in the file `log`.
-    pub fn serve_logging(&self, log: &Path) -> Child {
-        self.serve_with(&[], &[], std::fs::File::create(log).unwrap().into())
+    pub fn serve(&self) -> Daemon {
+        self.serve_with(&[], &[])
     }
 }
 
@@ -121,13 +96,122 @@ impl Drop for Pool {
     }
 }
 
-/// SIGTERM to a daemon; it must exit 0.
-pub fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let st = child.wait().unwrap();
-    assert!(st.success(), "cowsnap serve stopped with {st}");
+/// A running `cowsnap serve` whose output (stdout and stderr) is collected; stopped with
+/// SIGTERM when dropped.
+pub struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` (a `cowsnap ... serve ...` command) and waits until it serves and has
+    /// printed its URIs.
+    pub fn spawn(cmd: &mut Command) -> Daemon {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cowsnap serve");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let ready = line.starts_with("cowsnap: serving");
+                l2.lock().unwrap().push(line);
+                if ready {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let err = child.stderr.take().unwrap();
+        let l3 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l3.lock().unwrap().push(line);
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!("cowsnap serve did not start: {:?}", lines.lock().unwrap());
+        }
+        // The URI lines follow the "serving" line.
+        std::thread::sleep(Duration::from_millis(100));
+        Daemon { child, lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// `HOST:PORT` of the first URI printed with `scheme` (`nbds` or `nbd`).
+    pub fn host_port(&self, scheme: &str) -> String {
+        let prefix = format!("{scheme}://");
+        self.output()
+            .iter()
+            .find_map(|l| {
+                let at = l.find(&prefix)?;
+                let rest = &l[at + prefix.len()..];
+                Some(rest[..rest.find('/')?].to_string())
+            })
+            .unwrap_or_else(|| panic!("no {prefix} URI printed: {:?}", self.output()))
+    }
+
+    /// SIGTERM, then waits; returns the exit status and the daemon's output.
+    pub fn stop(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let st = self.terminate();
+        (st, self.output())
+    }
+
+    /// Waits for the daemon to die by itself (a crash point, a SIGKILL); fails the test
+    /// if it exits cleanly or lives on for 30 s.
+    pub fn wait_crash(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(!st.success(), "the daemon did not crash: {st}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not crash");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM; the daemon must exit 0.
+    pub fn stop_ok(self) {
+        let (st, out) = self.stop();
+        assert!(st.success(), "cowsnap serve stopped with {st}: {out:?}");
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cowsnap serve did not stop on SIGTERM: {:?}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.terminate();
+        }
+    }
 }
 
 /// True under CI (`CI` set, as `.ci/run` does): a missing tool then fails a test.
