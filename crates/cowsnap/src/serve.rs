@@ -78,10 +78,9 @@ impl VolumeSource for PoolVolumes {
         self.active.volume_names()
     }
     fn get(&self, name: &str) -> Option<(Arc<dyn BlockDevice>, bool)> {
-        self.active.volume(name).map(|(_, dev)| {
-            let ro = self.read_only.contains(name) || self.active.read_only_reason(name).is_some();
-            (dev, ro)
-        })
+        self.active
+            .volume_for_io(name)
+            .map(|(dev, forced)| (dev, forced || self.read_only.contains(name)))
     }
 }
 

@@ -243,6 +243,9 @@ struct Inner {
 impl Inner {
     /// Why the origin `name` must not take writes: a snapshot of it failed.
     fn read_only_reason(&self, name: &str) -> Option<String> {
+        if self.failed.is_empty() {
+            return None;
+        }
         let failed: Vec<&String> = self
             .failed
             .iter()
@@ -480,6 +483,20 @@ impl ActivePool {
             .snapshots
             .get(name)
             .map(|s| (VolumeKind::Snapshot, s.snap.clone() as Arc<dyn BlockDevice>))
+    }
+
+    /// A served volume's device and whether it must be served read-only (an origin with a
+    /// failed snapshot), under one lock: front ends call it per lookup.
+    pub fn volume_for_io(&self, name: &str) -> Option<(Arc<dyn BlockDevice>, bool)> {
+        let inner = self.inner.lock();
+        if let Some(o) = inner.origins.get(name) {
+            let forced = inner.read_only_reason(name).is_some();
+            return Some((o.clone() as Arc<dyn BlockDevice>, forced));
+        }
+        inner
+            .snapshots
+            .get(name)
+            .map(|s| (s.snap.clone() as Arc<dyn BlockDevice>, false))
     }
 
     /// Why the origin `name` must be served read-only, if it must (a snapshot of it

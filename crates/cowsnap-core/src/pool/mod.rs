@@ -403,20 +403,6 @@ impl Pool {
                 let id = FileId::of_path(&abs)?;
                 self.check_not_in_pool(&abs, id)?;
                 let dev = self.open_volume_file(&abs, Some(id))?;
-                if !req.transient
-                    && !req.format
-                    && PersistentStore::open(
-                        Arc::new(FileDevice::open_read_only(&abs)?),
-                        None,
-                        false,
-                    )?
-                    .is_fresh()
-                {
-                    return Err(Error::InvalidArgument(format!(
-                        "{} has no COW header (its first bytes are zero): cowsnap formats only files it creates. To make it a new, empty COW, add --format (the whole file must be zeros)",
-                        abs.display()
-                    )));
-                }
                 if req.transient && !req.format {
                     return Err(Error::InvalidArgument(format!(
                         "a transient store writes over {} from its first byte: add --format to allow it (the whole file must be zeros)",
@@ -437,6 +423,12 @@ impl Pool {
             (Arc::new(store), None, chunk)
         } else {
             let store = PersistentStore::open(cow, Some(chunk), req.overflow)?;
+            if new_file.is_none() && !req.format && store.is_fresh() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} has no COW header (its first bytes are zero): cowsnap formats only files it creates. To make it a new, empty COW, add --format (the whole file must be zeros)",
+                    self.resolve(&rel).display()
+                )));
+            }
             let warning = store.overridden_chunk_size().map(|asked| {
                 format!(
                     "{}: the COW header's chunk size {} overrides the {} asked for",

@@ -367,31 +367,28 @@ impl Handshake {
                         self.state = State::Done;
                         return Err(HandshakeError::BadOptionMagic(magic));
                     }
-                    if self.shutting_down && option != OPT_ABORT {
-                        if option == OPT_EXPORT_NAME {
-                            self.state = State::Done;
-                            return Err(HandshakeError::ShuttingDown);
-                        }
-                        self.state = State::Skip {
-                            option,
-                            remaining: u64::from(len),
-                            reply: REP_ERR_SHUTDOWN,
-                        };
-                        continue;
-                    }
-                    if self.tls_mode == TlsMode::Required
+                    // Options refused before their data is read: during a shutdown, and
+                    // before TLS where TLS is required. EXPORT_NAME has no error reply.
+                    let refusal = if self.shutting_down && option != OPT_ABORT {
+                        Some((REP_ERR_SHUTDOWN, HandshakeError::ShuttingDown))
+                    } else if self.tls_mode == TlsMode::Required
                         && !self.tls_active
                         && option != OPT_STARTTLS
                         && option != OPT_ABORT
                     {
+                        Some((REP_ERR_TLS_REQD, HandshakeError::TlsRequired))
+                    } else {
+                        None
+                    };
+                    if let Some((reply, error)) = refusal {
                         if option == OPT_EXPORT_NAME {
                             self.state = State::Done;
-                            return Err(HandshakeError::TlsRequired);
+                            return Err(error);
                         }
                         self.state = State::Skip {
                             option,
                             remaining: u64::from(len),
-                            reply: REP_ERR_TLS_REQD,
+                            reply,
                         };
                         continue;
                     }
