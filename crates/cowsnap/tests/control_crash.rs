@@ -323,6 +323,74 @@ fn a_live_create_or_remove_killed_at_any_step_loses_nothing() {
     }
 }
 
+/// A live `--format` adoption of a zeroed file outside the pool killed at `point`: after
+/// the restart the snapshot exists (and is one point in time) or the file holds no valid
+/// COW header.
+fn adopt_crash(point: &str) {
+    let pool = new_pool("adopt");
+    let ext = pool.dir.with_extension("ext.cow");
+    std::fs::File::create(&ext)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let ext_s = ext.to_str().unwrap();
+    let daemon = serve(&pool, Some(point));
+    let mut writer = Writer::start(&pool);
+    let before = writer.wait_for(100);
+    let op = [
+        "snapshot", "create", "s", "--origin", "o", "--cow", ext_s, "--format",
+    ];
+    let out = pool.cmd().args(op).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "{point}: the command succeeded though the daemon died"
+    );
+    daemon.wait_crash();
+    let last = writer.finish().unwrap();
+
+    let daemon = serve(&pool, None);
+    check_origin(&read(&pool, "o"), last);
+    let vols = volumes(&pool);
+    let header = std::fs::read(&ext).unwrap();
+    let valid_cow = &header[..4] == b"SnAp" && header[4] != 0;
+    match vols.iter().find(|(n, _)| n == "s") {
+        Some((_, status)) => {
+            assert!(status.contains('/'), "{point}: snapshot s is {status}");
+            check_point_in_time(&read(&pool, "s"), Some(before), last);
+            assert!(valid_cow, "{point}");
+        }
+        None => assert!(
+            !valid_cow,
+            "{point}: a valid COW header was left outside the pool"
+        ),
+    }
+    let committed = ["create-snapshot:committed", "create-snapshot:published"].contains(&point);
+    assert_eq!(
+        vols.iter().any(|(n, _)| n == "s"),
+        committed,
+        "{point}: {vols:?}"
+    );
+    daemon.stop_ok();
+    let _ = std::fs::remove_file(&ext);
+}
+
+#[test]
+fn a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool() {
+    require_tools();
+    let points = [
+        "adopt-format:guarded",
+        "create-snapshot:loaded",
+        "create-snapshot:activated",
+        "create-snapshot:committed",
+        "create-snapshot:published",
+    ];
+    for p in points {
+        assert!(CRASH_POINTS.contains(&p), "{p}");
+        eprintln!("crash point {p}");
+        adopt_crash(p);
+    }
+}
+
 #[test]
 fn an_offline_origin_create_killed_at_any_step_leaves_the_name_usable() {
     for point in CRASH_POINTS

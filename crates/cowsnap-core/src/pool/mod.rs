@@ -83,11 +83,13 @@ pub const CRASH_AT_ENV: &str = "COWSNAP_CRASH_AT";
 
 /// Every control-plane step [`crash_point`] knows, in the order each operation reaches
 /// them. `create-snapshot:*` are the steps of a snapshot create with a COW file the pool
-/// makes, `remove-snapshot:*` those of a removal of such a snapshot.
+/// makes (a `--format` adoption goes through `adopt-format:guarded` and the same steps
+/// from `loaded` on), `remove-snapshot:*` those of a removal of such a snapshot.
 pub const CRASH_POINTS: &[&str] = &[
     "create-origin:staged",
     "create-origin:committed",
     "create-snapshot:staged",
+    "adopt-format:guarded",
     "create-snapshot:loaded",
     "create-snapshot:activated",
     "create-snapshot:committed",
@@ -503,7 +505,9 @@ impl Pool {
         let mut entry = prepared.entry.clone();
         entry.removing = true;
         next.snapshots.push(entry);
-        self.commit(next)
+        self.commit(next)?;
+        crash_point("adopt-format:guarded");
+        Ok(())
     }
 
     /// Undoes [`guard_format`](Self::guard_format) after a failed create; returns `e`.
