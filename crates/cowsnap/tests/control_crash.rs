@@ -392,6 +392,48 @@ fn a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_poo
 }
 
 #[test]
+fn a_removal_finished_at_start_and_killed_at_any_step_is_finished_at_the_next() {
+    // The removal that the next start finishes goes through the same steps; a crash in
+    // any of them leaves it to the start after.
+    let steps: Vec<&str> = CRASH_POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("remove-snapshot") && *p != "remove-snapshot:marked")
+        .filter(|p| *p != "remove-snapshot:deactivated")
+        .collect();
+    for point in steps {
+        let pool = new_pool("recover");
+        create_snapshot(&pool, "s");
+        // Leave the removal marked, then crash the start that finishes it.
+        let out = pool
+            .cmd()
+            .env("COWSNAP_CRASH_AT", "remove-snapshot:marked")
+            .args(["snapshot", "remove", "s"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let out = pool
+            .cmd()
+            .env("COWSNAP_CRASH_AT", point)
+            .args(["list"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{point}: the finishing start did not reach it"
+        );
+        let vols = volumes(&pool);
+        assert!(!vols.iter().any(|(n, _)| n == "s"), "{point}: {vols:?}");
+        assert!(
+            files_of(&pool, "s").is_empty(),
+            "{point}: left {:?}",
+            files_of(&pool, "s")
+        );
+        create_snapshot(&pool, "s");
+    }
+}
+
+#[test]
 fn an_offline_origin_create_killed_at_any_step_leaves_the_name_usable() {
     for point in CRASH_POINTS
         .iter()
