@@ -12,7 +12,7 @@ use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, MemDevice};
 use cowsnap_core::exception::persistent::{format, inspect};
 use cowsnap_core::exception::{ExceptionStore, PersistentStore};
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use libfuzzer_sys::fuzz_target;
 

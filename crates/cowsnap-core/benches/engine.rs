@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, Fua, MemDevice};
 use cowsnap_core::exception::TransientStore;
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 

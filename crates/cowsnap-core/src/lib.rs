@@ -9,7 +9,7 @@
 //! fills up or fails becomes *invalid*.
 //!
 //! Layers, bottom up: [`units`] and [`dev`] (block devices), the generic [`exception`]
-//! layer and the [`copy`] engine (which know nothing of snapshots), and the [`target`]s
+//! layer and the [`copy`] engine (which know nothing of snapshots), and the [`targets`]
 //! (origin and snapshot policy). The library knows nothing of NBD, FUSE or the CLI.
 
 #![forbid(unsafe_code)]
@@ -19,8 +19,10 @@ pub mod copy;
 pub mod dev;
 pub mod error;
 pub mod exception;
+#[doc(hidden)]
+pub mod mutation;
 pub mod pool;
-pub mod target;
+pub mod targets;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

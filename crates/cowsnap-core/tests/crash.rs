@@ -20,7 +20,7 @@ use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, CrashDevice, Fua, PowerDomain};
 use cowsnap_core::exception::persistent::format::Geometry;
 use cowsnap_core::exception::{ExceptionStore, PersistentStore};
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

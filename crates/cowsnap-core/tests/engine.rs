@@ -11,7 +11,7 @@ use common::*;
 use cowsnap_core::copy::{Copier, DEFAULT_BUDGET, DEFAULT_SEGMENT};
 use cowsnap_core::dev::{BlockDevice, FaultRule, FaultyDevice, Fua, MemDevice, OpKind};
 use cowsnap_core::exception::{ExceptionStore, TransientStore};
-use cowsnap_core::target::{Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::targets::{Origin, Snapshot, SnapshotStatus};
 use cowsnap_core::ErrorKind;
 
 #[test]

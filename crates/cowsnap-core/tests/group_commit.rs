@@ -11,7 +11,7 @@ use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileDevice, Fua, MemDevice};
 use cowsnap_core::exception::persistent::format::Geometry;
 use cowsnap_core::exception::PersistentStore;
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::{Chunk, ChunkSize};
 
 const THREADS: u64 = 16;

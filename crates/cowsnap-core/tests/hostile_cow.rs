@@ -14,7 +14,7 @@ use cowsnap_core::dev::{BlockDevice, MemDevice};
 use cowsnap_core::exception::persistent::format::{encode_header, SNAP_MAGIC};
 use cowsnap_core::exception::persistent::inspect;
 use cowsnap_core::exception::{ExceptionStore, LoadOutcome, PersistentStore};
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use cowsnap_core::ErrorKind;
 use proptest::prelude::*;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, Fua, MemDevice};
 use cowsnap_core::exception::PersistentStore;
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use kernel_fixtures::{pattern, sha256_dev};
 use rand::rngs::StdRng;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use common::*;
 use cowsnap_core::dev::{BlockDevice, Fua, MemDevice};
 use cowsnap_core::exception::TransientStore;
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileDevice, Fua, MemDevice};
 use cowsnap_core::exception::{ExceptionStore, LoadOutcome, PersistentStore};
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use cowsnap_core::{Error, ErrorKind};
 use kernel_fixtures::{all_cases, sha256, sha256_dev, Fixture};

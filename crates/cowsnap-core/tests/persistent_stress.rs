@@ -12,7 +12,7 @@ use std::thread;
 use common::*;
 use cowsnap_core::dev::{BlockDevice, Fua, MemDevice};
 use cowsnap_core::exception::persistent::PersistentStore;
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

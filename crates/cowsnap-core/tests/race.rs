@@ -21,7 +21,7 @@ use cowsnap_core::dev::{BlockDevice, FaultyDevice, Fua, GatedDevice, MemDevice, 
 use cowsnap_core::exception::{
     Exception, ExceptionStore, LoadOutcome, StoreKind, TransientStore, Usage,
 };
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::{Chunk, ChunkSize};
 use cowsnap_core::Result;
 

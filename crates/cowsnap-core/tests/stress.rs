@@ -20,7 +20,7 @@ use std::thread;
 
 use common::*;
 use cowsnap_core::dev::{BlockDevice, Fua};
-use cowsnap_core::target::Snapshot;
+use cowsnap_core::targets::Snapshot;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -25,7 +25,7 @@ use clap::Args;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileId, Fua};
 use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
-use cowsnap_core::target::Origin;
+use cowsnap_core::targets::Origin;
 use cowsnap_core::units::Chunk;
 use cowsnap_core::ErrorKind;
 use cowsnap_fuse::VolumeSource;

@@ -30,7 +30,7 @@ use crate::dev::{BlockDevice, FileDevice, FileId};
 use crate::error::{Error, Result};
 use crate::exception::persistent::PersistentStore;
 use crate::exception::Usage;
-use crate::target::{Origin, Snapshot, SnapshotStatus};
+use crate::targets::{Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,8 +4,8 @@
 //! `pool.json` (the table of volumes, see [`manifest`]), the origin images it created, and
 //! the snapshots' COW files (mode 0600). [`Pool`] changes the table offline (no daemon);
 //! [`ActivePool`] is the table brought to life, every origin an
-//! [`Origin`](crate::target::Origin) and every snapshot an activated
-//! [`Snapshot`](crate::target::Snapshot), changed live while clients do I/O. One process
+//! [`Origin`](crate::targets::Origin) and every snapshot an activated
+//! [`Snapshot`](crate::targets::Snapshot), changed live while clients do I/O. One process
 //! at a time holds a pool, through [`PoolLock`].
 //!
 //! **Control-plane crash rules.** Every change is ordered so that a crash at any step

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FaultyDevice, Fua, GatedDevice, MemDevice};
 use cowsnap_core::exception::TransientStore;
-use cowsnap_core::target::{Origin, Snapshot};
+use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 
 pub const KIB: u64 = 1024;
