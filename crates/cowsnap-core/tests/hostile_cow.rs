@@ -16,7 +16,7 @@ use cowsnap_core::exception::persistent::inspect;
 use cowsnap_core::exception::{ExceptionStore, LoadOutcome, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
-use cowsnap_core::ErrorKind;
+use cowsnap_core::Error;
 use proptest::prelude::*;
 
 /// The first 340 chunks of the kernel's p8-multiarea COW: header, area 0 (full), area 1.
@@ -46,7 +46,7 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
         Ok(s) => s,
         Err(e) => {
             prop_assert!(
-                matches!(e.kind(), ErrorKind::Corrupt),
+                matches!(e, Error::Corrupt { .. }),
                 "open: unexpected error kind {e:?}"
             );
             prop_assert!(report.has_errors(), "open refused ({e}) but check is clean");
@@ -75,10 +75,10 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
         Ok(LoadOutcome::Fresh) => prop_assert!(fresh),
         Err(e) => {
             prop_assert!(
-                matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidArgument),
+                matches!(e, Error::Corrupt { .. } | Error::InvalidArgument(_)),
                 "load: unexpected error kind {e:?}"
             );
-            if e.kind() == ErrorKind::Corrupt {
+            if matches!(e, Error::Corrupt { .. }) {
                 prop_assert!(report.has_errors(), "load refused ({e}) but check is clean");
             }
         }
