@@ -4,7 +4,7 @@
 //! snapshot can be added, a removed one stays open for the connections already using it).
 //! Each [`Listener`] (Unix socket, TCP socket, or one inherited through socket activation)
 //! gets an accepting thread; each connection gets a thread that runs the handshake and then
-//! the transmission pipeline described in [`conn`], which adds worker threads only as
+//! the transmission pipeline described in `conn`, which adds worker threads only as
 //! requests arrive and carries each request out through [`exec`]; a TCP connection may
 //! first upgrade to TLS through [`tls`] when [`ServerConfig::tls`] is set. At most
 //! [`ServerConfig::max_connections`] connections are open at once, counting those still in
