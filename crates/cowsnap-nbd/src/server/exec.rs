@@ -1,4 +1,5 @@
-//! Carrying out one valid request on an [`Export`] and encoding its reply.
+//! Command execution: carrying out one valid request on an [`Export`] and encoding its
+//! reply.
 //!
 //! This is the one place where core errors become NBD error codes ([`nbd_errno`], through
 //! [`cowsnap_core::Error::errno`]), and where the command semantics the device interface
