@@ -440,28 +440,11 @@ impl<R: Read + Send + 'static> Conn<R> {
     /// Reads the next request; the caller is the request reader.
     fn read_next(&self, r: &mut R) -> Next {
         let shared = &*self.shared;
-        let limits = &self.limits;
-        let mut hdr = [0u8; REQUEST_HEADER_LEN];
-        match read_full(r, &mut hdr) {
-            // End of stream at a request boundary: a disconnect without DISC.
-            Ok(0) => return Next::End,
-            Ok(REQUEST_HEADER_LEN) => {}
-            Ok(n) => {
-                shared.log(|| format!("connection closed inside a request header ({n} bytes)"));
-                return Next::End;
-            }
-            Err(_) => return Next::End,
-        }
-        let h = match RequestHeader::decode(&hdr) {
-            Ok(h) => h,
-            Err(e @ (HeaderError::BadMagic(_) | HeaderError::Truncated)) => {
-                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                shared.log(|| format!("{e}; closing the connection"));
-                return Next::End;
-            }
+        let Some(h) = self.read_header(r) else {
+            return Next::End;
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let checked = match validate(&h, limits) {
+        let checked = match validate(&h, &self.limits) {
             Ok(Command::Disconnect) => Ok(Command::Disconnect),
             // Arrived, but read after shutdown began: refused, not executed.
             _ if shared.stopping.load(Ordering::SeqCst) => Err(Rejection {
@@ -472,59 +455,89 @@ impl<R: Read + Send + 'static> Conn<R> {
         };
         match checked {
             Ok(Command::Disconnect) => Next::End,
-            Ok(cmd) => {
-                let cost = match cmd {
-                    Command::Read { length, .. } | Command::Write { length, .. } => length,
-                    _ => 0,
-                } as usize;
-                let permit = self.budget.acquire(cost.max(MIN_COST));
-                let mut payload = AlignedBuf::default();
-                if let Command::Write { length, .. } = cmd {
-                    payload = AlignedBuf::zeroed(length as usize);
-                    if !matches!(read_full(r, &mut payload), Ok(n) if n == payload.len()) {
-                        shared.log(|| "connection closed inside a write payload".into());
-                        return Next::End;
-                    }
-                }
-                Next::Job(Job {
-                    cookie: h.cookie,
-                    cmd,
-                    payload,
-                    permit,
-                })
-            }
-            Err(rej) => {
-                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-                let mut bytes = Vec::new();
-                reply::error_reply(
-                    &mut bytes,
-                    limits.structured,
-                    h.cookie,
-                    rej.errno,
-                    rej.message,
-                );
-                let skip = h.payload_len();
-                let permit = self.budget.acquire(MIN_COST);
-                if skip == 0 {
-                    return Next::Refused(bytes, permit);
-                }
-                if skip <= shared.config.max_discard {
-                    let want = u64::from(skip);
-                    if matches!(
-                        std::io::copy(&mut r.by_ref().take(want), &mut std::io::sink()),
-                        Ok(n) if n == want
-                    ) {
-                        return Next::Refused(bytes, permit);
-                    }
-                } else {
-                    shared.log(|| {
-                        format!("refused write of {skip} bytes is too large to skip; closing")
-                    });
-                }
-                // The stream is out of sync: answer, then end the session.
-                self.output.lock().send(&bytes);
-                Next::End
+            Ok(cmd) => self.accept(r, h.cookie, cmd),
+            Err(rej) => self.refuse(r, &h, &rej),
+        }
+    }
+
+    /// Reads and decodes a request header; `None` ends the connection (end of stream, a
+    /// short header, bad magic).
+    fn read_header(&self, r: &mut R) -> Option<RequestHeader> {
+        let shared = &*self.shared;
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        match read_full(r, &mut hdr) {
+            // End of stream at a request boundary: a disconnect without DISC.
+            Ok(0) | Err(_) => return None,
+            Ok(REQUEST_HEADER_LEN) => {}
+            Ok(n) => {
+                shared.log(|| format!("connection closed inside a request header ({n} bytes)"));
+                return None;
             }
         }
+        match RequestHeader::decode(&hdr) {
+            Ok(h) => Some(h),
+            Err(e @ (HeaderError::BadMagic(_) | HeaderError::Truncated)) => {
+                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                shared.log(|| format!("{e}; closing the connection"));
+                None
+            }
+        }
+    }
+
+    /// A valid request: takes its share of the memory budget and reads a WRITE's payload.
+    fn accept(&self, r: &mut R, cookie: u64, cmd: Command) -> Next {
+        let cost = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } => length,
+            _ => 0,
+        } as usize;
+        let permit = self.budget.acquire(cost.max(MIN_COST));
+        let mut payload = AlignedBuf::default();
+        if let Command::Write { length, .. } = cmd {
+            payload = AlignedBuf::zeroed(length as usize);
+            if !matches!(read_full(r, &mut payload), Ok(n) if n == payload.len()) {
+                self.shared
+                    .log(|| "connection closed inside a write payload".into());
+                return Next::End;
+            }
+        }
+        Next::Job(Job {
+            cookie,
+            cmd,
+            payload,
+            permit,
+        })
+    }
+
+    /// A refused request: its error reply, after skipping its payload; a payload too large
+    /// to skip leaves the stream out of sync, so the reply is sent and the session ends.
+    fn refuse(&self, r: &mut R, h: &RequestHeader, rej: &Rejection) -> Next {
+        let shared = &*self.shared;
+        shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = Vec::new();
+        reply::error_reply(
+            &mut bytes,
+            self.limits.structured,
+            h.cookie,
+            rej.errno,
+            rej.message,
+        );
+        let skip = h.payload_len();
+        let permit = self.budget.acquire(MIN_COST);
+        if skip == 0 {
+            return Next::Refused(bytes, permit);
+        }
+        if skip <= shared.config.max_discard {
+            let want = u64::from(skip);
+            if matches!(
+                std::io::copy(&mut r.by_ref().take(want), &mut std::io::sink()),
+                Ok(n) if n == want
+            ) {
+                return Next::Refused(bytes, permit);
+            }
+        } else {
+            shared.log(|| format!("refused write of {skip} bytes is too large to skip; closing"));
+        }
+        self.output.lock().send(&bytes);
+        Next::End
     }
 }
