@@ -9,6 +9,10 @@
 //!
 //! Run: `cargo bench -p cowsnap-core --bench engine`.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "benchmark sizes are small constants"
+)]
 #![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;

@@ -9,6 +9,11 @@
 //! Usage: `icount WORKLOAD SNAPSHOTS OPS`, WORKLOAD one of `first-write`, `rewrite`,
 //! `snap-read-hit`, `snap-read-miss`.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "workload sizes are small constants"
+)]
+
 use std::sync::Arc;
 
 use cowsnap_core::copy::Copier;

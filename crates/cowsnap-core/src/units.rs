@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use crate::error::{Error, Result};
+
 /// Bytes in one sector, the unit of device-mapper tables and of the COW format.
 pub const SECTOR_SIZE: u64 = 512;
 const SECTOR_SHIFT: u32 = 9;
@@ -86,10 +88,12 @@ impl ChunkSize {
     /// A chunk size of `sectors` sectors.
     pub fn from_sectors(sectors: u64) -> Result<Self, InvalidChunkSize> {
         if sectors.is_power_of_two() && (Self::MIN_SECTORS..=Self::MAX_SECTORS).contains(&sectors) {
-            // trailing_zeros of a u64 is at most 63, so it fits a u8.
-            Ok(ChunkSize {
-                shift: sectors.trailing_zeros() as u8,
-            })
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "trailing_zeros of a u64 is at most 63, which fits a u8"
+            )]
+            let shift = sectors.trailing_zeros() as u8;
+            Ok(ChunkSize { shift })
         } else {
             Err(InvalidChunkSize { sectors })
         }
@@ -209,8 +213,8 @@ impl ChunkPiece {
 
     /// The piece's range inside the caller's buffer, as `usize` indices.
     pub fn buf_range(&self) -> std::ops::Range<usize> {
-        // Buffers are in memory, so their offsets fit a usize.
-        self.buf_offset as usize..(self.buf_offset + self.len) as usize
+        // The caller's buffer is in memory, so offsets inside it fit a usize.
+        mem_usize(self.buf_offset)..mem_usize(self.buf_offset + self.len)
     }
 }
 
@@ -243,6 +247,29 @@ impl Iterator for ChunkSplit {
         self.next += len;
         Some(piece)
     }
+}
+
+/// A byte count, offset or item count of something held in memory, as a `usize`.
+///
+/// Only for values that cannot exceed memory: at most a chunk (1 GiB), no more than the
+/// length of an existing buffer, or a constant. They fit a `usize` on every target with
+/// 32-bit or wider pointers, so nothing is lost. A length taken from disk, from the wire or
+/// from a device size goes through [`checked_usize`] instead.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "callers pass values bounded by a buffer in memory or by a chunk (at most 1 GiB)"
+)]
+pub fn mem_usize(n: u64) -> usize {
+    debug_assert!(usize::try_from(n).is_ok(), "{n} does not fit a usize");
+    n as usize
+}
+
+/// `n` bytes as a `usize` for a buffer, or [`Error::InvalidArgument`] naming `what` when
+/// this target cannot address that many bytes (a length from a request, from disk or from
+/// a device size; only possible where `usize` is narrower than 64 bits).
+pub fn checked_usize(n: u64, what: &str) -> Result<usize> {
+    usize::try_from(n)
+        .map_err(|_| Error::InvalidArgument(format!("{what} of {n} bytes does not fit in memory")))
 }
 
 /// Parses a size such as `4096`, `4K`, `16k`, `1M`, `2G` or `1T` (binary multiples).

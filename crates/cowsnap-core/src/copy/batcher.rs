@@ -33,6 +33,7 @@ use crate::dev::{AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{Exception, ExceptionStore};
 use crate::mutation;
+use crate::units::mem_usize;
 
 /// Largest write the batcher makes by merging.
 pub const MAX_MERGED: usize = 1 << 20;
@@ -387,9 +388,8 @@ fn mergeable(batch: &[Entry], list: &[(u64, usize, usize)]) -> usize {
     list.iter()
         .take_while(|k| {
             let len = get(k).data.len() as u64;
-            let fits = key(&get(k).dev) == dev
-                && k.0 == end
-                && (end + len - first.0) as usize <= MAX_MERGED;
+            let fits =
+                key(&get(k).dev) == dev && k.0 == end && end + len - first.0 <= MAX_MERGED as u64;
             end += len;
             fits
         })
@@ -410,16 +410,21 @@ fn write_merged(batch: &[Entry], part: &[(u64, usize, usize)]) -> crate::error::
         .map(|k| k.0 + get(k).data.len() as u64)
         .max()
         .unwrap_or(start);
-    let mut buf = AlignedBuf::zeroed((end - start) as usize);
+    // A merged part is at most MAX_MERGED bytes (see `mergeable`), so it fits memory.
+    let mut buf = AlignedBuf::zeroed(mem_usize(end - start));
     for k in part {
         let d = &get(k).data;
-        let at = (k.0 - start) as usize;
+        let at = mem_usize(k.0 - start);
         buf[at..at + d.len()].copy_from_slice(d);
     }
     first.dev.write_at(&buf, start, Fua::No)
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tests {
     use super::*;
     use crate::dev::{FaultRule, FaultyDevice, MemDevice, OpKind};

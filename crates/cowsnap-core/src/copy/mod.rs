@@ -17,6 +17,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::dev::{AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
+use crate::units::mem_usize;
 
 /// Default memory budget of a copier.
 pub const DEFAULT_BUDGET: usize = 64 << 20;
@@ -158,7 +159,8 @@ impl Copier {
         let mut report = CopyReport::default();
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(self.segment as u64) as usize;
+            // At most one segment, a usize.
+            let n = mem_usize((len - done).min(self.segment as u64));
             self.acquire(n);
             // Aligned, so devices opened with O_DIRECT need no bounce copy.
             let mut buf = AlignedBuf::zeroed(n);
@@ -168,9 +170,10 @@ impl Copier {
                 let start = o.offset.max(seg.start);
                 let end = (o.offset + o.data.len() as u64).min(seg.end);
                 (start < end).then(|| {
-                    let from = (start - o.offset) as usize;
-                    let to = (end - o.offset) as usize;
-                    ((start - seg.start) as usize, &o.data[from..to])
+                    // Offsets inside the overlay's data and inside the segment: in memory.
+                    let from = mem_usize(start - o.offset);
+                    let to = mem_usize(end - o.offset);
+                    (mem_usize(start - seg.start), &o.data[from..to])
                 })
             });
             let covered = matches!(ov, Some((0, d)) if d.len() == n);

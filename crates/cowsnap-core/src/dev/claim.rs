@@ -152,6 +152,10 @@ fn perm_name(bit: i64) -> &'static str {
     }
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "F_RDLCK, F_WRLCK and SEEK_SET are small constants that fit a c_short"
+)]
 fn flock(typ: i32, start: i64) -> libc::flock {
     libc::flock {
         l_type: typ as libc::c_short,
@@ -226,6 +230,10 @@ pub fn claim(file: &File, name: &str) -> Result<()> {
     Ok(())
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "F_UNLCK and SEEK_SET are small constants that fit a c_short"
+)]
 fn unlock_all() -> libc::flock {
     libc::flock {
         l_type: libc::F_UNLCK as libc::c_short,

@@ -18,7 +18,7 @@ use rustix::fs::FallocateFlags;
 use super::aligned::{is_aligned, AlignedBuf};
 use super::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
-use crate::units::is_sector_aligned;
+use crate::units::{is_sector_aligned, mem_usize};
 
 /// A file or block device used as a [`BlockDevice`].
 #[derive(Debug)]
@@ -95,6 +95,10 @@ impl FileDevice {
         if exclusive && block {
             flags |= rustix::fs::OFlags::EXCL;
         }
+        #[allow(
+            clippy::cast_possible_wrap,
+            reason = "open(2) flags are a bit set: the same bits as a C int, as the kernel reads them"
+        )]
         opts.custom_flags(flags.bits() as i32);
         let file = opts.open(path).map_err(|e| {
             if exclusive && block && e.raw_os_error() == Some(libc::EBUSY) {
@@ -221,7 +225,7 @@ impl FileDevice {
             };
             let mut at = start;
             while at < end {
-                let n = (end - at).min(buf.len() as u64) as usize;
+                let n = mem_usize((end - at).min(buf.len() as u64));
                 self.read_at(&mut buf[..n], at)?;
                 if buf[..n].iter().any(|&b| b != 0) {
                     return Ok(false);
@@ -345,11 +349,11 @@ impl BlockDevice for FileDevice {
                 Err(e) => return Err(self.err("write_zeroes", offset, e.into())),
             }
         }
-        let zeros = AlignedBuf::zeroed(len.min(1 << 20) as usize);
+        let zeros = AlignedBuf::zeroed(mem_usize(len.min(1 << 20)));
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeros.len() as u64);
-            self.write_at(&zeros[..n as usize], offset + done, Fua::No)?;
+            self.write_at(&zeros[..mem_usize(n)], offset + done, Fua::No)?;
             done += n;
         }
         if fua == Fua::Yes {

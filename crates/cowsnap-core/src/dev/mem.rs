@@ -7,7 +7,7 @@ use parking_lot::RwLock;
 
 use super::{check_request, BlockDevice, Fua};
 use crate::error::Result;
-use crate::units::{Sector, SECTOR_SIZE};
+use crate::units::{mem_usize, Sector, SECTOR_SIZE};
 
 const PAGE_SHIFT: u32 = 16;
 const PAGE: u64 = 1 << PAGE_SHIFT;
@@ -31,7 +31,8 @@ impl MemDevice {
     /// A zero-filled device of `size` bytes (rounded up to a sector).
     pub fn new(size: u64) -> Self {
         let size = Sector(size.div_ceil(SECTOR_SIZE)).bytes();
-        let n = size.div_ceil(PAGE) as usize;
+        // A size this target cannot index fails the allocation instead of wrapping.
+        let n = usize::try_from(size.div_ceil(PAGE)).unwrap_or(usize::MAX);
         MemDevice {
             size,
             pages: (0..n).map(|_| RwLock::new(None)).collect(),
@@ -42,7 +43,7 @@ impl MemDevice {
     pub fn from_bytes(data: &[u8]) -> Self {
         let dev = MemDevice::new(data.len() as u64);
         let mut padded = data.to_vec();
-        padded.resize(dev.size as usize, 0);
+        padded.resize(mem_usize(dev.size), 0);
         // In range and aligned by construction.
         let _ = dev.write_at(&padded, 0, Fua::No);
         dev
@@ -50,7 +51,8 @@ impl MemDevice {
 
     /// The whole contents.
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = vec![0u8; self.size as usize];
+        // A device larger than this target can address fails the allocation.
+        let mut v = vec![0u8; usize::try_from(self.size).unwrap_or(usize::MAX)];
         let _ = self.read_at(&mut v, 0);
         v
     }
@@ -61,8 +63,9 @@ impl MemDevice {
             let pos = offset + done;
             let page = (pos >> PAGE_SHIFT) as usize;
             let in_page = (pos & (PAGE - 1)) as usize;
-            let n = (PAGE - (pos & (PAGE - 1))).min(len - done) as usize;
-            f(page, in_page, done as usize, n);
+            // At most a page, and an offset inside the caller's buffer.
+            let n = mem_usize((PAGE - (pos & (PAGE - 1))).min(len - done));
+            f(page, in_page, mem_usize(done), n);
             done += n as u64;
         }
     }
@@ -89,7 +92,7 @@ impl BlockDevice for MemDevice {
         check_request(self.size, offset, buf.len() as u64)?;
         self.for_each_page(offset, buf.len() as u64, |page, at, b, n| {
             let mut slot = self.pages[page].write();
-            let p = slot.get_or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            let p = slot.get_or_insert_with(|| vec![0u8; mem_usize(PAGE)].into_boxed_slice());
             p[at..at + n].copy_from_slice(&buf[b..b + n]);
         });
         Ok(())
@@ -122,6 +125,10 @@ impl BlockDevice for MemDevice {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tests {
     use super::*;
 

@@ -26,7 +26,7 @@ pub use mem::MemDevice;
 pub use prezero::PrezeroDevice;
 
 use crate::error::{Error, Result};
-use crate::units::is_sector_aligned;
+use crate::units::{is_sector_aligned, mem_usize};
 
 /// Force unit access: when set, a write is durable once it returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,11 +73,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Makes `offset..offset+len` read as zeros.
     fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, len)?;
-        let zeros = vec![0u8; ZERO_BUF.min(len) as usize];
+        let zeros = vec![0u8; mem_usize(ZERO_BUF.min(len))];
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeros.len() as u64);
-            self.write_at(&zeros[..n as usize], offset + done, Fua::No)?;
+            self.write_at(&zeros[..mem_usize(n)], offset + done, Fua::No)?;
             done += n;
         }
         if fua == Fua::Yes {

@@ -41,7 +41,7 @@ use crate::dev::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{OwnedPending, WriteRoute};
 use crate::mutation;
-use crate::units::{Chunk, ChunkSize};
+use crate::units::{checked_usize, mem_usize, Chunk, ChunkSize};
 
 /// The origin: a device with snapshots.
 pub struct Origin {
@@ -253,8 +253,9 @@ impl Origin {
             return None;
         }
         let len = snaps[0].origin_chunk_len(chunk);
-        let budget = self.copier.reserve(len as usize);
-        let mut data = AlignedBuf::zeroed(len as usize);
+        // At most one chunk.
+        let budget = self.copier.reserve(mem_usize(len));
+        let mut data = AlignedBuf::zeroed(mem_usize(len));
         self.dev.read_at(&mut data, cs.byte_offset(chunk)).ok()?;
         Some(PreRead {
             chunk,
@@ -307,7 +308,10 @@ impl Origin {
             .unzip();
         let total: u64 = runs.iter().map(CopyRun::len).sum();
         let pre_len = pre_data.as_ref().map_or(0, |d| d.len() as u64);
-        let _budget = self.copier.reserve((total - pre_len) as usize);
+        // `reserve` clamps to the copier's budget, so saturating changes nothing.
+        let _budget = self
+            .copier
+            .reserve(usize::try_from(total - pre_len).unwrap_or(usize::MAX));
         let mut writes = Vec::new();
         let reads: Vec<Result<()>> = runs
             .iter()
@@ -342,7 +346,7 @@ impl Origin {
 
     /// The origin data of a run.
     fn read_run(&self, run: &CopyRun<OwnedPending>) -> Result<AlignedBuf> {
-        let mut buf = AlignedBuf::zeroed(run.len() as usize);
+        let mut buf = AlignedBuf::zeroed(checked_usize(run.len(), "copy run")?);
         self.dev.read_at(&mut buf, run.bytes.start)?;
         Ok(buf)
     }

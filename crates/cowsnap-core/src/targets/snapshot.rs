@@ -24,7 +24,7 @@ use crate::exception::{
     ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute, Usage,
     WriteRoute,
 };
-use crate::units::{Chunk, ChunkPiece, ChunkSize};
+use crate::units::{mem_usize, Chunk, ChunkPiece, ChunkSize};
 
 /// Where a snapshot is in its life, as the kernel's status line tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -537,11 +537,12 @@ impl BlockDevice for Snapshot {
     fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, len)?;
         let step = self.chunk_size.bytes().max(1 << 20);
-        let zeros = vec![0u8; step.min(len) as usize];
+        // A chunk or 1 MiB, whichever is larger: at most 1 GiB.
+        let zeros = vec![0u8; mem_usize(step.min(len))];
         let mut done = 0;
         while done < len {
             let n = (len - done).min(step);
-            self.write_at(&zeros[..n as usize], offset + done, Fua::No)?;
+            self.write_at(&zeros[..mem_usize(n)], offset + done, Fua::No)?;
             done += n;
         }
         if fua == Fua::Yes {

@@ -12,7 +12,7 @@
 use super::format::{self, Geometry, FIRST_DATA_CHUNK};
 use crate::error::{Error, Result};
 use crate::exception::Exception;
-use crate::units::{Chunk, ChunkSize, SECTOR_SIZE};
+use crate::units::{mem_usize, Chunk, ChunkSize, SECTOR_SIZE};
 
 /// One metadata I/O step of a plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,7 +167,8 @@ impl Planner {
     /// then write every touched area with FUA, in order. The planner's state moves on at
     /// once; if the I/O fails the store is invalid and the planner is not used again.
     pub fn commit(&mut self, entries: &[Exception]) -> Vec<MetaStep> {
-        let epa = self.geo.exceptions_per_area() as usize;
+        // A chunk's bytes / 16: at most 2^26 entries.
+        let epa = mem_usize(self.geo.exceptions_per_area());
         let cs = self.geo.chunk_size();
         let mut zeros = Vec::new();
         let mut writes = Vec::new();
@@ -190,8 +191,9 @@ impl Planner {
             };
             self.rewrite_tail = false;
             // Only those bytes are encoded: entries from the sector's first, zeros after.
-            let mut buf = vec![0u8; (end - start) as usize];
-            let from = start as usize / format::ENTRY_BYTES;
+            // Both within one chunk (at most 1 GiB).
+            let mut buf = vec![0u8; mem_usize(end - start)];
+            let from = mem_usize(start) / format::ENTRY_BYTES;
             format::encode_entries(&mut buf, self.area.get(from..).unwrap_or_default());
             writes.push(MetaStep::Write {
                 offset: self.geo.area_offset(self.current_area) + start,
