@@ -95,7 +95,13 @@ pub fn listeners_from_env() -> Result<Vec<Listener>, ActivationError> {
     let mut fdset = listenfd::ListenFd::from_env();
     let mut out = Vec::with_capacity(n);
     for i in 0..n.min(fdset.len()) {
-        let fd = LISTEN_FDS_START + i as i32;
+        // LISTEN_FDS comes from the environment: stop at an fd number no int can hold.
+        let Some(fd) = i32::try_from(i)
+            .ok()
+            .and_then(|i| LISTEN_FDS_START.checked_add(i))
+        else {
+            break;
+        };
         let unix_err = match fdset.take_unix_listener(i) {
             Ok(Some(l)) => {
                 out.push(Listener::Unix {

@@ -26,6 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, Fua, MemDevice};
+use cowsnap_core::units::mem_usize;
 use cowsnap_core::{Error, Result};
 
 use crate::codec::consts::{STATE_HOLE, STATE_ZERO};
@@ -412,11 +413,12 @@ fn is_zero(buf: &[u8]) -> bool {
 fn scan_extents(dev: &dyn BlockDevice, offset: u64, len: u64) -> Vec<Extent> {
     let end = offset.saturating_add(len.min(SCAN_LIMIT));
     let mut v = Vec::new();
-    let mut buf = vec![0u8; SCAN_BLOCK as usize];
+    let mut buf = vec![0u8; mem_usize(SCAN_BLOCK)];
     let mut pos = offset;
     while pos < end {
         let next = ((pos / SCAN_BLOCK + 1) * SCAN_BLOCK).min(end);
-        let n = (next - pos) as usize;
+        // At most SCAN_BLOCK.
+        let n = mem_usize(next - pos);
         let Some(chunk) = buf.get_mut(..n) else {
             break;
         };

@@ -337,159 +337,183 @@ impl Handshake {
     /// Processes buffered input as far as it goes.
     pub fn advance(&mut self) -> Result<Status, HandshakeError> {
         loop {
-            match self.state {
+            // Each step consumes what its state needs and either moves to the next state
+            // (`None`: go on) or stops with a status for the caller.
+            let stop = match self.state {
                 State::Done => return Err(HandshakeError::Finished),
                 State::StartingTls => return Ok(Status::StartTls),
-                State::ClientFlags => {
-                    let Some(b) = self.consume(4) else {
-                        return Ok(Status::NeedInput);
-                    };
-                    let Ok(flags) = Cursor::new(&b).u32() else {
-                        return Ok(Status::NeedInput);
-                    };
-                    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-                        self.state = State::Done;
-                        return Err(HandshakeError::BadClientFlags(flags));
-                    }
-                    self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
-                    self.state = State::OptionHeader;
-                }
-                State::OptionHeader => {
-                    let Some(b) = self.consume(16) else {
-                        return Ok(Status::NeedInput);
-                    };
-                    let mut c = Cursor::new(&b);
-                    let (magic, option, len) = match (c.u64(), c.u32(), c.u32()) {
-                        (Ok(m), Ok(o), Ok(l)) => (m, o, l),
-                        _ => return Ok(Status::NeedInput),
-                    };
-                    if magic != IHAVEOPT {
-                        self.state = State::Done;
-                        return Err(HandshakeError::BadOptionMagic(magic));
-                    }
-                    // Options refused before their data is read: during a shutdown, and
-                    // before TLS where TLS is required. EXPORT_NAME has no error reply.
-                    let refusal = if self.shutting_down && option != OPT_ABORT {
-                        Some((REP_ERR_SHUTDOWN, HandshakeError::ShuttingDown))
-                    } else if self.tls_mode == TlsMode::Required
-                        && !self.tls_active
-                        && option != OPT_STARTTLS
-                        && option != OPT_ABORT
-                    {
-                        Some((REP_ERR_TLS_REQD, HandshakeError::TlsRequired))
-                    } else {
-                        None
-                    };
-                    if let Some((reply, error)) = refusal {
-                        if option == OPT_EXPORT_NAME {
-                            self.state = State::Done;
-                            return Err(error);
-                        }
-                        self.state = State::Skip {
-                            option,
-                            remaining: u64::from(len),
-                            reply,
-                        };
-                        continue;
-                    }
-                    let starttls = option == OPT_STARTTLS && self.tls_mode != TlsMode::Off;
-                    self.state = match option {
-                        _ if starttls => {
-                            if len > MAX_OPTION_DATA {
-                                State::Skip {
-                                    option,
-                                    remaining: u64::from(len),
-                                    reply: REP_ERR_TOO_BIG,
-                                }
-                            } else {
-                                State::OptionData {
-                                    option,
-                                    len: len as usize,
-                                }
-                            }
-                        }
-                        OPT_EXPORT_NAME
-                        | OPT_ABORT
-                        | OPT_LIST
-                        | OPT_INFO
-                        | OPT_GO
-                        | OPT_STRUCTURED_REPLY
-                        | OPT_LIST_META_CONTEXT
-                        | OPT_SET_META_CONTEXT => {
-                            if len > MAX_OPTION_DATA {
-                                if option == OPT_EXPORT_NAME {
-                                    self.state = State::Done;
-                                    return Err(HandshakeError::UnknownExport(format!(
-                                        "<name of {len} bytes>"
-                                    )));
-                                }
-                                State::Skip {
-                                    option,
-                                    remaining: u64::from(len),
-                                    reply: REP_ERR_TOO_BIG,
-                                }
-                            } else {
-                                State::OptionData {
-                                    option,
-                                    len: len as usize,
-                                }
-                            }
-                        }
-                        _ => State::Skip {
-                            option,
-                            remaining: u64::from(len),
-                            reply: REP_ERR_UNSUP,
-                        },
-                    };
-                }
+                State::ClientFlags => self.client_flags()?,
+                State::OptionHeader => self.option_header()?,
                 State::Skip {
                     option,
                     remaining,
                     reply,
-                } => {
-                    let n = remaining.min(self.input.len() as u64);
-                    self.input.drain(..n as usize);
-                    let remaining = remaining - n;
-                    if remaining > 0 {
-                        self.state = State::Skip {
-                            option,
-                            remaining,
-                            reply,
-                        };
-                        return Ok(Status::NeedInput);
-                    }
-                    let msg = match reply {
-                        REP_ERR_UNSUP => "option not supported",
-                        REP_ERR_TLS_REQD => {
-                            "this server requires TLS: send NBD_OPT_STARTTLS first \
-                             (e.g. an nbds:// URI, or qemu's tls-creds)"
-                        }
-                        REP_ERR_SHUTDOWN => "the server is shutting down: try again later",
-                        _ => "option data too large",
-                    };
-                    self.reply(option, reply, msg.as_bytes());
-                    if reply == REP_ERR_SHUTDOWN {
-                        self.state = State::Done;
-                        return Ok(Status::Aborted);
-                    }
-                    self.state = State::OptionHeader;
-                }
-                State::OptionData { option, len } => {
-                    let Some(data) = self.consume(len) else {
-                        return Ok(Status::NeedInput);
-                    };
-                    self.state = State::OptionHeader;
-                    if let Some(status) = self.option(option, &data)? {
-                        self.state = if status == Status::StartTls {
-                            State::StartingTls
-                        } else {
-                            State::Done
-                        };
-                        return Ok(status);
-                    }
-                }
+                } => self.skip(option, remaining, reply)?,
+                State::OptionData { option, len } => self.option_data(option, len)?,
+            };
+            if let Some(status) = stop {
+                return Ok(status);
             }
         }
+    }
+
+    /// The client's flags, after the server's greeting.
+    fn client_flags(&mut self) -> Result<Option<Status>, HandshakeError> {
+        let Some(b) = self.consume(4) else {
+            return Ok(Some(Status::NeedInput));
+        };
+        let Ok(flags) = Cursor::new(&b).u32() else {
+            return Ok(Some(Status::NeedInput));
+        };
+        if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            self.state = State::Done;
+            return Err(HandshakeError::BadClientFlags(flags));
+        }
+        self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+        self.state = State::OptionHeader;
+        Ok(None)
+    }
+
+    /// An option's header: refuse it, skip it, or wait for its data.
+    fn option_header(&mut self) -> Result<Option<Status>, HandshakeError> {
+        let Some(b) = self.consume(16) else {
+            return Ok(Some(Status::NeedInput));
+        };
+        let mut c = Cursor::new(&b);
+        let (magic, option, len) = match (c.u64(), c.u32(), c.u32()) {
+            (Ok(m), Ok(o), Ok(l)) => (m, o, l),
+            _ => return Ok(Some(Status::NeedInput)),
+        };
+        if magic != IHAVEOPT {
+            self.state = State::Done;
+            return Err(HandshakeError::BadOptionMagic(magic));
+        }
+        if let Some((reply, error)) = self.refusal(option) {
+            // EXPORT_NAME has no error reply.
+            if option == OPT_EXPORT_NAME {
+                self.state = State::Done;
+                return Err(error);
+            }
+            self.state = State::Skip {
+                option,
+                remaining: u64::from(len),
+                reply,
+            };
+            return Ok(None);
+        }
+        self.state = self.data_state(option, len)?;
+        Ok(None)
+    }
+
+    /// Options refused before their data is read: during a shutdown, and before TLS where
+    /// TLS is required. The error reply, and the error if the option cannot take one.
+    fn refusal(&self, option: u32) -> Option<(u32, HandshakeError)> {
+        if self.shutting_down && option != OPT_ABORT {
+            Some((REP_ERR_SHUTDOWN, HandshakeError::ShuttingDown))
+        } else if self.tls_mode == TlsMode::Required
+            && !self.tls_active
+            && option != OPT_STARTTLS
+            && option != OPT_ABORT
+        {
+            Some((REP_ERR_TLS_REQD, HandshakeError::TlsRequired))
+        } else {
+            None
+        }
+    }
+
+    /// The state after an accepted option header of `len` data bytes: read the data of a
+    /// known option, skip that of an unknown or oversized one.
+    fn data_state(&mut self, option: u32, len: u32) -> Result<State, HandshakeError> {
+        let starttls = option == OPT_STARTTLS && self.tls_mode != TlsMode::Off;
+        let known = starttls
+            || matches!(
+                option,
+                OPT_EXPORT_NAME
+                    | OPT_ABORT
+                    | OPT_LIST
+                    | OPT_INFO
+                    | OPT_GO
+                    | OPT_STRUCTURED_REPLY
+                    | OPT_LIST_META_CONTEXT
+                    | OPT_SET_META_CONTEXT
+            );
+        let skip = |reply| State::Skip {
+            option,
+            remaining: u64::from(len),
+            reply,
+        };
+        if !known {
+            return Ok(skip(REP_ERR_UNSUP));
+        }
+        if len > MAX_OPTION_DATA {
+            // EXPORT_NAME has no error reply.
+            if option == OPT_EXPORT_NAME {
+                self.state = State::Done;
+                return Err(HandshakeError::UnknownExport(format!(
+                    "<name of {len} bytes>"
+                )));
+            }
+            return Ok(skip(REP_ERR_TOO_BIG));
+        }
+        Ok(State::OptionData {
+            option,
+            len: len as usize,
+        })
+    }
+
+    /// Drops a refused option's data as it arrives, then sends its error reply.
+    fn skip(
+        &mut self,
+        option: u32,
+        remaining: u64,
+        reply: u32,
+    ) -> Result<Option<Status>, HandshakeError> {
+        let n = usize::try_from(remaining)
+            .unwrap_or(usize::MAX)
+            .min(self.input.len());
+        self.input.drain(..n);
+        let remaining = remaining - n as u64;
+        if remaining > 0 {
+            self.state = State::Skip {
+                option,
+                remaining,
+                reply,
+            };
+            return Ok(Some(Status::NeedInput));
+        }
+        let msg = match reply {
+            REP_ERR_UNSUP => "option not supported",
+            REP_ERR_TLS_REQD => {
+                "this server requires TLS: send NBD_OPT_STARTTLS first \
+                 (e.g. an nbds:// URI, or qemu's tls-creds)"
+            }
+            REP_ERR_SHUTDOWN => "the server is shutting down: try again later",
+            _ => "option data too large",
+        };
+        self.reply(option, reply, msg.as_bytes());
+        if reply == REP_ERR_SHUTDOWN {
+            self.state = State::Done;
+            return Ok(Some(Status::Aborted));
+        }
+        self.state = State::OptionHeader;
+        Ok(None)
+    }
+
+    /// An option's data, once all of it has arrived.
+    fn option_data(&mut self, option: u32, len: usize) -> Result<Option<Status>, HandshakeError> {
+        let Some(data) = self.consume(len) else {
+            return Ok(Some(Status::NeedInput));
+        };
+        self.state = State::OptionHeader;
+        if let Some(status) = self.option(option, &data)? {
+            self.state = if status == Status::StartTls {
+                State::StartingTls
+            } else {
+                State::Done
+            };
+            return Ok(Some(status));
+        }
+        Ok(None)
     }
 
     fn consume(&mut self, n: usize) -> Option<Vec<u8>> {
@@ -505,7 +529,7 @@ impl Handshake {
         self.output.extend_from_slice(&option.to_be_bytes());
         self.output.extend_from_slice(&ty.to_be_bytes());
         self.output
-            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+            .extend_from_slice(&payload_len(data.len()).to_be_bytes());
         self.output.extend_from_slice(data);
     }
 
@@ -596,7 +620,7 @@ impl Handshake {
         let exports = self.catalog.exports.clone();
         for e in &exports {
             let mut d = Vec::with_capacity(4 + e.name.len() + e.description.len());
-            d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+            d.extend_from_slice(&payload_len(e.name.len()).to_be_bytes());
             d.extend_from_slice(e.name.as_bytes());
             d.extend_from_slice(e.description.as_bytes());
             self.reply(OPT_LIST, REP_SERVER, &d);
@@ -735,7 +759,28 @@ impl Handshake {
     }
 }
 
+/// The length of a reply payload this server built, as the wire's u32.
+///
+/// Payloads are export names (at most [`MAX_STRING`] bytes, checked by the server when an
+/// export is added), descriptions, messages and info records: kilobytes, never 4 GiB.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "server-built payloads are far below 4 GiB (see the doc)"
+)]
+fn payload_len(n: usize) -> u32 {
+    debug_assert!(u32::try_from(n).is_ok(), "reply payload of {n} bytes");
+    n as u32
+}
+
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tests;
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tls_tests;

@@ -22,6 +22,10 @@ pub use request::{
 };
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod fuzz {
     //! Arbitrary wire data never makes a decoder panic.
 

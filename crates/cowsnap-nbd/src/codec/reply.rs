@@ -58,18 +58,29 @@ fn short_message(msg: &str) -> &str {
     msg.get(..end).unwrap_or("")
 }
 
+/// The length of a message cut by [`short_message`], as the wire's u16.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "short_message cuts at MAX_ERROR_MESSAGE (200) bytes, which fits a u16"
+)]
+fn message_len(msg: &str) -> u16 {
+    debug_assert!(msg.len() <= MAX_ERROR_MESSAGE);
+    msg.len() as u16
+}
+
 /// Appends an `NBD_REPLY_TYPE_ERROR` chunk; `error` must be nonzero.
 pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str, done: bool) {
     let msg = short_message(message);
+    let msg_len = message_len(msg);
     chunk_header(
         out,
         done_flag(done),
         REPLY_TYPE_ERROR,
         cookie,
-        6 + msg.len() as u32,
+        6 + u32::from(msg_len),
     );
     out.extend_from_slice(&error.max(1).to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(&msg_len.to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
 }
 
@@ -83,15 +94,16 @@ pub fn error_offset_chunk(
     done: bool,
 ) {
     let msg = short_message(message);
+    let msg_len = message_len(msg);
     chunk_header(
         out,
         done_flag(done),
         REPLY_TYPE_ERROR_OFFSET,
         cookie,
-        14 + msg.len() as u32,
+        14 + u32::from(msg_len),
     );
     out.extend_from_slice(&error.max(1).to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(&msg_len.to_be_bytes());
     out.extend_from_slice(msg.as_bytes());
     out.extend_from_slice(&offset.to_be_bytes());
 }
@@ -111,6 +123,10 @@ pub fn block_status_chunk(
     extents: &[(u32, u32)],
     done: bool,
 ) {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "callers pass at most MAX_EXTENTS (2^16) descriptors: 4 + 8 * 2^16 fits a u32"
+    )]
     let len = 4 + 8 * extents.len() as u32;
     chunk_header(out, done_flag(done), REPLY_TYPE_BLOCK_STATUS, cookie, len);
     out.extend_from_slice(&context.to_be_bytes());

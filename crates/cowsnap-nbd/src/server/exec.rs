@@ -12,6 +12,7 @@
 //! its copy-outs, a snapshot writing its exceptions) holds state for the whole range.
 
 use cowsnap_core::dev::{AlignedBuf, Fua};
+use cowsnap_core::units::mem_usize;
 use cowsnap_core::Error;
 
 use crate::codec::consts::*;
@@ -97,10 +98,11 @@ fn split(
 }
 
 fn write_zero_buffers(export: &dyn Export, offset: u64, len: u64) -> cowsnap_core::Result<()> {
-    let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let zeros = vec![0u8; usize::try_from(len).map_or(ZERO_CHUNK, |l| ZERO_CHUNK.min(l))];
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
+        // At most the zero buffer's length.
+        let n = mem_usize((len - done).min(zeros.len() as u64));
         export.write_at(zeros.get(..n).unwrap_or_default(), offset + done, Fua::No)?;
         done += n as u64;
     }
@@ -239,6 +241,10 @@ fn write_zeroes(
 /// and reporting a lone unaligned first block as data), keeps only the first descriptor
 /// for `REQ_ONE`, caps the count at [`MAX_EXTENTS`], and always returns at least one
 /// descriptor.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "every descriptor length is at most `len`, which came from a u32"
+)]
 pub fn normalize_extents(ext: &[Extent], len: u32, min: u32, req_one: bool) -> Vec<(u32, u32)> {
     let len = u64::from(len);
     let min = u64::from(min.max(1));
@@ -276,6 +282,10 @@ pub fn normalize_extents(ext: &[Extent], len: u32, min: u32, req_one: bool) -> V
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tests {
     use super::*;
     use cowsnap_core::dev::{BlockDevice, MemDevice};

@@ -253,7 +253,7 @@ pub(super) fn start(
 ) -> Result<Tunnel, String> {
     let mut tls = ServerConnection::new(config.config.clone()).map_err(|e| e.to_string())?;
     let mut early = std::io::Cursor::new(early);
-    let early_left = |c: &std::io::Cursor<Vec<u8>>| (c.position() as usize) < c.get_ref().len();
+    let early_left = |c: &std::io::Cursor<Vec<u8>>| c.position() < c.get_ref().len() as u64;
     while tls.is_handshaking() {
         while tls.wants_write() {
             tls.write_tls(&mut net).map_err(|e| describe(&e))?;
