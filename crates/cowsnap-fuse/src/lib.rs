@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use cowsnap_core::dev::{BlockDevice, Fua};
-use cowsnap_core::units::SECTOR_SIZE;
+use cowsnap_core::units::{checked_usize, mem_usize, SECTOR_SIZE};
 use fuser::consts::FOPEN_DIRECT_IO;
 use fuser::{
     FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
@@ -125,10 +125,11 @@ pub fn read_bytes(dev: &dyn BlockDevice, offset: u64, len: u64) -> cowsnap_core:
     let end = (offset + len).min(size);
     let start_al = offset / SECTOR_SIZE * SECTOR_SIZE;
     let end_al = end.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-    let mut buf = vec![0u8; (end_al - start_al) as usize];
+    let mut buf = vec![0u8; checked_usize(end_al - start_al, "read")?];
     dev.read_at(&mut buf, start_al)?;
-    let from = (offset - start_al) as usize;
-    Ok(buf[from..from + (end - offset) as usize].to_vec())
+    // Both inside `buf`.
+    let from = mem_usize(offset - start_al);
+    Ok(buf[from..from + mem_usize(end - offset)].to_vec())
 }
 
 /// Writes `data` at any byte `offset` of `dev`, read-modify-writing partial sectors.
@@ -152,9 +153,10 @@ pub fn write_bytes(
     if start_al == offset && end_al == end {
         return dev.write_at(data, offset, fua);
     }
-    let mut buf = vec![0u8; (end_al - start_al) as usize];
+    // `data` widened to whole sectors: in memory, like `data`.
+    let mut buf = vec![0u8; mem_usize(end_al - start_al)];
     dev.read_at(&mut buf, start_al)?;
-    let from = (offset - start_al) as usize;
+    let from = mem_usize(offset - start_al);
     buf[from..from + data.len()].copy_from_slice(data);
     dev.write_at(&buf, start_al, fua)
 }
@@ -269,7 +271,13 @@ impl Filesystem for VolumeFs {
             Fua::No
         };
         match write_bytes(&*dev, offset, data, fua) {
-            Ok(()) => reply.written(data.len() as u32),
+            Ok(()) => {
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "the kernel's write request carries its size as a u32"
+                )]
+                reply.written(data.len() as u32);
+            }
             Err(e) => reply.error(e.errno()),
         }
     }
@@ -314,8 +322,10 @@ impl Filesystem for VolumeFs {
             let i = self.ino_of(&n);
             entries.push((i, FileType::RegularFile, n));
         }
-        for (k, (i, kind, name)) in entries.into_iter().enumerate().skip(offset.max(0) as usize) {
-            if reply.add(i, (k + 1) as i64, kind, name) {
+        // The offset is the kernel's: negative reads from the start, past the end reads none.
+        let skip = usize::try_from(offset.max(0)).unwrap_or(usize::MAX);
+        for (k, (i, kind, name)) in entries.into_iter().enumerate().skip(skip) {
+            if reply.add(i, i64::try_from(k + 1).unwrap_or(i64::MAX), kind, name) {
                 break;
             }
         }
