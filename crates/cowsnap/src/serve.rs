@@ -294,6 +294,130 @@ fn handle(
     result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
 }
 
+/// Listens on the inherited sockets, or else on `addrs` (the pool's `nbd.sock` when there
+/// are none); `tls_on` when the server has TLS settings. Returns the Unix socket paths to remove on exit and the endpoints to print,
+/// with `{NAME}` standing for the export.
+fn listen(
+    server: &Server,
+    dir: &Path,
+    addrs: Vec<Addr>,
+    inherited: Option<Vec<cowsnap_nbd::Listener>>,
+    tls: &crate::tcp::TlsArgs,
+    tls_on: bool,
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let mut sockets = Vec::new();
+    let mut endpoints = Vec::new();
+    if let Some(listeners) = inherited {
+        for l in listeners {
+            if let Some(a) = l.tcp_addr() {
+                tls.check_exposure("an inherited TCP socket (LISTEN_FDS)", &[a])?;
+                endpoints.extend(crate::tcp::uris(a, tls_on));
+            } else {
+                endpoints.push("an inherited socket (LISTEN_FDS) for export {NAME}".to_string());
+            }
+            server.listen(l)?;
+        }
+    } else {
+        let addrs = if addrs.is_empty() {
+            vec![Addr::Unix(dir.join("nbd.sock"))]
+        } else {
+            addrs
+        };
+        for a in addrs {
+            match a {
+                Addr::Unix(p) => {
+                    clear_socket_path(&p)?;
+                    server
+                        .listen_unix(&p)
+                        .with_context(|| format!("listening on {}", p.display()))?;
+                    private(&p)?;
+                    endpoints.push(format!("nbd+unix:///{{NAME}}?socket={}", p.display()));
+                    sockets.push(p);
+                }
+                Addr::Tcp(hp) => {
+                    let bound = server
+                        .listen_tcp(hp.as_str())
+                        .with_context(|| format!("listening on tcp:{hp}"))?;
+                    endpoints.extend(crate::tcp::uris(bound, tls_on));
+                }
+            }
+        }
+    }
+    Ok((sockets, endpoints))
+}
+
+/// Binds `POOL/control.sock` and starts its thread; returns the socket's path.
+fn start_control(
+    dir: &Path,
+    active: &Arc<ActivePool>,
+    server: &Arc<Server>,
+    read_only: &Arc<HashSet<String>>,
+) -> Result<PathBuf> {
+    let ctl_path = control::socket_path(dir);
+    clear_socket_path(&ctl_path)?;
+    let ctl = UnixListener::bind(&ctl_path)
+        .with_context(|| format!("binding the control socket {}", ctl_path.display()))?;
+    private(&ctl_path)?;
+    let (active, server, read_only) = (active.clone(), server.clone(), read_only.clone());
+    let handler: control::Handler = Arc::new(move |req| handle(req, &active, &server, &read_only));
+    control::spawn_server(ctl, handler).context("starting the control socket's thread")?;
+    Ok(ctl_path)
+}
+
+/// Tells the operator what TCP clients need for TLS (the daemon has `--tls-creds DIR`).
+fn print_tls_clients(tls: &crate::tcp::TlsArgs) {
+    let Some(dir) = &tls.tls_creds else {
+        return;
+    };
+    println!(
+        "cowsnap: TCP clients use TLS ({}{}); they need the CA certificate: \
+         libnbd nbds://...?tls-certificates=CLIENTDIR, qemu --object \
+         tls-creds-x509,id=tls0,dir=CLIENTDIR,endpoint=client (CLIENTDIR has ca-cert.pem{})",
+        match tls.policy() {
+            crate::tcp::TlsPolicy::On => "optional",
+            _ => "required",
+        },
+        if tls.tls_verify_peer {
+            format!(
+                ", client certificates signed by {}/ca-cert.pem",
+                dir.display()
+            )
+        } else {
+            String::new()
+        },
+        if tls.tls_verify_peer {
+            ", client-cert.pem, client-key.pem"
+        } else {
+            ""
+        }
+    );
+}
+
+/// Stops serving: closes the connections, flushes every export and the pool, removes the
+/// sockets, and names the invalid snapshots, which were not flushed.
+fn stop(server: &Server, active: &ActivePool, sockets: &[PathBuf]) -> Result<()> {
+    // An invalid snapshot has nothing to flush; its export's flush must not fail the stop.
+    STOPPING.store(true, Ordering::SeqCst);
+    let flushed = server.shutdown();
+    let flushed_all = active.flush_all();
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    for name in active.volume_names() {
+        if let Some(snap) = active.snapshot(&name).filter(|s| !s.is_valid()) {
+            eprintln!(
+                "cowsnap: snapshot {name} is invalid ({}): not flushed; \
+                 remove it with `cowsnap snapshot remove {name}`",
+                snap.invalid_reason()
+                    .unwrap_or_else(|| "no reason recorded".into())
+            );
+        }
+    }
+    flushed.context("flushing exports")?;
+    flushed_all.context("flushing the pool")?;
+    Ok(())
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let addrs: Vec<Addr> = args
@@ -345,58 +469,8 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
             .map_err(|e| anyhow!("{e}"))?;
     }
 
-    let mut sockets = Vec::new();
-    let mut endpoints = Vec::new();
-    if let Some(listeners) = inherited {
-        for l in listeners {
-            if let Some(a) = l.tcp_addr() {
-                args.tls
-                    .check_exposure("an inherited TCP socket (LISTEN_FDS)", &[a])?;
-                endpoints.extend(crate::tcp::uris(a, tls_on));
-            } else {
-                endpoints.push("an inherited socket (LISTEN_FDS) for export {NAME}".to_string());
-            }
-            server.listen(l)?;
-        }
-    } else {
-        let addrs = if addrs.is_empty() {
-            vec![Addr::Unix(dir.join("nbd.sock"))]
-        } else {
-            addrs
-        };
-        for a in addrs {
-            match a {
-                Addr::Unix(p) => {
-                    clear_socket_path(&p)?;
-                    server
-                        .listen_unix(&p)
-                        .with_context(|| format!("listening on {}", p.display()))?;
-                    private(&p)?;
-                    endpoints.push(format!("nbd+unix:///{{NAME}}?socket={}", p.display()));
-                    sockets.push(p);
-                }
-                Addr::Tcp(hp) => {
-                    let bound = server
-                        .listen_tcp(hp.as_str())
-                        .with_context(|| format!("listening on tcp:{hp}"))?;
-                    endpoints.extend(crate::tcp::uris(bound, tls_on));
-                }
-            }
-        }
-    }
-
-    let ctl_path = control::socket_path(dir);
-    clear_socket_path(&ctl_path)?;
-    let ctl = UnixListener::bind(&ctl_path)
-        .with_context(|| format!("binding the control socket {}", ctl_path.display()))?;
-    private(&ctl_path)?;
-    sockets.push(ctl_path);
-    {
-        let (active, server, read_only) = (active.clone(), server.clone(), read_only.clone());
-        let handler: control::Handler =
-            Arc::new(move |req| handle(req, &active, &server, &read_only));
-        control::spawn_server(ctl, handler).context("starting the control socket's thread")?;
-    }
+    let (mut sockets, mut endpoints) = listen(&server, dir, addrs, inherited, &args.tls, tls_on)?;
+    sockets.push(start_control(dir, &active, &server, &read_only)?);
 
     let fuse = match &args.fuse {
         Some(dir) => {
@@ -415,30 +489,9 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     };
 
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    if let (Some(dir), true) = (&args.tls.tls_creds, tls_on) {
+    if tls_on {
         // Before the "serving" line, which tells scripts the daemon is ready.
-        println!(
-            "cowsnap: TCP clients use TLS ({}{}); they need the CA certificate: \
-             libnbd nbds://...?tls-certificates=CLIENTDIR, qemu --object \
-             tls-creds-x509,id=tls0,dir=CLIENTDIR,endpoint=client (CLIENTDIR has ca-cert.pem{})",
-            match args.tls.policy() {
-                crate::tcp::TlsPolicy::On => "optional",
-                _ => "required",
-            },
-            if args.tls.tls_verify_peer {
-                format!(
-                    ", client certificates signed by {}/ca-cert.pem",
-                    dir.display()
-                )
-            } else {
-                String::new()
-            },
-            if args.tls.tls_verify_peer {
-                ", client-cert.pem, client-key.pem"
-            } else {
-                ""
-            }
-        );
+        print_tls_clients(&args.tls);
     }
     println!("cowsnap: serving pool {}", dir.display());
     for name in active.volume_names() {
@@ -455,25 +508,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
         sig.map(|s| s.to_string()).unwrap_or_default()
     );
     drop(fuse);
-    // An invalid snapshot has nothing to flush; its export's flush must not fail the stop.
-    STOPPING.store(true, Ordering::SeqCst);
-    let flushed = server.shutdown();
-    let flushed_all = active.flush_all();
-    for s in &sockets {
-        let _ = std::fs::remove_file(s);
-    }
-    for name in active.volume_names() {
-        if let Some(snap) = active.snapshot(&name).filter(|s| !s.is_valid()) {
-            eprintln!(
-                "cowsnap: snapshot {name} is invalid ({}): not flushed; \
-                 remove it with `cowsnap snapshot remove {name}`",
-                snap.invalid_reason()
-                    .unwrap_or_else(|| "no reason recorded".into())
-            );
-        }
-    }
-    flushed.context("flushing exports")?;
-    flushed_all.context("flushing the pool")?;
+    stop(&server, &active, &sockets)?;
     eprintln!("cowsnap: stopped");
     Ok(ExitCode::SUCCESS)
 }
