@@ -21,6 +21,11 @@ pub mod error;
 pub mod exception;
 #[doc(hidden)]
 pub mod mutation;
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::too_many_lines,
+    reason = "lint pass pending: file being restructured"
+)]
 pub mod pool;
 pub mod targets;
 pub mod units;

@@ -4,6 +4,10 @@
 //! script asks, with `KERNEL_CHECK_OUT=DIR`); the cases themselves also run as a normal
 //! test, which checks that each COW reopens in cowsnap with the recorded answers.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "lint pass pending: file being restructured"
+)]
 #![allow(clippy::unwrap_used)]
 
 mod kernel_fixtures;

@@ -4,6 +4,10 @@
 //! A test that needs a tool fails when the tool is missing under CI (`CI` set); elsewhere
 //! it prints a SKIP line and returns.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "lint pass pending: file being restructured"
+)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -9,11 +9,19 @@
 
 pub mod aligned;
 pub mod claim;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "lint pass pending: file being restructured"
+)]
 mod crash;
 mod faulty;
 mod file;
 mod gated;
 mod mem;
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "lint pass pending: file being restructured"
+)]
 mod prezero;
 
 pub use aligned::AlignedBuf;
