@@ -315,7 +315,7 @@ impl ExceptionStore for PersistentStore {
                 LoadOutcome::Invalid
             }
             HeaderState::Formatted { valid: true, .. } => {
-                let l = read::load_exceptions(&*self.cow, &self.geo, sink)?;
+                let l = read::load_exceptions(&*self.cow, &self.geo, None, sink)?;
                 st.planner = Planner::loaded(
                     cs,
                     l.current_area,
