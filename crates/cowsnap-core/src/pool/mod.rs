@@ -41,6 +41,7 @@ use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
 
 use crate::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
 use crate::error::{Error, Result};
+use crate::exception::persistent::validate::{self, Bounds};
 use crate::exception::persistent::PersistentStore;
 use crate::exception::ExceptionStore;
 use crate::units::{is_sector_aligned, ChunkSize};
@@ -545,21 +546,16 @@ impl Pool {
             .map(|o| (self.resolve(&o.path), o.id))
             .unwrap_or_default();
         let origin_dev = self.open_volume_file(&origin, origin_id)?;
-        let origin_chunks = prepared
-            .store
-            .chunk_size()
-            .chunks_covering(origin_dev.size());
+        let chunk_size = prepared.store.chunk_size();
+        let bounds = Bounds {
+            cow_chunks: chunk_size.whole_chunks(prepared.store.cow().size()),
+            origin_chunks: Some(chunk_size.chunks_covering(origin_dev.size())),
+        };
         self.guard_format(&prepared)?;
         let store = prepared.store.clone();
-        let loaded = store.load(&mut |e| {
-            if e.old.0 >= origin_chunks {
-                return Err(Error::Corrupt {
-                    device: store.cow().describe(),
-                    offset: 0,
-                    reason: format!("exception for origin chunk {} beyond the origin", e.old),
-                });
-            }
-            Ok(())
+        let loaded = store.load(&mut |e| match validate::check_bounds(e, bounds) {
+            None => Ok(()),
+            Some(finding) => Err(finding.into_error(&store.cow().describe())),
         });
         drop(store);
         if let Err(e) = loaded {

@@ -173,27 +173,30 @@ impl Validator {
     }
 }
 
-/// For a loader that sees entries without their place on disk or the layout (the
-/// snapshot loader, over any store): `new` inside the COW, `old` inside the origin, then
-/// `record(entry)`, which keeps the entry and says whether its `old` chunk was new (the
-/// caller's exception table, which sees repeated origin chunks). The first problem found.
+/// For a caller that sees entries without their place on disk or the layout (the
+/// snapshot loader, over any store): `new` inside the COW, then `old` inside the origin.
+pub fn check_bounds(entry: Exception, bounds: Bounds) -> Option<Finding> {
+    let problem = if entry.new.0 >= bounds.cow_chunks {
+        Some(Problem::PastCowEnd {
+            cow_chunks: bounds.cow_chunks,
+        })
+    } else {
+        origin_problem(entry, bounds)
+    };
+    problem.map(|p| Finding::new(p, entry, None, None))
+}
+
+/// [`check_bounds`], then `record(entry)`, which keeps an entry within bounds and says
+/// whether its `old` chunk was new (the caller's exception table, which sees repeated
+/// origin chunks). The first problem found.
 pub fn check_unplaced(
     entry: Exception,
     bounds: Bounds,
     record: impl FnOnce(Exception) -> bool,
 ) -> Option<Finding> {
-    let problem = if entry.new.0 >= bounds.cow_chunks {
-        Some(Problem::PastCowEnd {
-            cow_chunks: bounds.cow_chunks,
-        })
-    } else if let Some(p) = origin_problem(entry, bounds) {
-        Some(p)
-    } else if !record(entry) {
-        Some(Problem::DuplicateOrigin)
-    } else {
-        None
-    };
-    problem.map(|p| Finding::new(p, entry, None, None))
+    check_bounds(entry, bounds).or_else(|| {
+        (!record(entry)).then(|| Finding::new(Problem::DuplicateOrigin, entry, None, None))
+    })
 }
 
 fn origin_problem(entry: Exception, bounds: Bounds) -> Option<Problem> {
