@@ -66,7 +66,9 @@ pub struct SnapshotRequest {
     pub origin: String,
     /// The COW.
     pub cow: CowSpec,
-    /// Chunk size; a formatted COW's header wins. Default 4 KiB.
+    /// Chunk size asked for. `None`: an adopted COW's header's, else
+    /// [`ChunkSize::DEFAULT`]. A formatted COW's header wins over one asked for, with a
+    /// warning when they differ.
     pub chunk_size: Option<ChunkSize>,
     /// Transient store (`N`): exceptions only in the daemon's memory.
     pub transient: bool,
@@ -75,9 +77,6 @@ pub struct SnapshotRequest {
     /// Format an adopted COW that has no header, if it is all zeros.
     pub format: bool,
 }
-
-/// The default chunk size of new snapshots: 4 KiB, as lvm2's.
-pub const DEFAULT_CHUNK: ChunkSize = ChunkSize::MIN;
 
 /// The environment variable naming a [`crash_point`] at which to abort (tests only).
 pub const CRASH_AT_ENV: &str = "COWSNAP_CRASH_AT";
@@ -385,7 +384,8 @@ impl Pool {
                 req.origin
             )));
         }
-        let chunk = req.chunk_size.unwrap_or(DEFAULT_CHUNK);
+        // A new COW's chunk size: what an adopted one has is known only once it is open.
+        let chunk = req.chunk_size.unwrap_or(ChunkSize::DEFAULT);
         let min_chunks = if req.transient { 1 } else { 3 };
         let (rel, new_file, id, cow) = match &req.cow {
             CowSpec::Size(size) => {
@@ -425,7 +425,7 @@ impl Pool {
             let store = crate::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)
         } else {
-            let store = PersistentStore::open(cow, Some(chunk), req.overflow)?;
+            let store = PersistentStore::open(cow, req.chunk_size, req.overflow)?;
             if new_file.is_none() && !req.format && store.is_fresh() {
                 return Err(Error::InvalidArgument(format!(
                     "{} has no COW header (its first bytes are zero): cowsnap formats only files it creates. To make it a new, empty COW, add --format (the whole file must be zeros)",
