@@ -25,4 +25,4 @@ pub mod pool;
 pub mod targets;
 pub mod units;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, Result};

@@ -17,7 +17,7 @@ use cowsnap_core::exception::persistent::inspect;
 use cowsnap_core::exception::{ExceptionStore, LoadOutcome, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
-use cowsnap_core::ErrorKind;
+use cowsnap_core::Error;
 use proptest::prelude::*;
 
 /// The first 340 chunks of the kernel's p8-multiarea COW: header, area 0 (full), area 1.
@@ -47,7 +47,7 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
         Ok(s) => s,
         Err(e) => {
             prop_assert!(
-                matches!(e.kind(), ErrorKind::Corrupt),
+                matches!(e, Error::Corrupt { .. }),
                 "open: unexpected error kind {e:?}"
             );
             first_error_is(&report, &e)?;
@@ -76,10 +76,10 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
         Ok(LoadOutcome::Fresh) => prop_assert!(fresh),
         Err(e) => {
             prop_assert!(
-                matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidArgument),
+                matches!(e, Error::Corrupt { .. } | Error::InvalidArgument(_)),
                 "load: unexpected error kind {e:?}"
             );
-            if e.kind() == ErrorKind::Corrupt {
+            if matches!(e, Error::Corrupt { .. }) {
                 first_error_is(&report, &e)?;
             }
         }
@@ -103,17 +103,17 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// `refusal` (a [`cowsnap_core::Error::Corrupt`]) is the first error of `report`.
+/// `refusal` (a [`Error::Corrupt`]) is the first error of `report`.
 fn first_error_is(
     report: &inspect::CheckReport,
-    refusal: &cowsnap_core::Error,
+    refusal: &Error,
 ) -> Result<(), TestCaseError> {
     let first = report
         .findings
         .iter()
         .find(|f| f.severity == inspect::Severity::Error);
     match (refusal, first) {
-        (cowsnap_core::Error::Corrupt { offset, reason, .. }, Some(f)) => {
+        (Error::Corrupt { offset, reason, .. }, Some(f)) => {
             prop_assert_eq!(
                 f.offset,
                 Some(*offset),
@@ -204,7 +204,7 @@ proptest! {
         img[at..at + 8].copy_from_slice(&new.to_le_bytes());
         let s = PersistentStore::open(Arc::new(MemDevice::from_bytes(&img)), None, false).unwrap();
         match s.load(&mut |_| Ok(())) {
-            Err(e @ cowsnap_core::Error::Corrupt { offset, .. }) => {
+            Err(e @ Error::Corrupt { offset, .. }) => {
                 // The `new` field of the bad entry, or (for a duplicate) of the later entry
                 // naming the same chunk.
                 let named_at = offset as usize;

@@ -290,7 +290,7 @@ type Seen = HashMap<FileId, String>;
 fn unaliased(path: &Path, what: &str, seen: &Seen) -> Result<FileId> {
     let id = FileId::of_path(path)?;
     if let Some(other) = id.with_backing().iter().find_map(|i| seen.get(i)) {
-        return Err(Error::Busy(format!(
+        return Err(Error::SameFile(format!(
             "{} is the same file as {other} ({id}): one file cannot serve two volumes; fix {what} in {MANIFEST}",
             path.display()
         )));
@@ -389,10 +389,10 @@ impl ActivePool {
         let mut snapshots = BTreeMap::new();
         for s in &pool.manifest().snapshots {
             let opened = match origins.get(&s.origin) {
-                _ if s.removing || s.store == "N" => Err(Error::Busy(
+                _ if s.removing || s.store == "N" => Err(Error::WrongState(
                     "its removal did not finish; remove it again, or restart, to finish it".into(),
                 )),
-                None => Err(Error::Busy(format!(
+                None => Err(Error::WrongState(format!(
                     "its origin {:?} is not available",
                     s.origin
                 ))),
@@ -547,7 +547,7 @@ impl ActivePool {
     pub fn create_snapshot(&self, req: &SnapshotRequest) -> Result<(VolumeInfo, Option<String>)> {
         let mut inner = self.inner.lock();
         if inner.failed.contains_key(&req.name) {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "a volume called {:?} already exists (failed; remove it first)",
                 req.name
             )));
@@ -590,7 +590,8 @@ impl ActivePool {
                 snap,
             },
         );
-        let info = info_of(&inner, &entry.name).ok_or_else(|| Error::Busy("vanished".into()))?;
+        let info =
+            info_of(&inner, &entry.name).ok_or_else(|| Error::WrongState("vanished".into()))?;
         Ok((info, warning))
     }
 
@@ -639,7 +640,7 @@ impl ActivePool {
                     format!("its removal did not finish: {e}"),
                 );
                 inner.failed.insert(name.to_string(), f);
-                Err(Error::Busy(format!(
+                Err(Error::WrongState(format!(
                     "snapshot {name:?} is deactivated but its removal did not finish ({e}); run the remove again, or restart the daemon, to finish it"
                 )))
             }
@@ -764,7 +765,7 @@ pub(super) fn list_offline(
         }
         let loaded = (|| {
             let origin = origins.get(&s.origin).ok_or_else(|| {
-                Error::Busy(format!("its origin {:?} is not available", s.origin))
+                Error::WrongState(format!("its origin {:?} is not available", s.origin))
             })?;
             let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
             let store = PersistentStore::open(

@@ -130,7 +130,7 @@ impl Pool {
     pub fn init(dir: &Path) -> Result<Pool> {
         fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", 0, dir.display().to_string(), e))?;
         if dir.join(MANIFEST).exists() {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "{} already holds a cowsnap pool",
                 dir.display()
             )));
@@ -218,7 +218,7 @@ impl Pool {
         let id = dev.id()?;
         if let Some(want) = expected {
             if want != id {
-                return Err(Error::Busy(format!(
+                return Err(Error::Replaced(format!(
                     "{} is not the file this pool took ({want}); it is {id}: the file was replaced behind the pool's back. Put the original back, or remove the volume",
                     path.display()
                 )));
@@ -261,7 +261,7 @@ impl Pool {
     fn check_new_name(&self, name: &str) -> Result<()> {
         check_name(name)?;
         if self.manifest.has_volume(name) {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "a volume called {name:?} already exists"
             )));
         }
@@ -308,7 +308,7 @@ impl Pool {
             .into_iter()
             .find(|(_, i)| i.with_backing().iter().any(|v| mine.contains(v)));
         if let Some((what, _)) = taken {
-            return Err(Error::Busy(format!(
+            return Err(Error::SameFile(format!(
                 "{} is already used by this pool: it is {what} ({id}), under this or another name; a volume file can serve one volume only",
                 path.display()
             )));
@@ -357,7 +357,7 @@ impl Pool {
         // Opening it checks that it is readable, writable, sector-sized and not in use.
         let dev = FileDevice::open_exclusive(&abs, false)?;
         if dev.id()? != id {
-            return Err(Error::Busy(format!(
+            return Err(Error::Replaced(format!(
                 "{} changed while it was being added; try again",
                 abs.display()
             )));
@@ -687,7 +687,7 @@ fn invalidate_cow_file(path: &Path, id: Option<FileId>, store: &str) -> Result<(
     }
     let dev = FileDevice::open_exclusive(path, false)?;
     if id.is_some_and(|want| dev.id().ok() != Some(want)) {
-        return Err(Error::Busy(format!(
+        return Err(Error::Replaced(format!(
             "{} is no longer the file the pool took",
             path.display()
         )));
@@ -754,7 +754,7 @@ impl PoolLock {
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
-            return Err(Error::Busy(format!(
+            return Err(Error::InUse(format!(
                 "pool {} is in use by another cowsnap process (pid {})",
                 dir.display(),
                 pid.trim()

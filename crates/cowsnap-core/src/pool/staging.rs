@@ -65,7 +65,7 @@ impl NewFile {
     /// sparse or with its space reserved. Refuses when `final_path` exists.
     pub(crate) fn create(final_path: &Path, size: u64, reserve: bool) -> Result<NewFile> {
         if fs::symlink_metadata(final_path).is_ok() {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "{} already exists and is not a volume of this pool: move it away or choose another name",
                 final_path.display()
             )));

@@ -11,7 +11,7 @@
 //! its copy-outs, a snapshot writing its exceptions) holds state for the whole range.
 
 use cowsnap_core::dev::{AlignedBuf, Fua};
-use cowsnap_core::{Error, ErrorKind};
+use cowsnap_core::Error;
 
 use crate::codec::consts::*;
 use crate::codec::reply::{self, ReadReply};
@@ -38,7 +38,7 @@ pub fn nbd_errno(e: &Error) -> u32 {
 
 fn message(e: &Error) -> String {
     // The kind only: full messages may name server-side paths.
-    format!("{:?} error", e.kind())
+    e.summary().to_string()
 }
 
 /// The outcome of one request: its complete encoded reply.
@@ -143,7 +143,7 @@ pub fn execute(
             let r = split(offset, u64::from(length), |o, n| {
                 match export.discard(o, n) {
                     // TRIM is a hint: a device that cannot discard ignores it.
-                    Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
+                    Err(Error::Unsupported(_)) => Ok(()),
                     r => r,
                 }
             });
@@ -269,7 +269,7 @@ mod tests {
         assert_eq!(nbd_errno(&Error::Misaligned { offset: 1, len: 1 }), EINVAL);
         assert_eq!(nbd_errno(&Error::Unsupported("x")), EINVAL);
         assert_eq!(nbd_errno(&Error::Overflow), EIO);
-        assert_eq!(nbd_errno(&Error::Busy("x".into())), EIO);
+        assert_eq!(nbd_errno(&Error::Exists("x".into())), EIO);
         assert_eq!(
             nbd_errno(&Error::CowFull {
                 allocated: 1,

@@ -286,13 +286,13 @@ impl ExceptionStore for PersistentStore {
     fn load(&self, sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome> {
         let mut st = self.state.lock();
         if st.loaded {
-            return Err(Error::Busy("the store is already loaded".into()));
+            return Err(Error::WrongState("the store is already loaded".into()));
         }
         let device = self.cow.describe();
         // The header again: it must not have changed since open.
         let now = format::check_header(&read::read_raw_header(&*self.cow)?, &device)?;
         if now != self.header {
-            return Err(Error::Busy(format!(
+            return Err(Error::Replaced(format!(
                 "{device}: the COW header changed between open and load"
             )));
         }
@@ -336,7 +336,7 @@ impl ExceptionStore for PersistentStore {
             return Err(Error::Invalid(why.clone()));
         }
         if !st.loaded {
-            return Err(Error::Busy("the store is not loaded".into()));
+            return Err(Error::WrongState("the store is not loaded".into()));
         }
         let cow_chunks = self.geo.chunk_size().whole_chunks(self.cow.size());
         let new = st.planner.allocate(cow_chunks)?;
