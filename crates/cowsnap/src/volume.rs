@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use cowsnap_core::copy::Copier;
-use cowsnap_core::pool::{Pool, PoolLock, VolumeInfo, VolumeKind};
 use cowsnap_core::units::{parse_size, ChunkSize};
+use cowsnap_pool::{Pool, PoolLock, VolumeInfo, VolumeKind};
 
 use crate::control::{self, Reply, Request, SnapshotSpec};
 

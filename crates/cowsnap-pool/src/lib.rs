@@ -1,12 +1,19 @@
-//! Pools: named origins and snapshots kept as image files in one directory.
+//! cowsnap-pool: named origins and snapshots kept as image files in one directory, and
+//! their table.
 //!
-//! A pool is the embedded default back end: a private directory (mode 0700) holding
-//! `pool.json` (the table of volumes, see [`manifest`]), the origin images it created, and
-//! the snapshots' COW files (mode 0600). [`Pool`] changes the table offline (no daemon);
-//! [`ActivePool`] is the table brought to life, every origin an
-//! [`Origin`](crate::targets::Origin) and every snapshot an activated
-//! [`Snapshot`](crate::targets::Snapshot), changed live while clients do I/O. One process
-//! at a time holds a pool, through [`PoolLock`].
+//! **What a pool is.** The embedded default back end of the `cowsnap` command and daemon:
+//! a private directory (mode 0700) holding `pool.json` (the table of volumes, see
+//! [`manifest`]), the origin images it created, and the snapshots' COW files (mode 0600).
+//! [`Pool`] changes the table offline (no daemon); [`ActivePool`] is the table brought to
+//! life on the `cowsnap-core` engine, every origin an
+//! [`Origin`](cowsnap_core::targets::Origin) and every snapshot an activated
+//! [`Snapshot`](cowsnap_core::targets::Snapshot), changed live while clients do I/O. One
+//! process at a time holds a pool, through [`PoolLock`].
+//!
+//! **What it is not.** Not the engine: copy-out, exception stores, the on-disk COW format
+//! and file identity ([`FileId`], exclusive claims) are `cowsnap-core`'s, which works on
+//! any block devices and knows nothing of names, JSON or directories. Not a front end
+//! either: NBD, FUSE and the CLI look volumes up here and serve them elsewhere.
 //!
 //! **Control-plane crash rules.** Every change is ordered so that a crash at any step
 //! leaves either the old pool or the new one (see ARCHITECTURE.md, "Control plane"):
@@ -26,6 +33,9 @@
 //! when `COWSNAP_CRASH_AT` names the step: the daemon crash tests use it to stop at every
 //! step in turn.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 mod active;
 pub mod manifest;
 mod staging;
@@ -39,12 +49,12 @@ use std::sync::Arc;
 pub use active::{ActivePool, VolumeInfo, VolumeKind};
 use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
 
-use crate::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
-use crate::error::{Error, Result};
-use crate::exception::persistent::validate::{self, Bounds};
-use crate::exception::persistent::PersistentStore;
-use crate::exception::ExceptionStore;
-use crate::units::{is_sector_aligned, ChunkSize};
+use cowsnap_core::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
+use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::persistent::validate::{self, Bounds};
+use cowsnap_core::exception::persistent::PersistentStore;
+use cowsnap_core::exception::ExceptionStore;
+use cowsnap_core::units::{is_sector_aligned, ChunkSize};
 
 /// Where a new snapshot's COW comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -422,7 +432,7 @@ impl Pool {
             }
         };
         let (store, warning, chunk): (Arc<dyn ExceptionStore>, _, _) = if req.transient {
-            let store = crate::exception::TransientStore::new(cow, chunk);
+            let store = cowsnap_core::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)
         } else {
             let store = PersistentStore::open(cow, req.chunk_size, req.overflow)?;
@@ -576,7 +586,7 @@ impl Pool {
     /// held it. A volume that cannot be read shows as failed, with the reason.
     pub fn list_offline(
         &self,
-        copier: Arc<crate::copy::Copier>,
+        copier: Arc<cowsnap_core::copy::Copier>,
         only: Option<&str>,
     ) -> Result<Vec<VolumeInfo>> {
         active::list_offline(self, copier, only)

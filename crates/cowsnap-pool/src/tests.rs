@@ -1,8 +1,8 @@
 //! Pool tests: offline table changes, activation, live snapshots, restart, locking.
 
 use super::*;
-use crate::copy::Copier;
-use crate::dev::Fua;
+use cowsnap_core::copy::Copier;
+use cowsnap_core::dev::Fua;
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(

@@ -25,12 +25,12 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{OriginEntry, SnapshotEntry, MANIFEST};
 use super::{crash_point, Pool, SnapshotRequest};
-use crate::copy::Copier;
-use crate::dev::{BlockDevice, FileDevice, FileId};
-use crate::error::{Error, Result};
-use crate::exception::persistent::PersistentStore;
-use crate::exception::Usage;
-use crate::targets::{Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::copy::Copier;
+use cowsnap_core::dev::{BlockDevice, FileDevice, FileId};
+use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::persistent::PersistentStore;
+use cowsnap_core::exception::Usage;
+use cowsnap_core::targets::{Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
