@@ -104,10 +104,7 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
 }
 
 /// `refusal` (a [`Error::Corrupt`]) is the first error of `report`.
-fn first_error_is(
-    report: &inspect::CheckReport,
-    refusal: &Error,
-) -> Result<(), TestCaseError> {
+fn first_error_is(report: &inspect::CheckReport, refusal: &Error) -> Result<(), TestCaseError> {
     let first = report
         .findings
         .iter()
