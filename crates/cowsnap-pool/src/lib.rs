@@ -54,6 +54,7 @@ use cowsnap_core::error::{Error, Result};
 use cowsnap_core::exception::persistent::validate::{self, Bounds};
 use cowsnap_core::exception::persistent::PersistentStore;
 use cowsnap_core::exception::ExceptionStore;
+use cowsnap_core::mutation;
 use cowsnap_core::units::{is_sector_aligned, ChunkSize};
 
 /// Where a new snapshot's COW comes from.
@@ -516,7 +517,11 @@ impl Pool {
         let mut entry = prepared.entry.clone();
         entry.removing = true;
         next.snapshots.push(entry);
-        self.commit(next)?;
+        // The mutation formats the file with no entry committed: a crash then leaves a
+        // valid COW that no pool knows of.
+        if !mutation::active("format-before-commit") {
+            self.commit(next)?;
+        }
         crash_point("adopt-format:guarded");
         Ok(())
     }
