@@ -82,7 +82,7 @@ pub struct Loaded {
 }
 
 /// Reads and validates every entry of a valid store, passing each to `sink` in order.
-/// Refuses the COW at the first [`Finding`](validate::Finding) of the [`Validator`]
+/// Refuses the COW at the first [`Finding`](super::validate::Finding) of the [`Validator`]
 /// (entries past the COW, or past `origin_chunks` when given, entries on metadata,
 /// duplicate `old` or `new` chunks), naming the byte offset of the bad field.
 pub fn load_exceptions(
