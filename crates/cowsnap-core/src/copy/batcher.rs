@@ -213,33 +213,15 @@ impl CopyOutBatcher {
         }
     }
 
-    /// Leads a batch of every queued request's writes (the caller's are among them): one store's
-    /// part on this thread, the others posted for waiting requests. Hands every other
-    /// request its results and the next queued request the lead; returns the caller's.
+    /// Leads a batch of every queued request's writes (the caller's are among them): one
+    /// store's part on this thread, the others posted for waiting requests. Hands every
+    /// other request its results and the next queued request the lead; returns the
+    /// caller's.
     fn lead(&self, me: &Arc<Slot>) -> Vec<Result<()>> {
         let batch: Batch = Arc::new(std::mem::take(&mut self.state.lock().queue));
         let mut groups = store_groups(&batch).into_iter();
         let mine = groups.next().unwrap_or_default();
-        let gather = Arc::new(Gather::default());
-        let others: Vec<Task> = groups
-            .map(|group| Task {
-                batch: batch.clone(),
-                group,
-                gather: gather.clone(),
-            })
-            .collect();
-        let posted = others.len();
-        gather.outcomes.lock().1 = posted;
-        {
-            let mut st = self.state.lock();
-            st.tasks.extend(others);
-            // Waiting requests (of this batch or queued for the next) do the other stores'
-            // parts: wake as many as there are parts, no more.
-            let waiting = batch.iter().chain(st.queue.iter());
-            for e in waiting.filter(|e| !Arc::ptr_eq(&e.slot, me)).take(posted) {
-                e.slot.hint();
-            }
-        }
+        let gather = self.post_parts(&batch, groups, me);
         let mut outcomes = vec![run_task(&batch, mine)];
         self.help();
         {
@@ -249,6 +231,44 @@ impl CopyOutBatcher {
             }
             outcomes.append(&mut g.0);
         }
+        self.hand_out(&batch, outcomes, me)
+    }
+
+    /// Posts the other stores' parts of `batch` and wakes as many waiting requests (of this
+    /// batch or queued for the next) as there are parts, no more.
+    fn post_parts(
+        &self,
+        batch: &Batch,
+        parts: impl Iterator<Item = Vec<(u64, usize, usize)>>,
+        me: &Arc<Slot>,
+    ) -> Arc<Gather> {
+        let gather = Arc::new(Gather::default());
+        let tasks: Vec<Task> = parts
+            .map(|group| Task {
+                batch: batch.clone(),
+                group,
+                gather: gather.clone(),
+            })
+            .collect();
+        let posted = tasks.len();
+        gather.outcomes.lock().1 = posted;
+        let mut st = self.state.lock();
+        st.tasks.extend(tasks);
+        let waiting = batch.iter().chain(st.queue.iter());
+        for e in waiting.filter(|e| !Arc::ptr_eq(&e.slot, me)).take(posted) {
+            e.slot.hint();
+        }
+        gather
+    }
+
+    /// Ends a batch: counts it, passes the lead on, posts every other request its results;
+    /// returns the leader's own.
+    fn hand_out(
+        &self,
+        batch: &Batch,
+        outcomes: Vec<GroupOutcome>,
+        me: &Arc<Slot>,
+    ) -> Vec<Result<()>> {
         let mut results: Vec<Vec<Result<()>>> = batch
             .iter()
             .map(|e| e.writes.iter().map(|_| Ok(())).collect())
@@ -260,7 +280,6 @@ impl CopyOutBatcher {
                 results[r][w] = Err(error);
             }
         }
-        let mut own = Vec::new();
         {
             let mut st = self.state.lock();
             st.batches += 1;
@@ -271,6 +290,7 @@ impl CopyOutBatcher {
                 None => st.leading = false,
             }
         }
+        let mut own = Vec::new();
         for (e, r) in batch.iter().zip(results) {
             if Arc::ptr_eq(&e.slot, me) {
                 own = r;
@@ -320,70 +340,83 @@ fn store_groups(batch: &[Entry]) -> Vec<Vec<(u64, usize, usize)>> {
 /// One store's part of a batch: its writes, merged where they touch end to end, then its
 /// ready marks and commit. Returns the failed writes and the device writes issued.
 fn store_group(batch: &[Entry], mut list: Vec<(u64, usize, usize)>) -> GroupOutcome {
-    if list.is_empty() {
+    let get = |&(_, r, w): &(u64, usize, usize)| &batch[r].writes[w];
+    let Some(store) = list.first().map(|k| get(k).store.clone()) else {
         return (Vec::new(), 0);
-    }
-    let get = |r: usize, w: usize| &batch[r].writes[w];
+    };
+    let exceptions_of = |ks: &[(u64, usize, usize)]| -> Vec<Exception> {
+        ks.iter()
+            .flat_map(|k| get(k).exceptions.iter().copied())
+            .collect()
+    };
     // Sorted by device, then offset.
-    list.sort_unstable_by_key(|&(off, r, w)| (key(&get(r, w).dev), off));
+    list.sort_unstable_by_key(|k| (key(&get(k).dev), k.0));
     if mutation::active("combiner-commit-before-write") {
-        let ready: Vec<Exception> = list
-            .iter()
-            .flat_map(|&(_, r, w)| get(r, w).exceptions.iter().copied())
-            .collect();
-        let st = &get(list[0].1, list[0].2).store;
-        st.mark_ready(&ready);
-        st.commit_ready();
+        store.mark_ready(&exceptions_of(&list));
+        store.commit_ready();
     }
     let mut failed: Vec<(usize, usize, Error)> = Vec::new();
+    let mut ready = Vec::new();
     let mut device_writes = 0u64;
-    let mut i = 0;
-    while i < list.len() {
-        // The longest run of writes touching end to end, up to MAX_MERGED bytes.
-        let (start, r0, w0) = list[i];
-        let first = get(r0, w0);
-        let mut end = start + first.data.len() as u64;
-        let mut j = i + 1;
-        while j < list.len() {
-            let (off, r, w) = list[j];
-            let next = get(r, w);
-            let len = next.data.len() as u64;
-            if key(&next.dev) != key(&first.dev)
-                || off != end
-                || (end + len - start) as usize > MAX_MERGED
-            {
-                break;
-            }
-            end += len;
-            j += 1;
-        }
-        let result = if j == i + 1 {
-            first.dev.write_at(&first.data, start, Fua::No)
-        } else {
-            let mut buf = AlignedBuf::zeroed((end - start) as usize);
-            for &(off, r, w) in &list[i..j] {
-                let d = &get(r, w).data;
-                let at = (off - start) as usize;
-                buf[at..at + d.len()].copy_from_slice(d);
-            }
-            first.dev.write_at(&buf, start, Fua::No)
-        };
+    let mut rest = &list[..];
+    while !rest.is_empty() {
+        let n = mergeable(batch, rest);
+        let (part, tail) = rest.split_at(n);
         device_writes += 1;
-        if let Err(e) = result {
-            failed.extend(list[i..j].iter().map(|&(_, r, w)| (r, w, e.clone())));
+        match write_merged(batch, part) {
+            Ok(()) => ready.extend(exceptions_of(part)),
+            Err(e) => failed.extend(part.iter().map(|&(_, r, w)| (r, w, e.clone()))),
         }
-        i = j;
+        rest = tail;
     }
     // Mark what was written ready, then let the store commit it.
-    let ready: Vec<Exception> = list
-        .iter()
-        .filter(|&&(_, r, w)| !failed.iter().any(|&(fr, fw, _)| (fr, fw) == (r, w)))
-        .flat_map(|&(_, r, w)| get(r, w).exceptions.iter().copied())
-        .collect();
-    let store = &get(list[0].1, list[0].2).store;
     store.mark_ready(&ready);
     store.commit_ready();
     (failed, device_writes)
+}
+
+/// How many writes at the start of `list` (sorted by device and offset) touch end to end
+/// on one device, up to [`MAX_MERGED`] bytes in all (at least one).
+fn mergeable(batch: &[Entry], list: &[(u64, usize, usize)]) -> usize {
+    let get = |&(_, r, w): &(u64, usize, usize)| &batch[r].writes[w];
+    let Some(first) = list.first() else {
+        return 0;
+    };
+    let dev = key(&get(first).dev);
+    let mut end = first.0;
+    list.iter()
+        .take_while(|k| {
+            let len = get(k).data.len() as u64;
+            let fits = key(&get(k).dev) == dev
+                && k.0 == end
+                && (end + len - first.0) as usize <= MAX_MERGED;
+            end += len;
+            fits
+        })
+        .count()
+        .max(1)
+}
+
+/// Writes `part` (writes touching end to end on one device) with one device write.
+fn write_merged(batch: &[Entry], part: &[(u64, usize, usize)]) -> crate::error::Result<()> {
+    let get = |&(_, r, w): &(u64, usize, usize)| &batch[r].writes[w];
+    let first = get(&part[0]);
+    let start = part[0].0;
+    if part.len() == 1 {
+        return first.dev.write_at(&first.data, start, Fua::No);
+    }
+    let end = part
+        .iter()
+        .map(|k| k.0 + get(k).data.len() as u64)
+        .max()
+        .unwrap_or(start);
+    let mut buf = AlignedBuf::zeroed((end - start) as usize);
+    for k in part {
+        let d = &get(k).data;
+        let at = (k.0 - start) as usize;
+        buf[at..at + d.len()].copy_from_slice(d);
+    }
+    first.dev.write_at(&buf, start, Fua::No)
 }
 
 #[cfg(test)]

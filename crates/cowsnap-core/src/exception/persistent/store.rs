@@ -3,11 +3,11 @@
 //!
 //! Every prepared exception gets a sequence number in allocation order. `commit` marks its
 //! batch *ready* and then waits until the batch is durable. Whoever finds the oldest
-//! not-yet-durable exception ready, while no one else is writing, becomes the *leader*:
+//! not-yet-durable exception ready, while no one else is writing, becomes the *commit leader*:
 //! it takes every ready exception forming a contiguous prefix in allocation order, asks
 //! the [`Planner`] for the steps (zero the next area if one fills, flush, write the area
 //! with FUA), runs them without holding the lock, publishes the result and wakes everyone.
-//! Commits that arrive meanwhile are gathered into the next leader's single area write.
+//! Commits that arrive meanwhile are gathered into the next commit leader's single area write.
 //! So the on-disk table is always a prefix of the allocation order: a crash leaks no
 //! chunk. An aborted exception (its copy failed) or any metadata I/O error invalidates the
 //! store, as the kernel does, and wakes every waiter with the error.
@@ -45,8 +45,8 @@ struct State {
     slots: BTreeMap<u64, (Exception, SlotState)>,
     /// Sequence number of each outstanding COW chunk.
     seq_of: HashMap<u64, u64>,
-    /// A leader is writing metadata.
-    leader: bool,
+    /// A commit leader is writing metadata.
+    commit_leader: bool,
     /// Why the store is invalid, once it is.
     failed: Option<String>,
     /// The header on disk says (or is being made to say) `valid = 0`.
@@ -69,7 +69,7 @@ impl State {
 /// Counters of the metadata I/O a store did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Group commits (one per leader run).
+    /// Group commits (one per commit leader).
     pub group_commits: u64,
     /// Metadata area writes (a group that crosses into a new area writes two).
     pub area_writes: u64,
@@ -138,7 +138,7 @@ impl PersistentStore {
                 durable_seq: 0,
                 slots: BTreeMap::new(),
                 seq_of: HashMap::new(),
-                leader: false,
+                commit_leader: false,
                 failed: None,
                 header_invalid: false,
                 marked: HashSet::new(),
@@ -207,13 +207,13 @@ impl PersistentStore {
         Ok(())
     }
 
-    /// Commits every ready exception forming a prefix in allocation order, as the leader;
+    /// Commits every ready exception forming a prefix in allocation order, as the commit leader;
     /// the caller checked that no commit is running and that the first one is ready.
-    fn lead<'a>(
+    fn lead_commit<'a>(
         &'a self,
         mut st: parking_lot::MutexGuard<'a, State>,
     ) -> Result<parking_lot::MutexGuard<'a, State>> {
-        st.leader = true;
+        st.commit_leader = true;
         let group: Vec<(u64, Exception)> = st
             .slots
             .iter()
@@ -225,7 +225,7 @@ impl PersistentStore {
         drop(st);
         let result = self.run(&steps);
         st = self.state.lock();
-        st.leader = false;
+        st.commit_leader = false;
         match result {
             Ok(()) => {
                 for (seq, e) in &group {
@@ -403,19 +403,19 @@ impl ExceptionStore for PersistentStore {
             if let Some(why) = &st.failed {
                 return Err(Error::Invalid(why.clone()));
             }
-            if st.leader || !st.front_ready() {
+            if st.commit_leader || !st.front_ready() {
                 self.ready.wait(&mut st);
                 continue;
             }
-            st = self.lead(st)?;
+            st = self.lead_commit(st)?;
         }
     }
 
     fn commit_ready(&self) {
         let st = self.state.lock();
-        if st.failed.is_none() && !st.leader && st.front_ready() {
+        if st.failed.is_none() && !st.commit_leader && st.front_ready() {
             // An error is the owners' to see: their commit finds the store failed.
-            drop(self.lead(st));
+            drop(self.lead_commit(st));
         }
     }
 
