@@ -24,11 +24,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileId, Fua};
-use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
 use cowsnap_core::targets::Origin;
 use cowsnap_core::units::Chunk;
 use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
+use cowsnap_pool::{ActivePool, Pool, PoolLock, VolumeKind};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 

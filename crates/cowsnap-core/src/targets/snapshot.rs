@@ -20,6 +20,7 @@ use super::origin::Origin;
 use crate::copy::{Copier, CopyDest, Overlay};
 use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
+use crate::exception::persistent::validate::{self, Bounds};
 use crate::exception::{
     ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute, Usage,
     WriteRoute,
@@ -131,31 +132,14 @@ impl Snapshot {
         let origin_chunks = store.chunk_size().chunks_covering(origin.size());
         let cow_chunks = store.chunk_size().whole_chunks(store.cow().size());
         let outcome = store.load(&mut |e| {
-            if e.old.0 >= origin_chunks {
-                return Err(Error::Corrupt {
-                    device: store.cow().describe(),
-                    offset: 0,
-                    reason: format!(
-                        "exception for origin chunk {} but the origin has {origin_chunks} chunks",
-                        e.old
-                    ),
-                });
+            let bounds = Bounds {
+                cow_chunks,
+                origin_chunks: Some(origin_chunks),
+            };
+            match validate::check_unplaced(e, bounds, |e| table.insert(e).is_ok()) {
+                None => Ok(()),
+                Some(finding) => Err(finding.into_error(&store.cow().describe())),
             }
-            if e.new.0 >= cow_chunks {
-                return Err(Error::Corrupt {
-                    device: store.cow().describe(),
-                    offset: 0,
-                    reason: format!(
-                        "exception points at COW chunk {} but the COW has {cow_chunks} chunks",
-                        e.new
-                    ),
-                });
-            }
-            table.insert(e).map_err(|err| Error::Corrupt {
-                device: store.cow().describe(),
-                offset: 0,
-                reason: format!("duplicate exception: {err}"),
-            })
         })?;
         let state = if outcome == LoadOutcome::Invalid {
             State::Invalid

@@ -112,7 +112,7 @@ impl fmt::Debug for PersistentStore {
 impl PersistentStore {
     /// Opens a persistent store on `cow`: reads the header. A formatted COW's chunk size
     /// wins over `requested` (see [`overridden_chunk_size`](Self::overridden_chunk_size));
-    /// a fresh one (magic 0) uses `requested`, or the kernel's default of 32 sectors.
+    /// a fresh one (magic 0) uses `requested`, or [`ChunkSize::DEFAULT`].
     /// Unknown magic, version or chunk size give [`Error::Corrupt`] naming the device
     /// and the byte offset. `overflow` makes it a `PO` store.
     pub fn open(
@@ -315,7 +315,7 @@ impl ExceptionStore for PersistentStore {
                 LoadOutcome::Invalid
             }
             HeaderState::Formatted { valid: true, .. } => {
-                let l = read::load_exceptions(&*self.cow, &self.geo, sink)?;
+                let l = read::load_exceptions(&*self.cow, &self.geo, None, sink)?;
                 st.planner = Planner::loaded(
                     cs,
                     l.current_area,

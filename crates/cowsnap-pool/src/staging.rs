@@ -21,8 +21,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::manifest::Manifest;
-use crate::dev::FileId;
-use crate::error::{Error, Result};
+use cowsnap_core::dev::FileId;
+use cowsnap_core::error::{Error, Result};
 
 /// Suffix of a file being created.
 const NEW: &str = "new";

@@ -25,12 +25,13 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{OriginEntry, SnapshotEntry, MANIFEST};
 use super::{crash_point, Pool, SnapshotRequest};
-use crate::copy::Copier;
-use crate::dev::{BlockDevice, FileDevice, FileId};
-use crate::error::{Error, Result};
-use crate::exception::persistent::PersistentStore;
-use crate::exception::Usage;
-use crate::targets::{Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::copy::Copier;
+use cowsnap_core::dev::{BlockDevice, FileDevice, FileId};
+use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::persistent::PersistentStore;
+use cowsnap_core::exception::Usage;
+use cowsnap_core::mutation;
+use cowsnap_core::targets::{Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -617,7 +618,12 @@ impl ActivePool {
                 "no snapshot called {name:?}"
             )));
         }
-        inner.pool.mark_removing(name)?;
+        // The mutation deactivates first and marks after a slow (200 ms) manifest write: a
+        // crash in between brings the snapshot back without the copy-outs it missed.
+        let mark_late = mutation::active("remove-deactivated-before-mark");
+        if !mark_late {
+            inner.pool.mark_removing(name)?;
+        }
         let Some(active) = inner.snapshots.remove(name) else {
             return Err(Error::InvalidArgument(format!(
                 "no snapshot called {name:?}"
@@ -626,7 +632,13 @@ impl ActivePool {
         if let Some(origin) = inner.origins.get(&active.entry.origin) {
             let _ = origin.deactivate(&active.snap);
         }
+        if mark_late {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         crash_point("remove-snapshot:deactivated");
+        if mark_late {
+            inner.pool.mark_removing(name)?;
+        }
         let finished = inner
             .pool
             .finish_removal(name, Some(active.snap.store().as_ref()));
