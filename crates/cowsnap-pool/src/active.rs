@@ -344,6 +344,47 @@ fn open_snapshot(
     Ok((Snapshot::load(origin, Arc::new(store))?, id))
 }
 
+/// Transient snapshots did not survive the process that made them: removes each from the
+/// manifest, with a warning.
+fn drop_transient(pool: &mut Pool, warnings: &mut Vec<String>) {
+    let transient: Vec<String> = pool
+        .manifest()
+        .snapshots
+        .iter()
+        .filter(|s| s.store == "N")
+        .map(|s| s.name.clone())
+        .collect();
+    for name in transient {
+        match pool.remove_snapshot(&name) {
+            Ok(w) => {
+                warnings.extend(w);
+                warnings.push(format!(
+                    "transient snapshot {name:?} was lost when the process holding it stopped; removed"
+                ));
+            }
+            // Marked `removing` or not, it is never activated: the next start retries.
+            Err(e) => warnings.push(format!(
+                "transient snapshot {name:?} was lost when the process holding it stopped; removing it failed ({e}), the next start retries"
+            )),
+        }
+    }
+}
+
+/// A version 1 manifest recorded no file ids: records the ones just opened.
+fn record_ids(pool: &mut Pool, ids: &HashMap<String, FileId>) -> Result<()> {
+    let mut next = pool.manifest().clone();
+    for o in next.origins.iter_mut().filter(|o| o.id.is_none()) {
+        o.id = ids.get(&o.name).copied();
+    }
+    for s in next.snapshots.iter_mut().filter(|s| s.id.is_none()) {
+        s.id = ids.get(&s.name).copied();
+    }
+    if next != *pool.manifest() {
+        pool.commit(next)?;
+    }
+    Ok(())
+}
+
 impl ActivePool {
     /// Opens every origin and loads and activates every snapshot of `pool`. Transient
     /// snapshots did not survive the process that made them: they are removed from the
@@ -351,27 +392,7 @@ impl ActivePool {
     /// module docs), with a warning; the rest is served. Returns the pool and the warnings.
     pub fn activate(mut pool: Pool, copier: Arc<Copier>) -> Result<(ActivePool, Vec<String>)> {
         let mut warnings: Vec<String> = pool.notes().to_vec();
-        let transient: Vec<String> = pool
-            .manifest()
-            .snapshots
-            .iter()
-            .filter(|s| s.store == "N")
-            .map(|s| s.name.clone())
-            .collect();
-        for name in transient {
-            match pool.remove_snapshot(&name) {
-                Ok(w) => {
-                    warnings.extend(w);
-                    warnings.push(format!(
-                        "transient snapshot {name:?} was lost when the process holding it stopped; removed"
-                    ));
-                }
-                // Marked `removing` or not, it is never activated: the next start retries.
-                Err(e) => warnings.push(format!(
-                    "transient snapshot {name:?} was lost when the process holding it stopped; removing it failed ({e}), the next start retries"
-                )),
-            }
-        }
+        drop_transient(&mut pool, &mut warnings);
         let mut seen = Seen::new();
         let mut ids: HashMap<String, FileId> = HashMap::new();
         let mut failed = BTreeMap::new();
@@ -420,17 +441,7 @@ impl ActivePool {
                 }
             }
         }
-        // A version 1 manifest recorded no file ids: record the ones just opened.
-        let mut next = pool.manifest().clone();
-        for o in next.origins.iter_mut().filter(|o| o.id.is_none()) {
-            o.id = ids.get(&o.name).copied();
-        }
-        for s in next.snapshots.iter_mut().filter(|s| s.id.is_none()) {
-            s.id = ids.get(&s.name).copied();
-        }
-        if next != *pool.manifest() {
-            pool.commit(next)?;
-        }
+        record_ids(&mut pool, &ids)?;
         let inner = Inner {
             pool,
             origins,

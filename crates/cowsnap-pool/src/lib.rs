@@ -36,10 +36,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-#[allow(
-    clippy::too_many_lines,
-    reason = "lint pass pending: file being restructured"
-)]
 mod active;
 pub mod manifest;
 mod staging;
@@ -787,8 +783,4 @@ impl PoolLock {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
-)]
 mod tests;

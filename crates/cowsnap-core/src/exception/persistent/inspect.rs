@@ -16,7 +16,7 @@ use super::validate::{Bounds, Slot, Validator};
 use crate::dev::{BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{Exception, ExceptionTable};
-use crate::units::Chunk;
+use crate::units::{mem_usize, Chunk, ChunkSize};
 
 /// How bad a finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -110,42 +110,57 @@ impl CheckReport {
 /// [`Validator`]: inside the COW, not on metadata, no duplicate origin or COW chunk), stray bytes after the terminator, and the
 /// allocation-order layout that cowsnap and kernels since dm-snapshot 1.12 write.
 pub fn check(cow: &dyn BlockDevice) -> CheckReport {
-    let device = cow.describe();
     let mut report = CheckReport {
-        device: device.clone(),
+        device: cow.describe(),
         header: None,
         areas: 0,
         exceptions: 0,
         findings: Vec::new(),
     };
-    let error = |report: &mut CheckReport, offset: Option<u64>, message: String| {
-        report.findings.push(Finding {
+    if let Some(chunk_size) = check_header(cow, &mut report) {
+        check_areas(cow, chunk_size, &mut report);
+    }
+    report
+}
+
+impl CheckReport {
+    fn error(&mut self, offset: Option<u64>, message: String) {
+        self.findings.push(Finding {
             severity: Severity::Error,
             offset,
             message,
-        })
-    };
+        });
+    }
+
+    /// An error finding for `e`, at its byte offset when it is a corruption.
+    fn error_of(&mut self, e: &Error) {
+        let offset = match e {
+            Error::Corrupt { offset, .. } => Some(*offset),
+            _ => None,
+        };
+        self.error(offset, reason(e));
+    }
+}
+
+/// Reads and judges the header; returns the chunk size when there are areas to walk.
+fn check_header(cow: &dyn BlockDevice, report: &mut CheckReport) -> Option<ChunkSize> {
     let raw = match read::read_raw_header(cow) {
         Ok(r) => r,
         Err(e) => {
-            error(&mut report, Some(0), e.to_string());
-            return report;
+            report.error(Some(0), e.to_string());
+            return None;
         }
     };
-    let (valid, chunk_size) = match format::check_header(&raw, &device) {
+    let (valid, chunk_size) = match format::check_header(&raw, &report.device) {
         Ok(HeaderState::Fresh) => {
             report.header = Some(HeaderInfo::new(&raw, "fresh"));
-            return report;
+            return None;
         }
         Ok(HeaderState::Formatted { valid, chunk_size }) => (valid, chunk_size),
         Err(e) => {
             report.header = Some(HeaderInfo::new(&raw, "unknown"));
-            let offset = match &e {
-                Error::Corrupt { offset, .. } => Some(*offset),
-                _ => None,
-            };
-            error(&mut report, offset, reason(&e));
-            return report;
+            report.error_of(&e);
+            return None;
         }
     };
     report.header = Some(HeaderInfo::new(
@@ -161,6 +176,12 @@ pub fn check(cow: &dyn BlockDevice) -> CheckReport {
                     .into(),
         });
     }
+    Some(chunk_size)
+}
+
+/// Walks the areas: every entry through the loader's [`Validator`], stray bytes after a
+/// terminator, and the first entry out of allocation order.
+fn check_areas(cow: &dyn BlockDevice, chunk_size: ChunkSize, report: &mut CheckReport) {
     let geo = Geometry::new(chunk_size);
     let mut validator = Validator::new(
         geo,
@@ -170,14 +191,11 @@ pub fn check(cow: &dyn BlockDevice) -> CheckReport {
         },
     );
     let mut found = Vec::new();
-    let mut exceptions = 0u64;
-    let mut areas = 0u64;
     let mut first_sparse: Option<(u64, u64, Exception)> = None;
     let walked = read::walk_areas(cow, &geo, &mut |area, contents| {
-        areas += 1;
-        for (j, e) in contents.entries.iter().enumerate() {
-            let j = j as u64;
-            exceptions += 1;
+        report.areas += 1;
+        for (j, e) in (0u64..).zip(&contents.entries) {
+            report.exceptions += 1;
             for f in validator.check(Slot { area, index: j }, *e) {
                 found.push((Severity::Error, f.offset, f.to_string()));
             }
@@ -204,11 +222,7 @@ pub fn check(cow: &dyn BlockDevice) -> CheckReport {
         });
     }
     if let Err(e) = walked {
-        let offset = match &e {
-            Error::Corrupt { offset, .. } => Some(*offset),
-            _ => None,
-        };
-        error(&mut report, offset, reason(&e));
+        report.error_of(&e);
     }
     if let Some((area, j, e)) = first_sparse {
         report.findings.push(Finding {
@@ -222,9 +236,6 @@ pub fn check(cow: &dyn BlockDevice) -> CheckReport {
             ),
         });
     }
-    report.areas = areas;
-    report.exceptions = exceptions;
-    report
 }
 
 fn reason(e: &Error) -> String {
@@ -403,7 +414,7 @@ pub fn export(
     }
     const STEP: u64 = 1 << 20;
     let piece = chunk_size.map_or(STEP, |cs| cs.bytes().min(STEP));
-    let mut buf = vec![0u8; piece as usize];
+    let mut buf = vec![0u8; mem_usize(piece)];
     let mut summary = ExportSummary {
         bytes: 0,
         chunks_from_cow: 0,
@@ -414,7 +425,7 @@ pub fn export(
     progress(0, total);
     while done < total {
         let n = (total - done).min(piece);
-        let b = &mut buf[..n as usize];
+        let b = &mut buf[..mem_usize(n)];
         let mapped = chunk_size.and_then(|cs| {
             let c = cs.chunk_of_byte(done);
             table
@@ -462,7 +473,7 @@ mod tests {
         s.load(&mut |_| Ok(())).unwrap();
         for old in [5u64, 9] {
             let new = s.prepare(Chunk(old)).unwrap();
-            cow.write_at(&[old as u8; 4096], new.0 * 4096, Fua::No)
+            cow.write_at(&[old.to_le_bytes()[0]; 4096], new.0 * 4096, Fua::No)
                 .unwrap();
             s.commit(&[Exception {
                 old: Chunk(old),

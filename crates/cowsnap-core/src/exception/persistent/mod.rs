@@ -10,11 +10,6 @@
 //! the crash safety of each commit step.
 
 pub mod format;
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::too_many_lines,
-    reason = "lint pass pending: file being restructured"
-)]
 pub mod inspect;
 pub mod plan;
 pub mod read;
