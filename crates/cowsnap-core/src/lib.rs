@@ -23,6 +23,8 @@ pub mod exception;
 pub mod mutation;
 pub mod pool;
 pub mod targets;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testkit;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};
