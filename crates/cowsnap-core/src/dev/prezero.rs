@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 
 use super::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::Result;
+use crate::mutation;
 
 /// How far beyond a write the frontier moves when the write crosses it.
 pub const STEP: u64 = 8 << 20;
@@ -65,6 +66,9 @@ impl<D: BlockDevice> PrezeroDevice<D> {
         }
         let size = self.inner.size();
         let to = end.saturating_add(STEP).min(size) & !511;
+        if mutation::active("prezero-frontier-early") {
+            self.frontier.store(to.max(end), Ordering::Release);
+        }
         self.zero(from, offset.max(from).min(to))?;
         self.zero(end.max(from), to)?;
         self.frontier.store(to.max(end), Ordering::Release);
@@ -220,16 +224,7 @@ mod tests {
     /// order; no zero write may ever follow a data write to the same bytes.
     #[test]
     fn concurrent_front_filling_writes_are_never_zeroed() {
-        let seed = std::env::var("COWSNAP_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-                    | 1
-            });
-        println!("seed {seed} (rerun with COWSNAP_SEED={seed})");
+        let seed = crate::testkit::seed();
         let chunk = 4096u64;
         let rec = recorder(48 << 20);
         let dev = Arc::new(PrezeroDevice::new(rec.clone(), 0));
