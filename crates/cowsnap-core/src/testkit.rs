@@ -19,6 +19,9 @@
 //! * **Waiting.** [`wait_for`] waits until another thread reached a point the test can
 //!   observe (a gate's arrival count, a wait counter), so threads are ordered by events
 //!   rather than by sleeps; it fails after a minute (a deadlock).
+//! * **Fuzz corpora.** [`replay_corpus`] runs a fuzz target's entry point on stable Rust:
+//!   every file of its checked-in corpus (`fuzz/seeds/TARGET/`), then seeded mutations of
+//!   them. [`fuzz::load_metadata`] is the entry point of the `load_metadata` target.
 //! * **Devices.** [`FaultyDevice`](crate::dev::FaultyDevice),
 //!   [`GatedDevice`](crate::dev::GatedDevice), [`CrashDevice`](crate::dev::CrashDevice)
 //!   and [`PowerDomain`](crate::dev::PowerDomain) in [`dev`](crate::dev) are behind the
@@ -263,6 +266,167 @@ pub fn require_tool(tool: &str) -> bool {
     require_tools(&[tool])
 }
 
+/// The checked-in corpus of the fuzz target `target`: `fuzz/seeds/TARGET/` of the source
+/// tree.
+pub fn corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/seeds")
+        .join(target)
+}
+
+/// Runs `entry` (a fuzz target's entry point, which panics on a bug) on every file of the
+/// target's corpus ([`corpus_dir`]), then on `rounds` seeded mutations of each (see
+/// [`seed`]). A panic is reported with the input that caused it and then fails the test.
+///
+/// # Panics
+/// When the corpus is missing or empty, or `entry` panics.
+pub fn replay_corpus(target: &str, rounds: usize, entry: impl Fn(&[u8])) {
+    let dir = corpus_dir(target);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("fuzz corpus {}: {e}", dir.display()))
+        .map(|f| {
+            let f = f.expect("corpus entry");
+            let name = f.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(f.path()).expect("read a corpus file"))
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "fuzz corpus {} is empty", dir.display());
+    let run = |what: &dyn Fn() -> String, input: &[u8]| {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| entry(input)))
+        {
+            let shown = &input[..input.len().min(256)];
+            eprintln!(
+                "{target}: {} ({} bytes) panicked; first bytes: {}",
+                what(),
+                input.len(),
+                shown.escape_ascii()
+            );
+            std::panic::resume_unwind(panic);
+        }
+    };
+    for (name, data) in &files {
+        run(&|| format!("corpus file {name}"), data);
+    }
+    let seed = seed();
+    let mut rng = SplitMix(seed);
+    for round in 0..rounds {
+        for (i, (name, data)) in files.iter().enumerate() {
+            let other = &files[(i + 1 + round) % files.len()].1;
+            let input = mutate(&mut rng, data, other);
+            run(
+                &|| format!("mutation {round} of {name} (seed {seed})"),
+                &input,
+            );
+        }
+    }
+}
+
+/// One to four random edits of `data`: bit flips, boundary values, inserted, removed or
+/// repeated bytes, truncation, or a splice with `other`.
+fn mutate(rng: &mut SplitMix, data: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut v = data.to_vec();
+    for _ in 0..=rng.below(4) {
+        let at = |rng: &mut SplitMix, len: usize| rng.below(len as u64 + 1) as usize;
+        match rng.below(7) {
+            0 if !v.is_empty() => {
+                let i = at(rng, v.len() - 1);
+                v[i] ^= 1 << rng.below(8);
+            }
+            1 if v.len() >= 4 => {
+                let i = at(rng, v.len() - 4);
+                let value: u32 = match rng.below(5) {
+                    0 => 0,
+                    1 => 1,
+                    2 => u32::MAX,
+                    3 => 0x8000_0000,
+                    _ => v.len() as u32,
+                };
+                v[i..i + 4].copy_from_slice(&value.to_be_bytes());
+            }
+            2 => {
+                let i = at(rng, v.len());
+                let n = rng.below(16) as usize;
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+                v.splice(i..i, bytes);
+            }
+            3 if !v.is_empty() => {
+                let i = at(rng, v.len() - 1);
+                let n = (rng.below(32) as usize).min(v.len() - i);
+                v.drain(i..i + n);
+            }
+            4 => {
+                let n = at(rng, v.len());
+                v.truncate(n);
+            }
+            5 if !v.is_empty() => {
+                let i = at(rng, v.len() - 1);
+                let n = (rng.below(64) as usize + 1).min(v.len() - i);
+                let piece = v[i..i + n].to_vec();
+                v.splice(i..i, piece);
+            }
+            _ => {
+                let cut = at(rng, v.len());
+                let from = at(rng, other.len());
+                v.truncate(cut);
+                v.extend_from_slice(&other[from..]);
+            }
+        }
+    }
+    v
+}
+
+/// Entry points of the fuzz targets of this crate (`fuzz/fuzz_targets/`).
+pub mod fuzz {
+    use std::sync::Arc;
+
+    use crate::copy::Copier;
+    use crate::dev::{BlockDevice, MemDevice};
+    use crate::exception::persistent::{format, inspect};
+    use crate::exception::{ExceptionStore, PersistentStore};
+    use crate::targets::{Origin, Snapshot};
+    use crate::units::{Chunk, ChunkSize};
+
+    /// The persistent metadata loader: the input is a COW image whose first byte picks a
+    /// chunk size to ask for and whether to force a valid header. Opening, loading, the
+    /// snapshot loader and the inspection tools must return errors, never panic.
+    pub fn load_metadata(data: &[u8]) {
+        let Some((&ctl, rest)) = data.split_first() else {
+            return;
+        };
+        let mut img = rest.to_vec();
+        let chunk = ChunkSize::from_sectors(8 << (ctl & 3)).ok();
+        if ctl & 4 != 0 && img.len() >= 16 {
+            if let Some(cs) = chunk {
+                img[..16].copy_from_slice(&format::encode_header(ctl & 8 != 0, cs)[..16]);
+            }
+        }
+        let _ = inspect::check(&MemDevice::from_bytes(&img));
+        let _ = inspect::dump(&MemDevice::from_bytes(&img));
+        let _ = inspect::export(
+            &MemDevice::new(1 << 20),
+            &MemDevice::from_bytes(&img),
+            &MemDevice::new(1 << 20),
+            &mut |_, _| {},
+        );
+        let cow = Arc::new(MemDevice::from_bytes(&img));
+        if let Ok(store) = PersistentStore::open(cow, chunk, ctl & 16 != 0) {
+            let store = Arc::new(store);
+            let origin = Origin::new(
+                Arc::new(MemDevice::new(64 << 20)),
+                Arc::new(Copier::default()),
+            );
+            if let Ok(snap) = Snapshot::load(&origin, store.clone()) {
+                let _ = origin.activate(&snap);
+                let mut buf = [0u8; 4096];
+                let _ = snap.read_at(&mut buf, 0);
+                let _ = store.prepare(Chunk(1));
+                let _ = snap.status().to_string();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +455,28 @@ mod tests {
     fn a_present_tool_is_found_and_an_absent_one_is_not() {
         assert!(have_tool("sh"));
         assert!(!have_tool("cowsnap-no-such-tool"));
+    }
+
+    #[test]
+    fn the_load_metadata_corpus_and_its_mutations_never_panic() {
+        replay_corpus("load_metadata", 200, fuzz::load_metadata);
+    }
+
+    #[test]
+    fn mutations_change_the_input_and_stay_reproducible() {
+        let data = pattern(1, 0, 512);
+        let (mut a, mut b) = (SplitMix(9), SplitMix(9));
+        let changed = (0..20)
+            .filter(|_| mutate(&mut a, &data, b"other") != data)
+            .count();
+        assert!(
+            changed > 10,
+            "only {changed} of 20 mutations changed the input"
+        );
+        for _ in 0..20 {
+            mutate(&mut b, &data, b"other");
+        }
+        assert_eq!(a.next_u64(), b.next_u64(), "same seed, same mutations");
     }
 
     #[test]
