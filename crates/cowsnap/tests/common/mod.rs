@@ -9,7 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use cowsnap_core::testkit::{ci, have_tool, require_tools, scratch, seed, Scratch};
+pub use cowsnap_core::testkit::{ci, have_tool, require_tools, scratch, seed, wait_for, Scratch};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
@@ -130,8 +130,6 @@ impl Daemon {
             let _ = child.kill();
             panic!("cowsnap serve did not start: {:?}", lines.lock().unwrap());
         }
-        // The URI lines follow the "serving" line.
-        std::thread::sleep(Duration::from_millis(100));
         Daemon { child, lines }
     }
 
@@ -143,17 +141,21 @@ impl Daemon {
         self.lines.lock().unwrap().clone()
     }
 
-    /// `HOST:PORT` of the first URI printed with `scheme` (`nbds` or `nbd`).
+    /// `HOST:PORT` of the first URI printed with `scheme` (`nbds` or `nbd`). The URI lines
+    /// follow the "serving" line: waits for the first with `scheme` (a minute at most).
     pub fn host_port(&self, scheme: &str) -> String {
         let prefix = format!("{scheme}://");
-        self.output()
-            .iter()
-            .find_map(|l| {
+        let find = || {
+            self.output().iter().find_map(|l| {
                 let at = l.find(&prefix)?;
                 let rest = &l[at + prefix.len()..];
                 Some(rest[..rest.find('/')?].to_string())
             })
-            .unwrap_or_else(|| panic!("no {prefix} URI printed: {:?}", self.output()))
+        };
+        wait_for(&format!("a {prefix} URI printed by cowsnap serve"), || {
+            find().is_some()
+        });
+        find().expect("a URI")
     }
 
     /// SIGTERM, then waits; returns the exit status and the daemon's output.
