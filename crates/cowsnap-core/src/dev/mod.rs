@@ -6,8 +6,8 @@
 //! ahead of a file that fills from the front, so data lands in written blocks). Targets are
 //! devices too.
 //!
-//! For tests only (this crate's tests and the `test-util` feature, see
-//! [`testkit`](crate::testkit)): `FaultyDevice` (fails chosen ranges or the Nth
+//! For tests only (this crate's tests and the `test-util` feature, like the test kit,
+//! `cowsnap_core::testkit`): `FaultyDevice` (fails chosen ranges or the Nth
 //! operation, counts operations), `GatedDevice` (holds chosen operations until a test
 //! releases them, so that races are reproduced in a chosen order) and `CrashDevice` with
 //! its `PowerDomain` (durable vs. volatile writes, crash and tear).
