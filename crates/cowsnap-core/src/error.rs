@@ -1,42 +1,21 @@
 //! Errors of the core library, and the one place that maps them to errno values.
 //!
-//! Every fallible call in the core returns [`Error`]. Callers that need to react match on
-//! [`Error::kind`]; front ends (NBD, FUSE, CLI) turn an error into a protocol code only
+//! Every fallible call in the core returns [`Error`]; callers that need to react match on
+//! its variants. Front ends (NBD, FUSE, CLI) turn an error into a protocol code only
 //! through [`Error::errno`], so an error means the same thing on every wire.
+//!
+//! `Error` is cheap to clone (the OS error is shared), so one failure can be handed to every
+//! request that waited on the same pending exception, with its kind intact: a copy-out that
+//! failed with `ENOSPC` on the COW's file system reaches each waiter as that I/O error.
 
 use std::io;
+use std::sync::Arc;
 
 /// Shorthand for results of the core library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What went wrong, coarsely: the part of an error callers match on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ErrorKind {
-    /// An I/O error from a device (or injected by a test device).
-    Io,
-    /// A request outside the device.
-    OutOfRange,
-    /// A request not aligned to 512-byte sectors.
-    Misaligned,
-    /// The device or target does not support the operation.
-    Unsupported,
-    /// The snapshot is invalid (dropped): its reads and writes fail.
-    Invalid,
-    /// The COW device has no free chunk left.
-    CowFull,
-    /// The snapshot overflowed (store `PO`): writes fail, reads work.
-    Overflow,
-    /// Metadata on a device is corrupt or of an unknown format.
-    Corrupt,
-    /// A caller passed a bad argument (size, name, chunk size).
-    InvalidArgument,
-    /// The object is busy or in the wrong state for the request.
-    Busy,
-}
-
 /// An error of the core library.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A device I/O error.
@@ -51,8 +30,8 @@ pub enum Error {
         offset: u64,
         /// Which device.
         device: String,
-        /// The underlying error.
-        cause: io::Error,
+        /// The underlying error, shared by the clones of this error.
+        cause: Arc<io::Error>,
     },
     /// A request outside the device.
     #[error("request of {len} bytes at byte {offset} is outside the device of {size} bytes")]
@@ -75,7 +54,7 @@ pub enum Error {
     /// Operation not supported by this device.
     #[error("{0} is not supported")]
     Unsupported(&'static str),
-    /// The snapshot is invalid.
+    /// The snapshot is invalid (dropped): its reads and writes fail.
     #[error("snapshot is invalid: {0}")]
     Invalid(String),
     /// No free chunk on the COW device.
@@ -86,10 +65,10 @@ pub enum Error {
         /// Chunks on the device.
         total: u64,
     },
-    /// The snapshot overflowed.
+    /// The snapshot overflowed (store `PO`): writes fail, reads work.
     #[error("snapshot overflowed: COW device is full")]
     Overflow,
-    /// Corrupt or unknown metadata.
+    /// Metadata on a device is corrupt or of an unknown format.
     #[error("{device}: corrupt metadata at byte {offset}: {reason}")]
     Corrupt {
         /// Which device or file.
@@ -99,42 +78,66 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// A bad argument.
+    /// A bad argument (size, name, chunk size).
     #[error("{0}")]
     InvalidArgument(String),
-    /// Busy or wrong state.
+    /// Another program or process holds the file, device or pool (a lock, a mount, an
+    /// exclusive open).
     #[error("{0}")]
-    Busy(String),
+    InUse(String),
+    /// A volume, file or pool of that name already exists.
+    #[error("{0}")]
+    Exists(String),
+    /// One file would serve two volumes (a hard link, a symlink, a loop device over it).
+    #[error("{0}")]
+    SameFile(String),
+    /// A file or header is no longer the one the pool or store checked (replaced or
+    /// rewritten behind its back).
+    #[error("{0}")]
+    Replaced(String),
+    /// The object is in the wrong state for the request (a snapshot not yet active, a
+    /// store already loaded, a removal not finished).
+    #[error("{0}")]
+    WrongState(String),
 }
 
 impl Error {
-    /// The coarse kind of the error.
-    pub fn kind(&self) -> ErrorKind {
+    /// The errno a front end reports for this error (NBD and FUSE use the same values).
+    ///
+    /// An I/O error keeps the OS's errno (`ENOSPC` from a full file system stays
+    /// `ENOSPC`); invalid and overflowed snapshots answer `EIO`, as the kernel's do.
+    pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { .. } => ErrorKind::Io,
-            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
-            Error::Misaligned { .. } => ErrorKind::Misaligned,
-            Error::Unsupported(_) => ErrorKind::Unsupported,
-            Error::Invalid(_) => ErrorKind::Invalid,
-            Error::CowFull { .. } => ErrorKind::CowFull,
-            Error::Overflow => ErrorKind::Overflow,
-            Error::Corrupt { .. } => ErrorKind::Corrupt,
-            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
-            Error::Busy(_) => ErrorKind::Busy,
+            Error::Io { cause, .. } => cause.raw_os_error().filter(|&n| n > 0).unwrap_or(EIO),
+            Error::Invalid(_) | Error::Overflow | Error::Corrupt { .. } => EIO,
+            Error::OutOfRange { .. } | Error::CowFull { .. } => ENOSPC,
+            Error::Misaligned { .. } | Error::InvalidArgument(_) => EINVAL,
+            Error::Unsupported(_) => ENOTSUP,
+            Error::InUse(_) | Error::SameFile(_) | Error::Replaced(_) | Error::WrongState(_) => {
+                EBUSY
+            }
+            Error::Exists(_) => EEXIST,
         }
     }
 
-    /// The errno a front end reports for this error (NBD and FUSE use the same values).
-    ///
-    /// Invalid and overflowed snapshots answer `EIO`, as the kernel's do.
-    pub fn errno(&self) -> i32 {
-        match self.kind() {
-            ErrorKind::Io | ErrorKind::Invalid | ErrorKind::Overflow | ErrorKind::Corrupt => EIO,
-            ErrorKind::OutOfRange => ENOSPC,
-            ErrorKind::Misaligned | ErrorKind::InvalidArgument => EINVAL,
-            ErrorKind::Unsupported => ENOTSUP,
-            ErrorKind::CowFull => ENOSPC,
-            ErrorKind::Busy => EBUSY,
+    /// A short description that names no path or device, for peers that must not learn
+    /// the server's file names (NBD error messages).
+    pub fn summary(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "I/O error",
+            Error::OutOfRange { .. } => "request outside the device",
+            Error::Misaligned { .. } => "request not aligned to sectors",
+            Error::Unsupported(_) => "operation not supported",
+            Error::Invalid(_) => "snapshot is invalid",
+            Error::CowFull { .. } => "COW device is full",
+            Error::Overflow => "snapshot overflowed",
+            Error::Corrupt { .. } => "corrupt metadata",
+            Error::InvalidArgument(_) => "invalid argument",
+            Error::InUse(_) => "in use",
+            Error::Exists(_) => "already exists",
+            Error::SameFile(_) => "file already serves another volume",
+            Error::Replaced(_) => "file was replaced",
+            Error::WrongState(_) => "not in a state to do that",
         }
     }
 
@@ -144,7 +147,7 @@ impl Error {
             op,
             offset,
             device: device.into(),
-            cause: source,
+            cause: Arc::new(source),
         }
     }
 
@@ -178,6 +181,8 @@ pub const ENOSPC: i32 = 28;
 pub const ENOTSUP: i32 = 95;
 /// errno: device or resource busy.
 pub const EBUSY: i32 = 16;
+/// errno: file exists.
+pub const EEXIST: i32 = 17;
 
 #[cfg(test)]
 mod tests {
@@ -195,6 +200,23 @@ mod tests {
             .errno(),
             EINVAL
         );
-        assert_eq!(Error::Unsupported("discard").kind(), ErrorKind::Unsupported);
+        assert_eq!(Error::Unsupported("discard").errno(), ENOTSUP);
+    }
+
+    #[test]
+    fn an_io_error_keeps_its_errno_and_shows_the_os_error_once() {
+        let e = Error::io(
+            "write",
+            4096,
+            "cow.img",
+            io::Error::from_raw_os_error(ENOSPC),
+        );
+        assert_eq!(e.clone().errno(), ENOSPC);
+        let msg = e.to_string();
+        assert!(msg.starts_with("write at byte 4096 on cow.img: "), "{msg}");
+        assert_eq!(msg.matches("No space left").count(), 1, "{msg}");
+        assert!(std::error::Error::source(&e).is_none());
+        let other = Error::io("read", 0, "x", io::Error::other("no errno"));
+        assert_eq!(other.errno(), EIO);
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! Layers, bottom up: [`units`] and [`dev`] (block devices), the generic [`exception`]
 //! layer and the [`copy`] engine (which know nothing of snapshots), and the [`targets`]
-//! (origin and snapshot policy). The library knows nothing of NBD, FUSE or the CLI.
+//! (origin and snapshot policy). The library knows nothing of NBD, FUSE or the CLI, nor of
+//! pools: naming volumes and keeping their table is `cowsnap-pool`'s.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -21,10 +22,9 @@ pub mod error;
 pub mod exception;
 #[doc(hidden)]
 pub mod mutation;
-pub mod pool;
 pub mod targets;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testkit;
 pub mod units;
 
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, Result};

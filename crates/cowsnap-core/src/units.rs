@@ -78,10 +78,12 @@ impl ChunkSize {
     pub const MIN_SECTORS: u64 = 8;
     /// Largest chunk size: 2^21 sectors, 1 GiB (the kernel refuses 2^22).
     pub const MAX_SECTORS: u64 = 1 << 21;
-    /// The smallest chunk size, 4 KiB: lvm2's default.
+    /// The smallest chunk size, 4 KiB.
     pub const MIN: ChunkSize = ChunkSize { shift: 3 };
-    /// The kernel's default chunk size for persistent stores: 32 sectors, 16 KiB.
-    pub const DEFAULT: ChunkSize = ChunkSize { shift: 5 };
+    /// The chunk size of a new COW when none is asked for, wherever one is made (the
+    /// pool, the CLI, a fresh persistent store): 8 sectors, 4 KiB, lvm2's default. A COW
+    /// that has a header keeps the header's.
+    pub const DEFAULT: ChunkSize = ChunkSize::MIN;
 
     /// A chunk size of `sectors` sectors.
     pub fn from_sectors(sectors: u64) -> Result<Self, InvalidChunkSize> {

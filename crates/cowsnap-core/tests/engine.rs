@@ -12,7 +12,7 @@ use cowsnap_core::copy::{Copier, DEFAULT_BUDGET, DEFAULT_SEGMENT};
 use cowsnap_core::dev::{BlockDevice, FaultRule, FaultyDevice, Fua, MemDevice, OpKind};
 use cowsnap_core::exception::{ExceptionStore, TransientStore};
 use cowsnap_core::targets::{Origin, Snapshot, SnapshotStatus};
-use cowsnap_core::ErrorKind;
+use cowsnap_core::Error;
 
 #[test]
 fn origin_write_preserves_snapshot_view() {
@@ -111,18 +111,18 @@ fn misaligned_and_out_of_range_requests_are_refused() {
     let snap = transient_snapshot(&origin, 64 * KIB, cs(8));
     let mut b = vec![0u8; 512];
     for dev in [&*origin as &dyn BlockDevice, &*snap] {
-        assert_eq!(
-            dev.read_at(&mut b, 100).unwrap_err().kind(),
-            ErrorKind::Misaligned
-        );
-        assert_eq!(
-            dev.write_at(&b, 64 * KIB, Fua::No).unwrap_err().kind(),
-            ErrorKind::OutOfRange
-        );
-        assert_eq!(
-            dev.read_at(&mut b[..100], 0).unwrap_err().kind(),
-            ErrorKind::Misaligned
-        );
+        assert!(matches!(
+            dev.read_at(&mut b, 100).unwrap_err(),
+            Error::Misaligned { .. }
+        ));
+        assert!(matches!(
+            dev.write_at(&b, 64 * KIB, Fua::No).unwrap_err(),
+            Error::OutOfRange { .. }
+        ));
+        assert!(matches!(
+            dev.read_at(&mut b[..100], 0).unwrap_err(),
+            Error::Misaligned { .. }
+        ));
     }
 }
 
@@ -140,7 +140,7 @@ fn cow_full_on_origin_write_invalidates_and_origin_goes_on() {
     assert_eq!(read(&*origin, 8192, 4096), vec![3u8; 4096]);
     let mut b = vec![0u8; 512];
     let e = snap.read_at(&mut b, 0).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert!(matches!(e, Error::Invalid(_)));
     assert_eq!(e.errno(), 5);
     // Later origin writes skip the invalid snapshot.
     origin.write_at(&[4u8; 4096], 12288, Fua::No).unwrap();
@@ -152,7 +152,7 @@ fn cow_full_on_snapshot_write_invalidates_a_transient_store() {
     let snap = transient_snapshot(&origin, 4096, cs(8));
     snap.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
     let e = snap.write_at(&[1u8; 512], 4096, Fua::No).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::CowFull);
+    assert!(matches!(e, Error::CowFull { .. }));
     assert_eq!(snap.status(), SnapshotStatus::Invalid);
 }
 
@@ -169,7 +169,11 @@ fn copy_errors_invalidate_only_the_failing_snapshot() {
     let good = transient_snapshot(&origin, 64 * KIB, cs(8));
     origin.write_at(&[7u8; 4096], 0, Fua::No).unwrap();
     assert_eq!(bad.status(), SnapshotStatus::Invalid);
-    assert!(bad.invalid_reason().unwrap().contains("copy write failed"));
+    let why = bad.invalid_reason().unwrap();
+    assert!(
+        why.starts_with("copy to the COW failed: write at byte"),
+        "{why}"
+    );
     assert_eq!(read(&*good, 0, 64 * KIB), before);
 }
 
@@ -203,15 +207,24 @@ fn snapshot_io_before_activation_and_after_removal_is_refused() {
     ));
     let snap = Snapshot::load(&origin, store.clone()).unwrap();
     let mut b = vec![0u8; 512];
-    assert_eq!(snap.read_at(&mut b, 0).unwrap_err().kind(), ErrorKind::Busy);
+    assert!(matches!(
+        snap.read_at(&mut b, 0).unwrap_err(),
+        Error::WrongState(_)
+    ));
     // Not active: origin writes do not copy into it.
     origin.write_at(&[1u8; 512], 0, Fua::No).unwrap();
     assert_eq!(store.usage().allocated_sectors, 0);
     origin.activate(&snap).unwrap();
-    assert_eq!(origin.activate(&snap).unwrap_err().kind(), ErrorKind::Busy);
+    assert!(matches!(
+        origin.activate(&snap).unwrap_err(),
+        Error::WrongState(_)
+    ));
     snap.read_at(&mut b, 0).unwrap();
     origin.deactivate(&snap).unwrap();
-    assert_eq!(snap.read_at(&mut b, 0).unwrap_err().kind(), ErrorKind::Busy);
+    assert!(matches!(
+        snap.read_at(&mut b, 0).unwrap_err(),
+        Error::WrongState(_)
+    ));
     assert!(origin.snapshots().is_empty());
 }
 
@@ -411,8 +424,10 @@ fn a_failed_copy_in_a_snapshot_write_run_invalidates_cleanly() {
         kind: OpKind::Write,
         n: 1,
     });
+    // The request gets the copy's own error: a write error of the COW, errno intact.
     let e = snap.write_at(&[1u8; 32768], 4096, Fua::No).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert!(matches!(e, Error::Io { op: "write", .. }), "{e}");
+    assert_eq!(e.errno(), cowsnap_core::error::EIO);
     assert_eq!(snap.status(), SnapshotStatus::Invalid);
     assert_eq!(snap.exceptions().pending_count(), 0);
     // The origin is unaffected and keeps working.
@@ -442,14 +457,14 @@ fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending
             kind: OpKind::Write,
             n,
         });
-        let writes = origin.combiner_stats().device_writes;
+        let writes = origin.batcher_stats().device_writes;
         origin.write_at(&[2u8; 32768], 0, Fua::No).unwrap();
         assert_eq!(bad.status(), SnapshotStatus::Invalid, "{what}");
         assert_eq!(bad.exceptions().pending_count(), 0, "{what}");
         assert_eq!(good.exceptions().pending_count(), 0, "{what}");
         assert_eq!(read(&*good, 0, 256 * KIB), before, "{what}");
         assert_eq!(read(&*origin, 0, 32768), vec![2u8; 32768], "{what}");
-        let merged = origin.combiner_stats().device_writes - writes;
+        let merged = origin.batcher_stats().device_writes - writes;
         if segment == DEFAULT_SEGMENT {
             // One write to `bad` (both runs), one to `good` (chunks 1..8).
             assert_eq!(merged, 2, "{what}");
@@ -474,9 +489,9 @@ fn a_request_hands_the_combiner_at_most_one_segment_and_copies_the_rest_itself()
             .write_at(&[c as u8; 4096], c * 4096, Fua::No)
             .unwrap();
     }
-    let handed = origin.combiner_stats().writes;
+    let handed = origin.batcher_stats().writes;
     origin.write_at(&[0xEE; 32768], 0, Fua::No).unwrap();
-    assert_eq!(origin.combiner_stats().writes - handed, 2);
+    assert_eq!(origin.batcher_stats().writes - handed, 2);
     assert_eq!(read(&*snap, 0, 256 * KIB), before);
     assert_eq!(read(&*origin, 0, 32768), vec![0xEE; 32768]);
     assert_eq!(origin.copier().in_use(), 0);

@@ -1,7 +1,8 @@
 //! Hostile COW images: random bytes, and kernel- and cowsnap-written COWs with random
 //! corruption and truncation, fed to the store's loader, the snapshot loader and the
-//! inspection tools. They must answer with errors, never panic, and agree with each
-//! other: the loader accepts a COW exactly when `check` finds no error in it.
+//! inspection tools. They must answer with errors, never panic, and give one verdict: the
+//! loader refuses a COW with the first error `check` lists (same offset, same reason), and
+//! accepts it exactly when `check` lists none.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,7 +17,7 @@ use cowsnap_core::exception::persistent::inspect;
 use cowsnap_core::exception::{ExceptionStore, LoadOutcome, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
-use cowsnap_core::ErrorKind;
+use cowsnap_core::Error;
 use proptest::prelude::*;
 
 /// The first 340 chunks of the kernel's p8-multiarea COW: header, area 0 (full), area 1.
@@ -46,10 +47,10 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
         Ok(s) => s,
         Err(e) => {
             prop_assert!(
-                matches!(e.kind(), ErrorKind::Corrupt),
+                matches!(e, Error::Corrupt { .. }),
                 "open: unexpected error kind {e:?}"
             );
-            prop_assert!(report.has_errors(), "open refused ({e}) but check is clean");
+            first_error_is(&report, &e)?;
             return Ok(());
         }
     };
@@ -75,11 +76,11 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
         Ok(LoadOutcome::Fresh) => prop_assert!(fresh),
         Err(e) => {
             prop_assert!(
-                matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidArgument),
+                matches!(e, Error::Corrupt { .. } | Error::InvalidArgument(_)),
                 "load: unexpected error kind {e:?}"
             );
-            if e.kind() == ErrorKind::Corrupt {
-                prop_assert!(report.has_errors(), "load refused ({e}) but check is clean");
+            if matches!(e, Error::Corrupt { .. }) {
+                first_error_is(&report, &e)?;
             }
         }
     }
@@ -98,6 +99,36 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
             }
             let _ = snap.status().to_string();
         }
+    }
+    Ok(())
+}
+
+/// `refusal` (a [`Error::Corrupt`]) is the first error of `report`.
+fn first_error_is(report: &inspect::CheckReport, refusal: &Error) -> Result<(), TestCaseError> {
+    let first = report
+        .findings
+        .iter()
+        .find(|f| f.severity == inspect::Severity::Error);
+    match (refusal, first) {
+        (Error::Corrupt { offset, reason, .. }, Some(f)) => {
+            prop_assert_eq!(
+                f.offset,
+                Some(*offset),
+                "refused with {}, check: {:?}",
+                refusal,
+                f
+            );
+            prop_assert!(
+                f.message.contains(reason.as_str()),
+                "refused with {}, check: {:?}",
+                refusal,
+                f
+            );
+        }
+        _ => prop_assert!(
+            false,
+            "refused with {refusal}, check's first error: {first:?}"
+        ),
     }
     Ok(())
 }
@@ -170,15 +201,17 @@ proptest! {
         img[at..at + 8].copy_from_slice(&new.to_le_bytes());
         let s = PersistentStore::open(Arc::new(MemDevice::from_bytes(&img)), None, false).unwrap();
         match s.load(&mut |_| Ok(())) {
-            Err(cowsnap_core::Error::Corrupt { offset, .. }) => {
-                // The bad entry, or (for a duplicate) the later entry naming the same chunk.
-                let entry_new = (offset as usize) / 16 * 16 + 8;
-                let named = u64::from_le_bytes(img[entry_new..entry_new + 8].try_into().unwrap());
-                prop_assert!(offset as usize == at || named == new, "offset {offset}, bad entry at {at}");
+            Err(e @ Error::Corrupt { offset, .. }) => {
+                // The `new` field of the bad entry, or (for a duplicate) of the later entry
+                // naming the same chunk.
+                let named_at = offset as usize;
+                prop_assert_eq!(named_at % 16, 8, "offset {} is not a `new` field", offset);
+                let named = u64::from_le_bytes(img[named_at..named_at + 8].try_into().unwrap());
+                prop_assert!(named_at == at || named == new, "offset {offset}, bad entry at {at}");
+                first_error_is(&inspect::check(&MemDevice::from_bytes(&img)), &e)?;
             }
             r => prop_assert!(false, "entry {entry} -> {new} accepted: {r:?}"),
         }
-        prop_assert!(inspect::check(&MemDevice::from_bytes(&img)).has_errors());
     }
 }
 

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, Fua, MemDevice};
-use cowsnap_core::{Error, ErrorKind, Result};
+use cowsnap_core::{Error, Result};
 
 use crate::codec::consts::{STATE_HOLE, STATE_ZERO};
 
@@ -155,7 +155,7 @@ impl std::fmt::Debug for FastZero {
 fn cannot_discard(e: &Error) -> bool {
     match e {
         Error::Io { cause, .. } => cause.raw_os_error() == Some(95),
-        e => e.kind() == ErrorKind::Unsupported,
+        e => matches!(e, Error::Unsupported(_)),
     }
 }
 

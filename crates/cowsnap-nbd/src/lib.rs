@@ -3,9 +3,10 @@
 //! [`codec`] implements the fixed-newstyle handshake, request decoding and reply encoding
 //! without any I/O. [`server`] serves [`Export`]s (block devices with a read-only flag,
 //! multi-connection semantics and block status) over Unix and TCP sockets with std threads:
-//! per connection a fixed set of threads taking turns as the leader, which reads one
-//! request, passes the socket's read side on, executes the request and writes its reply,
-//! so many requests are in flight and replies go out in completion order. [`activation`]
+//! per connection up to [`ServerConfig::workers`] threads (started as requests arrive)
+//! taking turns as the connection's request reader, which reads one request, passes the
+//! socket's read side on, executes the request and writes its reply, so many requests are
+//! in flight and replies go out in completion order. [`activation`]
 //! takes listening sockets from systemd socket activation.
 //!
 //! ```no_run

@@ -25,8 +25,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cowsnap_core::pool::{CowSpec, SnapshotRequest, VolumeInfo};
 use cowsnap_core::units::ChunkSize;
+use cowsnap_pool::{CowSpec, SnapshotRequest, VolumeInfo};
 use serde::{Deserialize, Serialize};
 
 /// File name of the control socket inside the pool directory.

@@ -24,12 +24,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileId, Fua};
-use cowsnap_core::pool::{ActivePool, Pool, PoolLock, VolumeKind};
 use cowsnap_core::targets::Origin;
 use cowsnap_core::units::Chunk;
-use cowsnap_core::ErrorKind;
 use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
+use cowsnap_pool::{ActivePool, Pool, PoolLock, VolumeKind};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -191,9 +190,7 @@ impl BlockDevice for StopTolerant {
     }
     fn flush(&self) -> cowsnap_core::Result<()> {
         match self.dev.flush() {
-            Err(e) if e.kind() == ErrorKind::Invalid && self.stopping.load(Ordering::SeqCst) => {
-                Ok(())
-            }
+            Err(cowsnap_core::Error::Invalid(_)) if self.stopping.load(Ordering::SeqCst) => Ok(()),
             r => r,
         }
     }
@@ -517,16 +514,16 @@ mod tests {
             stopping: &STOP,
         };
         // While serving, a client's flush of an invalid snapshot fails (EIO), as before.
-        assert_eq!(dev.flush().unwrap_err().kind(), ErrorKind::Invalid);
+        assert!(matches!(dev.flush().unwrap_err(), Error::Invalid(_)));
         assert!(dev.write_at(&[0; 512], 0, Fua::No).is_err());
         STOP.store(true, Ordering::SeqCst);
         dev.flush().unwrap();
         // Only the flush is tolerated: I/O still fails.
         let mut buf = [0u8; 512];
-        assert_eq!(
-            dev.read_at(&mut buf, 0).unwrap_err().kind(),
-            ErrorKind::Invalid
-        );
+        assert!(matches!(
+            dev.read_at(&mut buf, 0).unwrap_err(),
+            Error::Invalid(_)
+        ));
     }
 
     #[test]
@@ -541,7 +538,7 @@ mod tests {
             dev: faulty,
             stopping: &STOP,
         };
-        assert_eq!(dev.flush().unwrap_err().kind(), ErrorKind::Io);
+        assert!(matches!(dev.flush().unwrap_err(), Error::Io { .. }));
         dev.flush().unwrap();
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use cowsnap_core::copy::Copier;
-use cowsnap_core::pool::{Pool, PoolLock, VolumeInfo, VolumeKind};
 use cowsnap_core::units::{parse_size, ChunkSize};
+use cowsnap_pool::{Pool, PoolLock, VolumeInfo, VolumeKind};
 
 use crate::control::{self, Reply, Request, SnapshotSpec};
 
@@ -89,7 +89,8 @@ pub struct SnapshotCreate {
     /// unless every byte of it is zero, so no data can be overwritten.
     #[arg(long, requires = "cow")]
     format: bool,
-    /// Chunk size, a power of two from 4K to 1G (default 4K). An adopted COW's header wins.
+    /// Chunk size, a power of two from 4K to 1G. Default: an adopted COW's own, else 4K.
+    /// An adopted COW's header wins over a different one given here, with a warning.
     #[arg(long, value_parser = chunk_arg)]
     chunk_size: Option<ChunkSize>,
     /// Transient store: exceptions only in the daemon's memory, lost when it stops.

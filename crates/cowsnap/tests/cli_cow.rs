@@ -1,5 +1,6 @@
 //! Drives the real `cowsnap` binary: `cow check`, `cow dump` and `cow export` on COW
-//! images written by the kernel (shared/kernel-rig fixtures) and by cowsnap.
+//! images written by the kernel (shared/kernel-rig fixtures) and by cowsnap, and the
+//! adoption of such a COW by a pool (`snapshot create --cow`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -160,4 +161,47 @@ fn export_materialises_the_snapshot_view() {
     // The COW was not touched by the tools.
     let o = cowsnap(&["cow", "check", cow_path.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn adopting_a_cow_takes_its_chunk_size_and_warns_only_when_another_is_asked_for() {
+    let t = scratch("cli-adopt-chunk");
+    let pool = t.join("pool");
+    let pool_s = pool.to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let o = cowsnap(&[&["--pool", pool_s], args].concat());
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    };
+    ok(&["init"]);
+    ok(&["origin", "create", "base", "--size", "1M"]);
+    let eight_k = ChunkSize::from_bytes(8192).unwrap();
+    let adopt = |name: &str, asked: &[&str]| {
+        let cow = t.join(format!("{name}.cow"));
+        {
+            let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&cow, 256 << 10).unwrap());
+            let s = PersistentStore::open(dev, Some(eight_k), false).unwrap();
+            s.load(&mut |_| Ok(())).unwrap();
+        }
+        let cow_s = cow.to_str().unwrap();
+        let base = [
+            "snapshot", "create", name, "--origin", "base", "--cow", cow_s, "--json",
+        ];
+        let o = ok(&[&base[..], asked].concat());
+        let info: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(info["chunk_size"], 8192, "{name}: the header's chunk size");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let unasked = adopt("unasked", &[]);
+    assert!(!unasked.contains("warning"), "{unasked}");
+    let other = adopt("other", &["--chunk-size", "4K"]);
+    assert!(
+        other.contains("warning") && other.contains("overrides the 4K asked for"),
+        "{other}"
+    );
 }

@@ -9,7 +9,7 @@
 //! * a snapshot that does not exist left no file behind, and its name can be used again.
 //!
 //! The daemon aborts at a step when `COWSNAP_CRASH_AT` names it (see
-//! `cowsnap_core::pool::CRASH_POINTS`); the random-kill test instead sends SIGKILL at a
+//! `cowsnap_pool::CRASH_POINTS`); the random-kill test instead sends SIGKILL at a
 //! random moment of a create/remove loop (it prints its seed; `COWSNAP_SEED` replays and
 //! `COWSNAP_CRASH_TRIALS` sets the number of trials).
 
@@ -24,8 +24,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{need_tools, seed, Daemon, Pool};
-use cowsnap_core::pool::CRASH_POINTS;
 use cowsnap_core::testkit::SplitMix;
+use cowsnap_pool::CRASH_POINTS;
 /// The origin: this many 4 KiB blocks.
 const BLOCKS: u64 = 1024;
 const BLOCK: usize = 4096;

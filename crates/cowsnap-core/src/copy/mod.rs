@@ -9,14 +9,14 @@
 //! while it holds a lock or waits on anything else, so copies cannot deadlock. Errors are
 //! reported per destination and never stop the other destinations.
 
-mod combine;
+mod batcher;
 
-pub use combine::{CombinerStats, CowWrite, WriteCombiner, MAX_MERGED};
+pub use batcher::{BatcherStats, CopyOutBatcher, CowWrite, MAX_MERGED};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::dev::{AlignedBuf, BlockDevice, Fua};
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Default memory budget of a copier.
 pub const DEFAULT_BUDGET: usize = 64 << 20;
@@ -56,15 +56,16 @@ impl CopyReport {
         self.read_error.is_none() && !self.write_errors.iter().any(|(j, _)| *j == i)
     }
 
-    /// Why destination `i` failed, if it did.
-    pub fn dest_error(&self, i: usize) -> Option<String> {
+    /// What destination `i` received: `Ok`, or the error that stopped it (the source's
+    /// read error, or its own first write error).
+    pub fn dest_result(&self, i: usize) -> Result<()> {
         if let Some(e) = &self.read_error {
-            return Some(format!("copy read failed: {e}"));
+            return Err(e.clone());
         }
-        self.write_errors
-            .iter()
-            .find(|(j, _)| *j == i)
-            .map(|(_, e)| format!("copy write failed: {e}"))
+        match self.write_errors.iter().find(|(j, _)| *j == i) {
+            Some((_, e)) => Err(e.clone()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -284,6 +285,7 @@ mod tests {
             None,
         );
         assert!(!r.dest_ok(0));
-        assert!(r.dest_error(0).unwrap().contains("read"));
+        let err = r.dest_result(0).unwrap_err();
+        assert!(err.to_string().starts_with("read at byte 0"), "{err}");
     }
 }

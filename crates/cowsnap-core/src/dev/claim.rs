@@ -170,7 +170,7 @@ fn locked_by_other(file: &File, at: i64) -> std::io::Result<bool> {
 }
 
 /// Claims `file` (named `name`) for writing: takes QEMU-compatible OFD locks and checks
-/// that no other user of the file conflicts. Fails with [`Error::Busy`] naming the
+/// that no other user of the file conflicts. Fails with [`Error::InUse`] naming the
 /// conflict, and the processes that have the file open where `/proc` tells.
 pub fn claim(file: &File, name: &str) -> Result<()> {
     for byte in [
@@ -245,7 +245,7 @@ fn busy(file: &File, name: &str, what: &str) -> Error {
     } else {
         format!(" (open in {})", holders.join(", "))
     };
-    Error::Busy(format!(
+    Error::InUse(format!(
         "{name} is in use: {what}{by}; stop that program first (cowsnap must be the only writer of its volumes)"
     ))
 }

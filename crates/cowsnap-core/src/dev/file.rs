@@ -254,7 +254,7 @@ fn busy_device(path: &Path) -> Error {
     } else {
         format!("it is mounted on {}", mounts.join(", "))
     };
-    Error::Busy(format!(
+    Error::InUse(format!(
         "{} is in use: {why}; unmount or release it first (cowsnap must be the only writer of its volumes)",
         path.display()
     ))

@@ -3,12 +3,12 @@
 //!
 //! A COW file is reserved with `fallocate`, which gives *unwritten* extents on ext4 and XFS.
 //! The first write into an unwritten extent makes the file system convert it, a metadata
-//! change that the next `fdatasync` must commit through the journal: on ext4 here a 4 KiB
-//! `O_DIRECT` write plus `fdatasync` takes 80 µs in such an extent and 41 µs in a written
-//! one (fio, `docs/performance.md`). A persistent store allocates COW chunks from the front,
-//! so [`PrezeroDevice`] keeps a *frontier*: every byte below it has been written once (with
-//! data or zeros); a write ending past it first moves the frontier [`STEP`] bytes beyond the
-//! write, writing zeros over the gap with large sequential writes, one at a time.
+//! change that the next `fdatasync` must commit through the journal, so a small `O_DIRECT`
+//! write plus `fdatasync` costs more there than in a block already written (the fio
+//! measurement is in `docs/performance.md`). A persistent store allocates COW chunks from
+//! the front, so [`PrezeroDevice`] keeps a *frontier*: every byte below it has been written
+//! once (with data or zeros); a write ending past it first moves the frontier [`STEP`] bytes
+//! beyond the write, writing zeros over the gap with large sequential writes, one at a time.
 //!
 //! **Safety.** Zeros are written only above the frontier, and no data write ends above the
 //! frontier before the frontier has moved past it (a write that would waits for the zeroing,

@@ -30,14 +30,15 @@ const SHARDS: usize = 64;
 /// A pending exception: the chunk is being copied; requests that need it wait here.
 #[derive(Debug, Default)]
 pub struct PendingException {
-    outcome: Mutex<Option<Result<Chunk, String>>>,
+    outcome: Mutex<Option<Result<Chunk>>>,
     done: Condvar,
     waiters: AtomicU64,
 }
 
 impl PendingException {
-    /// Blocks until the exception completes; returns its new chunk, or why it failed.
-    pub fn wait(&self) -> Result<Chunk, String> {
+    /// Blocks until the exception completes; returns its new chunk, or the error that
+    /// failed it (the copy's I/O error, the commit's, ...).
+    pub fn wait(&self) -> Result<Chunk> {
         let mut o = self.outcome.lock();
         if o.is_none() {
             self.waiters.fetch_add(1, Ordering::SeqCst);
@@ -55,7 +56,7 @@ impl PendingException {
         self.waiters.load(Ordering::SeqCst)
     }
 
-    fn finish(&self, r: Result<Chunk, String>) {
+    fn finish(&self, r: Result<Chunk>) {
         *self.outcome.lock() = Some(r);
         self.done.notify_all();
     }
@@ -103,7 +104,9 @@ impl Drop for OwnedPending {
             t.finish(
                 self.shard,
                 self.exception,
-                Err("abandoned".into()),
+                Err(Error::Invalid(
+                    "the request making this exception was abandoned".into(),
+                )),
                 &self.pending,
             );
         }
@@ -192,21 +195,14 @@ impl TrackerInner {
         }
     }
 
-    fn finish(
-        &self,
-        shard: usize,
-        e: Exception,
-        r: Result<(), String>,
-        pending: &PendingException,
-    ) {
+    fn finish(&self, shard: usize, e: Exception, r: Result<()>, pending: &PendingException) {
         let mut st = self.shards[shard].state.lock();
-        let outcome = match r {
-            Ok(()) => match self.table.write().insert(e) {
-                Ok(()) => Ok(e.new),
-                Err(err) => Err(err.to_string()),
-            },
-            Err(why) => Err(why),
-        };
+        let outcome =
+            r.and_then(|()| {
+                self.table.write().insert(e).map(|()| e.new).map_err(|err| {
+                    Error::WrongState(format!("completing a pending exception: {err}"))
+                })
+            });
         st.pending.remove(&e.old);
         drop(st);
         pending.finish(outcome);
@@ -289,23 +285,36 @@ impl ExceptionTracker {
         owned.abandon = None;
         self.inner
             .finish(owned.shard, owned.exception, Ok(()), &owned.pending);
-        match owned.pending.wait() {
-            Ok(_) => Ok(()),
-            Err(why) => Err(Error::Invalid(why)),
-        }
+        owned.pending.wait().map(|_| ())
     }
 
     /// The owner's copy or commit failed: drop the pending exception, waking waiters with
-    /// `why`.
-    pub fn fail(&self, mut owned: OwnedPending, why: &str) {
+    /// `error`.
+    pub fn fail(&self, mut owned: OwnedPending, error: Error) {
         owned.tracker = None;
         owned.abandon = None;
-        self.inner.finish(
-            owned.shard,
-            owned.exception,
-            Err(why.into()),
-            &owned.pending,
-        );
+        self.inner
+            .finish(owned.shard, owned.exception, Err(error), &owned.pending);
+    }
+
+    /// The new chunk of `old` once its exception exists: at once when it is completed,
+    /// after waiting when it is pending (made by another request). Never allocates: a
+    /// chunk with neither, or whose pending exception failed, is an error (the failure's
+    /// own when there was one).
+    pub fn wait_for_exception(&self, old: Chunk) -> Result<Chunk> {
+        let pending = {
+            let st = self.inner.shards[shard_of(old)].state.lock();
+            if let Some(new) = self.inner.table.read().lookup(old) {
+                return Ok(new);
+            }
+            st.pending.get(&old).cloned()
+        };
+        match pending {
+            Some(p) => p.wait(),
+            None => Err(Error::WrongState(format!(
+                "chunk {old} has no exception to wait for"
+            ))),
+        }
     }
 
     /// Blocks until no read routed to the old chunk `old` is in flight.
@@ -383,7 +392,7 @@ mod tests {
         };
         let th = std::thread::spawn(move || waiter.wait());
         t.complete(owned).unwrap();
-        assert_eq!(th.join().unwrap(), Ok(Chunk(2)));
+        assert_eq!(th.join().unwrap().unwrap(), Chunk(2));
         assert!(matches!(
             t.route_write(c, |_| panic!()).unwrap(),
             WriteRoute::Remapped {
@@ -438,7 +447,7 @@ mod tests {
         let failed = os.pop().unwrap();
         let completed = os.pop().unwrap();
         t.complete(completed).unwrap();
-        t.fail(failed, "copy failed");
+        t.fail(failed, Error::Invalid("copy failed".into()));
         drop(dropped);
         let ran: Vec<bool> = flags.iter().map(|f| f.load(Ordering::SeqCst)).collect();
         assert_eq!(ran, [false, false, true]);
@@ -455,5 +464,33 @@ mod tests {
         drop(o);
         assert!(w.wait().is_err());
         assert_eq!(t.lookup(Chunk(1)), None);
+        assert!(t.wait_for_exception(Chunk(1)).is_err());
+    }
+
+    #[test]
+    fn wait_for_exception_returns_completed_waits_on_pending_and_passes_failures_on() {
+        let t = ExceptionTracker::new(ExceptionTable::new());
+        let own = |c| match t.route_write(Chunk(c), |_| Ok(Chunk(c + 10))).unwrap() {
+            WriteRoute::Own(o) => o,
+            r => panic!("{r:?}"),
+        };
+        let (done, later, failing) = (own(1), own(2), own(3));
+        t.complete(done).unwrap();
+        assert_eq!(t.wait_for_exception(Chunk(1)).unwrap(), Chunk(11));
+        std::thread::scope(|sc| {
+            let waiter = sc.spawn(|| t.wait_for_exception(Chunk(2)));
+            let failed = sc.spawn(|| t.wait_for_exception(Chunk(3)));
+            while t.pending(Chunk(2)).map_or(0, |p| p.waiters()) == 0
+                || t.pending(Chunk(3)).map_or(0, |p| p.waiters()) == 0
+            {
+                std::thread::yield_now();
+            }
+            t.complete(later).unwrap();
+            let eio = Error::io("write", 0, "cow", std::io::Error::from_raw_os_error(5));
+            t.fail(failing, eio);
+            assert_eq!(waiter.join().unwrap().unwrap(), Chunk(12));
+            let err = failed.join().unwrap().unwrap_err();
+            assert!(matches!(err, Error::Io { .. }), "{err}");
+        });
     }
 }

@@ -3,7 +3,9 @@
 //! [`Origin`] is the live device whose writes copy data out to its snapshots;
 //! [`Snapshot`] is a frozen view of it made of the origin plus a COW device. Both are
 //! [`BlockDevice`](crate::dev::BlockDevice)s, so front ends serve them like any device.
+//! `copy_out` is the origin write's plan, kept apart from its execution.
 
+mod copy_out;
 mod origin;
 mod snapshot;
 

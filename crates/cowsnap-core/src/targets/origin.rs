@@ -1,41 +1,32 @@
 //! The origin target: the live device; every write first copies what it overwrites into
 //! every active snapshot.
 //!
-//! An origin write runs in this order, and only this order:
-//! 1. *route*: for each chunk it touches and each active, valid snapshot, find a completed
-//!    exception, join a pending one, or create one (allocating its COW chunk);
-//! 2. *copy*: for each chunk this request owns in some snapshots, read the origin chunk once
-//!    and write it to all of their COW devices (snapshots grouped by chunk size); runs of
-//!    consecutive chunks owned by the same snapshots at consecutive COW chunks are copied
-//!    with one read and one write per COW. Runs up to a copier segment are read by the
-//!    request and written through the origin's [`WriteCombiner`], with the copy-outs of
-//!    concurrent requests: per COW, writes touching end to end become one, and the combiner
-//!    marks what it wrote ready and lets each store commit it; longer runs are copied here;
-//! 3. *commit*: mark every batch ready in its store, then per snapshot one store commit
-//!    (data durable before metadata), which the combiner or a commit already running in
-//!    another request may have done; complete the pending exceptions, waking requests
-//!    queued on them;
-//! 4. *wait*: for the pending exceptions other requests own (S3: the write waits on the
-//!    exceptions themselves, nothing is moved between them), then for snapshot reads still
-//!    reading these chunks from the origin (S1, S4);
+//! An origin write is *planned*, then *executed* in a fixed order (ARCHITECTURE.md, "The
+//! origin write", describes the flow and why each step is where it is):
+//! 1. *route* ([`CopyOutPlan::route`]): for each chunk and each valid snapshot, find a
+//!    completed exception, a pending one to wait on, or make one (allocating its COW
+//!    chunk); chunks this request owns in the same snapshots at consecutive COW chunks form
+//!    runs;
+//! 2. *copy*: each run is read once from the origin and written to every owner's COW,
+//!    through the origin's [`CopyOutBatcher`] (with other requests' copy-outs) or, past one
+//!    copier segment, by the copier directly; a failed destination fails that snapshot's
+//!    exceptions of the run;
+//! 3. *commit*: per snapshot, one store commit of what it copied (data durable before
+//!    metadata), then the pending exceptions complete;
+//! 4. *wait* on the pending exceptions other requests own (S3), then for snapshot reads
+//!    still reading these chunks from the origin (S1, S4);
 //! 5. *write* the origin.
 //!
-//! A write inside one chunk that some snapshot still needs copied reads that chunk
-//! *before* step 1 (the *pre-read*), so that it allocates its COW chunks only once it has
-//! the data and goes straight to the combiner: the exceptions it allocates are then ready
-//! soon after everything allocated before them, and the combiner's commit of the ready
-//! prefix in allocation order covers them, instead of their owners waiting for a later
-//! commit behind a request still reading. The bytes read are the ones the snapshot must
-//! keep whenever the write ends up owning the exception: owning it means no other write
-//! has routed the chunk since the snapshot was activated (that would have left a pending
-//! or completed exception), every origin write routes before it writes, and activation
-//! never overlaps a write (S2), so the origin chunk did not change between the
-//! snapshot's activation and step 1. When the write does not end up owning (another
-//! write got there first), the pre-read is dropped.
+//! A write inside one chunk reads that chunk before routing (the *pre-read*), so that it
+//! allocates only once it has the data; its exception is then ready right after the ones
+//! allocated before it, and the batch leader's commit of the ready prefix covers it. The
+//! bytes are the ones the snapshot must keep whenever the write ends up owning the
+//! exception: owning means no write routed the chunk since the snapshot was activated,
+//! every origin write routes before it writes, and activation never overlaps a write (S2).
 //!
-//! The snapshot list sits behind a read-write lock that writes hold in shared mode from
-//! step 1 to 5; activating or removing a snapshot takes it exclusively, so a snapshot
-//! joins between writes, never in the middle of one (S2; the kernel's origin suspend).
+//! The snapshot list sits behind a read-write lock that writes hold shared from step 1 to
+//! 5; activating or removing a snapshot takes it exclusively, so a snapshot joins between
+//! writes, never in the middle of one (S2; the kernel's origin suspend).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,12 +34,14 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::snapshot::{OwnedBatch, Snapshot};
-use crate::copy::{Copier, CopyDest, CowWrite, WriteCombiner};
+use super::copy_out::{self, CopyOutPlan, CopyRun, Path, Routed};
+use super::snapshot::Snapshot;
+use crate::copy::{BatcherStats, Copier, CopyDest, CopyOutBatcher, CowWrite, Reservation};
 use crate::dev::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
-use crate::exception::{PendingException, WriteRoute};
-use crate::units::Chunk;
+use crate::exception::{OwnedPending, WriteRoute};
+use crate::mutation;
+use crate::units::{Chunk, ChunkSize};
 
 /// The origin: a device with snapshots.
 pub struct Origin {
@@ -57,10 +50,11 @@ pub struct Origin {
     /// Active snapshots, sorted by chunk size (largest first, as the kernel keeps them).
     snapshots: RwLock<Vec<Arc<Snapshot>>>,
     activations_waiting: AtomicU64,
-    /// Held while a multi-chunk write routes (allocates) its chunks.
+    /// Held while a multi-chunk write routes (allocates) its chunks, so its COW chunks are
+    /// consecutive and its copies go in few runs. Only in-memory routing runs under it.
     allocation: Mutex<()>,
     /// Writes the copy-outs of concurrent writes together.
-    combiner: WriteCombiner,
+    batcher: CopyOutBatcher,
 }
 
 impl fmt::Debug for Origin {
@@ -69,6 +63,25 @@ impl fmt::Debug for Origin {
             .field("dev", &self.dev.describe())
             .field("snapshots", &self.snapshots.read().len())
             .finish()
+    }
+}
+
+/// One request's copies that landed, per snapshot (same order as the origin's list),
+/// waiting for their commit.
+type Landed = Vec<Vec<OwnedPending>>;
+
+/// An origin chunk read before routing (see the module docs), with its share of the
+/// copier's budget.
+struct PreRead<'a> {
+    chunk: Chunk,
+    data: AlignedBuf,
+    budget: Reservation<'a>,
+}
+
+impl PreRead<'_> {
+    /// True when it holds exactly the run's data.
+    fn serves(&self, run: &CopyRun<OwnedPending>) -> bool {
+        self.chunk == run.first && run.len() == self.data.len() as u64
     }
 }
 
@@ -81,7 +94,7 @@ impl Origin {
             snapshots: RwLock::new(Vec::new()),
             activations_waiting: AtomicU64::new(0),
             allocation: Mutex::new(()),
-            combiner: WriteCombiner::new(),
+            batcher: CopyOutBatcher::new(),
         })
     }
 
@@ -90,9 +103,9 @@ impl Origin {
         &self.dev
     }
 
-    /// What the copy-out combiner has done.
-    pub fn combiner_stats(&self) -> crate::copy::CombinerStats {
-        self.combiner.stats()
+    /// What the copy-out batcher has done.
+    pub fn batcher_stats(&self) -> BatcherStats {
+        self.batcher.stats()
     }
 
     /// The copier shared by this origin's snapshots.
@@ -130,11 +143,11 @@ impl Origin {
             }
         };
         if list.iter().any(|s| Arc::ptr_eq(s, snap)) || snap.is_active() {
-            return Err(Error::Busy("snapshot is already active".into()));
+            return Err(Error::WrongState("snapshot is already active".into()));
         }
         list.push(snap.clone());
         list.sort_by_key(|s| std::cmp::Reverse(s.chunk_size()));
-        snap.active.store(true, Ordering::SeqCst);
+        snap.set_active(true);
         Ok(())
     }
 
@@ -147,152 +160,83 @@ impl Origin {
         if list.len() == before {
             return Err(Error::InvalidArgument("snapshot is not active".into()));
         }
-        snap.active.store(false, Ordering::SeqCst);
+        snap.set_active(false);
         Ok(())
     }
 
-    /// Steps 1 to 4 of an origin write of `offset..offset+len`: after it returns, every
-    /// active valid snapshot holds its own copy of every chunk in the range, and no snapshot
-    /// read of those chunks is still reading the origin.
+    /// Runs an origin write of `offset..offset+len`: steps 1 to 4 under the snapshot
+    /// list's shared lock, then `write` (step 5) still under it.
+    fn write_through(
+        &self,
+        offset: u64,
+        len: u64,
+        write: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        let snaps = self.snapshots.read();
+        if mutation::active("s2-guard-dropped") {
+            let early = snaps.clone();
+            drop(snaps);
+            self.copy_out(&early, offset, len);
+            return write();
+        }
+        self.copy_out(&snaps, offset, len);
+        write()
+    }
+
+    /// Steps 1 to 4: after it returns, every active valid snapshot holds its own copy of
+    /// every chunk in the range, and no snapshot read of those chunks is still reading the
+    /// origin.
     fn copy_out(&self, snaps: &[Arc<Snapshot>], offset: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || snaps.is_empty() {
             return;
         }
-        // (snapshot index, chunk) pairs whose tracked reads must drain before the write.
-        let mut drains: Vec<(usize, Chunk)> = Vec::new();
-        let mut waits: Vec<(usize, Chunk, Arc<PendingException>)> = Vec::new();
-        let mut batches: Vec<OwnedBatch> = (0..snaps.len()).map(|_| Vec::new()).collect();
-        let mut runs: Vec<(usize, CopyRun)> = Vec::new();
-        // A write over several chunks routes under the origin's allocation lock, so the COW
-        // chunks it allocates are consecutive and its copies go in few runs even when other
-        // writes allocate at the same time. Only in-memory routing runs under it, no I/O.
-        let multi_chunk = snaps
-            .iter()
-            .map(|s| s.chunk_size())
-            .min()
-            .is_some_and(|cs| cs.chunk_range(offset, len).count() > 1);
-        let pre = if multi_chunk {
-            None
-        } else {
-            self.pre_read(snaps, offset)
-        };
-        let alloc_guard = multi_chunk.then(|| self.allocation.lock());
-        let mut group_start = 0;
-        while group_start < snaps.len() {
-            let cs = snaps[group_start].chunk_size();
-            let group_end = snaps[group_start..]
-                .iter()
-                .position(|s| s.chunk_size() != cs)
-                .map_or(snaps.len(), |p| group_start + p);
-            // Consecutive chunks owned by the same snapshots, each landing on consecutive
-            // COW chunks, are copied as one run: one origin read, one write per COW.
-            let mut run: Option<CopyRun> = None;
-            for c in cs.chunk_range(offset, len).map(Chunk) {
-                let mut owners: Vec<(usize, Chunk)> = Vec::new();
-                for (i, s) in snaps.iter().enumerate().take(group_end).skip(group_start) {
-                    if !s.is_valid() {
-                        continue;
-                    }
-                    match s.exceptions().route_write(c, |old| s.store().prepare(old)) {
-                        Ok(WriteRoute::Remapped {
-                            reads_in_flight, ..
-                        }) => {
-                            if reads_in_flight {
-                                drains.push((i, c));
-                            }
-                        }
-                        Ok(WriteRoute::Wait(p)) => waits.push((i, c, p)),
-                        Ok(WriteRoute::Own(o)) => {
-                            owners.push((i, o.exception.new));
-                            batches[i].push(s.own(o));
-                        }
-                        Err(e) => s.invalidate(&format!("unable to allocate exception: {e}")),
-                    }
-                }
-                if let Some(r) = run.as_mut() {
-                    if r.extends(c, &owners) {
-                        r.chunks += 1;
-                        continue;
-                    }
-                }
-                if let Some(r) = run.take() {
-                    runs.push((group_start, r));
-                }
-                if !owners.is_empty() {
-                    // This chunk's exceptions are the last entry of each owner's batch.
-                    let batch_starts = owners.iter().map(|&(i, _)| batches[i].len() - 1).collect();
-                    run = Some(CopyRun {
-                        first: c,
-                        chunks: 1,
-                        owners,
-                        batch_starts,
-                    });
-                }
-            }
-            if let Some(r) = run.take() {
-                runs.push((group_start, r));
-            }
-            group_start = group_end;
+        let Planned { mut plan, pre_read } = self.plan(snaps, offset, len);
+        for (i, e) in plan.failed.drain(..) {
+            snaps[i].invalidate(&format!("unable to allocate exception: {e}"));
         }
-        drop(alloc_guard);
-        // Runs up to a copier segment are read here and written through the combiner,
-        // together with other requests' copy-outs; longer ones are copied directly.
-        let outcomes = if runs.is_empty() {
-            Vec::new()
-        } else {
-            self.copy_combined(snaps, &runs, &batches, pre)
-        };
-        // The combiner marked its runs' exceptions ready itself.
-        let copied_here = outcomes.iter().any(Option::is_none);
-        // Last run first: a failed run removes its exceptions from its owners' batches,
-        // which must not move the batch positions of runs not handled yet.
-        for ((group, r), outcome) in runs.into_iter().zip(outcomes).rev() {
-            match outcome {
-                None => self.copy_run(snaps, group, r, &mut batches, &mut drains),
-                Some(errors) => self.finish_run(snaps, r, errors, &mut batches, &mut drains),
-            }
+        let mut drains = std::mem::take(&mut plan.drains);
+        let landed = self.copy_runs(snaps, plan.runs, pre_read, &mut drains);
+        // A failed commit invalidates that snapshot; the origin write goes on.
+        for (snap, batch) in snaps.iter().zip(landed) {
+            let _ = snap.commit_owned(batch);
         }
-        // Mark every batch ready first, then commit them one by one: a commit already
-        // running in another request takes these exceptions along, so the stores' commits
-        // overlap. A failed commit invalidates that snapshot; the origin write goes on.
-        if copied_here {
-            for (i, batch) in batches.iter().enumerate() {
-                if !batch.is_empty() {
-                    let ready: Vec<_> = batch.iter().map(|o| o.exception).collect();
-                    snaps[i].store().mark_ready(&ready);
-                }
-            }
-        }
-        for (i, batch) in batches.into_iter().enumerate() {
-            let _ = snaps[i].commit_owned(batch);
-        }
-        for (i, c, p) in waits {
+        for (i, c, pending) in plan.waits {
             // A failed exception means its snapshot is invalid now; go on either way.
-            let _ = p.wait();
+            if !mutation::active("s3-pending-not-waited") {
+                let _ = pending.wait();
+            }
             drains.push((i, c));
         }
         for (i, c) in drains {
             snaps[i].exceptions().wait_reads_drained(c);
         }
     }
-}
 
-/// An origin chunk read before routing (see the module docs), with its share of the
-/// copier's budget.
-struct PreRead<'a> {
-    chunk: Chunk,
-    data: AlignedBuf,
-    budget: crate::copy::Reservation<'a>,
-}
-
-impl PreRead<'_> {
-    /// True when it holds exactly the run starting at `first` of `len` bytes.
-    fn serves(&self, first: Chunk, len: Option<u64>) -> bool {
-        self.chunk == first && len == Some(self.data.len() as u64)
+    /// Step 1 (with the pre-read before it): routes every chunk in every snapshot.
+    fn plan(&self, snaps: &[Arc<Snapshot>], offset: u64, len: u64) -> Planned<'_> {
+        let sizes: Vec<ChunkSize> = snaps.iter().map(|s| s.chunk_size()).collect();
+        let multi_chunk = sizes
+            .iter()
+            .min()
+            .is_some_and(|cs| cs.chunk_range(offset, len).count() > 1);
+        let pre_read = if multi_chunk {
+            None
+        } else {
+            self.pre_read(snaps, offset)
+        };
+        let _allocating = multi_chunk.then(|| self.allocation.lock());
+        let plan = CopyOutPlan::route(
+            &copy_out::groups(&sizes),
+            offset,
+            len,
+            self.dev.size(),
+            self.copier.segment() as u64,
+            |i, c| route(&snaps[i], c),
+        );
+        Planned { plan, pre_read }
     }
-}
 
-impl Origin {
     /// Reads the chunk holding `offset` when every snapshot has the same chunk size and
     /// some valid one still needs that chunk copied. `None` when there is nothing to read
     /// or the read failed (step 2 then reads again and reports the failure).
@@ -318,173 +262,184 @@ impl Origin {
             budget,
         })
     }
-}
 
-/// Chunks `first..first+chunks` of the origin, to be copied to the same snapshots, each
-/// of which allocated consecutive COW chunks for them starting at the chunk given.
-struct CopyRun {
-    first: Chunk,
-    chunks: u64,
-    owners: Vec<(usize, Chunk)>,
-    /// Where the run's exceptions start in each owner's batch (same order as `owners`).
-    batch_starts: Vec<usize>,
-}
-
-impl CopyRun {
-    /// True when chunk `c`, owned by `owners` at those COW chunks, continues this run.
-    fn extends(&self, c: Chunk, owners: &[(usize, Chunk)]) -> bool {
-        c.0 == self.first.0 + self.chunks
-            && owners.len() == self.owners.len()
-            && owners
-                .iter()
-                .zip(&self.owners)
-                .all(|(&(i, new), &(j, start))| i == j && new.0 == start.0 + self.chunks)
-    }
-}
-
-impl Origin {
-    /// Copies a run: reads the origin range once (clipped at the origin's end) and writes
-    /// it to each owner's COW. A failed destination fails that snapshot's exceptions of the
-    /// run; the others are ready to commit.
-    fn copy_run(
+    /// Step 2: copies every run (batched ones first); returns what landed, per snapshot.
+    /// Chunks that landed join `drains`.
+    fn copy_runs(
         &self,
         snaps: &[Arc<Snapshot>],
-        group: usize,
-        run: CopyRun,
-        batches: &mut [OwnedBatch],
-        drains: &mut Vec<(usize, Chunk)>,
-    ) {
-        let cs = snaps[group].chunk_size();
-        let start = cs.byte_offset(run.first);
-        let len = run_len(snaps, group, &run);
-        let dests: Vec<CopyDest<'_>> = run
-            .owners
-            .iter()
-            .map(|&(i, new)| CopyDest {
-                dev: &**snaps[i].cow(),
-                offset: cs.byte_offset(new),
-            })
-            .collect();
-        let report = self.copier.copy(&*self.dev, start, len, &dests, None);
-        let errors = (0..run.owners.len())
-            .map(|k| report.dest_error(k))
-            .collect();
-        self.finish_run(snaps, run, errors, batches, drains);
-    }
-}
-
-impl Origin {
-    /// Reads the runs that fit in one copier segment together and writes them to their
-    /// owners' COWs through the combiner. Returns, per run, `None` (not handled: copy it directly) or each
-    /// owner's error.
-    fn copy_combined(
-        &self,
-        snaps: &[Arc<Snapshot>],
-        runs: &[(usize, CopyRun)],
-        batches: &[OwnedBatch],
+        runs: Vec<CopyRun<OwnedPending>>,
         pre: Option<PreRead<'_>>,
-    ) -> Vec<Option<Vec<Option<String>>>> {
-        let mut outcomes: Vec<Option<Vec<Option<String>>>> = vec![None; runs.len()];
-        let segment = self.copier.segment() as u64;
-        // The runs handed over, in order, until they hold one segment of data in all: a
-        // request holds at most that much at once, as in a direct copy; the rest of a long
-        // request's runs (a large discard over scattered remapped chunks) is copied directly.
-        let mut total = 0u64;
-        let handed_len: Vec<Option<u64>> = runs
-            .iter()
-            .map(|(g, r)| {
-                let len = run_len(snaps, *g, r);
-                (total + len <= segment).then(|| {
-                    total += len;
-                    len
-                })
-            })
-            .collect();
-        if total == 0 {
-            return outcomes;
+        drains: &mut Vec<(usize, Chunk)>,
+    ) -> Landed {
+        let (batched, direct): (Vec<_>, Vec<_>) =
+            runs.into_iter().partition(|r| r.path == Path::Batched);
+        let mut landed: Landed = snaps.iter().map(|_| Vec::new()).collect();
+        for (run, results) in self.copy_batched(snaps, batched, pre) {
+            // The batch leader marked the landed exceptions ready itself.
+            settle(snaps, run, results, false, &mut landed, drains);
         }
-        // The pre-read serves the handed run that is exactly its chunk and keeps its own
-        // reservation until the copy is done; one that serves none is given back before more
-        // is taken, so no request holds budget while waiting for it.
-        let served = pre.as_ref().and_then(|p| {
-            runs.iter()
-                .zip(&handed_len)
-                .position(|((_, r), len)| p.serves(r.first, *len))
-        });
-        let pre = pre.filter(|_| served.is_some());
-        let pre_len = pre.as_ref().map_or(0, |p| p.data.len() as u64);
-        let _budget = self.copier.reserve((total - pre_len) as usize);
-        let (mut pre_data, _pre_budget) = pre.map(|p| (p.data, p.budget)).unzip();
-        let mut writes = Vec::new();
-        // (run, first write, owners) of the runs handed to the combiner.
-        let mut handed: Vec<(usize, usize, usize)> = Vec::new();
-        for (k, ((group, r), len)) in runs.iter().zip(handed_len).enumerate() {
-            let Some(len) = len else { continue };
-            let cs = snaps[*group].chunk_size();
-            let data = match pre_data.take_if(|_| served == Some(k)) {
-                Some(d) => d,
-                None => {
-                    let mut buf = AlignedBuf::zeroed(len as usize);
-                    if let Err(e) = self.dev.read_at(&mut buf, cs.byte_offset(r.first)) {
-                        let why = Some(format!("copy read failed: {e}"));
-                        outcomes[k] = Some(vec![why; r.owners.len()]);
-                        continue;
-                    }
-                    buf
-                }
-            };
-            let data = Arc::new(data);
-            handed.push((k, writes.len(), r.owners.len()));
-            for (&(i, new), &from) in r.owners.iter().zip(&r.batch_starts) {
-                let to = (from + r.chunks as usize).min(batches[i].len());
-                writes.push(CowWrite {
-                    dev: snaps[i].cow().clone(),
-                    offset: cs.byte_offset(new),
-                    data: data.clone(),
-                    store: snaps[i].store().clone(),
-                    exceptions: batches[i][from..to].iter().map(|o| o.exception).collect(),
-                });
-            }
+        for run in direct {
+            let results = self.copy_direct(snaps, &run);
+            settle(snaps, run, results, true, &mut landed, drains);
         }
-        let results = self.combiner.write(writes);
-        for (k, first, n) in handed {
-            outcomes[k] = Some(results.get(first..first + n).map_or_else(
-                || vec![Some("copy-out result missing".to_string()); n],
-                <[Option<String>]>::to_vec,
-            ));
-        }
-        outcomes
+        landed
     }
 
-    /// Settles a run whose copy is done: an owner whose copy failed fails the run's
-    /// exceptions; the others' chunks join the drains.
-    fn finish_run(
+    /// Reads the batched runs and hands their COW writes to the batcher, which writes them
+    /// with other requests' copy-outs and lets the stores commit them. Returns each run
+    /// with the outcome of each destination.
+    fn copy_batched(
         &self,
         snaps: &[Arc<Snapshot>],
-        run: CopyRun,
-        errors: Vec<Option<String>>,
-        batches: &mut [OwnedBatch],
-        drains: &mut Vec<(usize, Chunk)>,
-    ) {
-        for (k, &(i, _)) in run.owners.iter().enumerate() {
-            if let Some(Some(why)) = errors.get(k) {
-                let from = run.batch_starts[k];
-                let to = (from + run.chunks as usize).min(batches[i].len());
-                for o in batches[i].drain(from..to).collect::<Vec<_>>() {
-                    snaps[i].fail_owned(o, why);
-                }
-            } else {
-                drains.extend((0..run.chunks).map(|n| (i, Chunk(run.first.0 + n))));
-            }
-        }
+        runs: Vec<CopyRun<OwnedPending>>,
+        pre: Option<PreRead<'_>>,
+    ) -> Vec<(CopyRun<OwnedPending>, Vec<Result<()>>)> {
+        // The pre-read serves the run that is exactly its chunk and keeps its reservation;
+        // one that serves none is given back before more is taken, so no request holds
+        // budget while waiting for it.
+        let served = pre
+            .as_ref()
+            .and_then(|p| runs.iter().position(|r| p.serves(r)));
+        let (mut pre_data, _pre_budget) = pre
+            .filter(|_| served.is_some())
+            .map(|p| (p.data, p.budget))
+            .unzip();
+        let total: u64 = runs.iter().map(CopyRun::len).sum();
+        let pre_len = pre_data.as_ref().map_or(0, |d| d.len() as u64);
+        let _budget = self.copier.reserve((total - pre_len) as usize);
+        let mut writes = Vec::new();
+        let reads: Vec<Result<()>> = runs
+            .iter()
+            .enumerate()
+            .map(|(k, run)| {
+                let data = match pre_data.take_if(|_| served == Some(k)) {
+                    Some(d) => d,
+                    None => self.read_run(run)?,
+                };
+                writes.extend(cow_writes(snaps, run, Arc::new(data)));
+                Ok(())
+            })
+            .collect();
+        let mut results = self.batcher.write(writes).into_iter();
+        runs.into_iter()
+            .zip(reads)
+            .map(|(run, read)| {
+                let outcomes = run
+                    .dests
+                    .iter()
+                    .map(|_| match &read {
+                        Err(e) => Err(e.clone()),
+                        Ok(()) => results.next().unwrap_or_else(|| {
+                            Err(Error::WrongState("copy-out result missing".into()))
+                        }),
+                    })
+                    .collect();
+                (run, outcomes)
+            })
+            .collect()
+    }
+
+    /// The origin data of a run.
+    fn read_run(&self, run: &CopyRun<OwnedPending>) -> Result<AlignedBuf> {
+        let mut buf = AlignedBuf::zeroed(run.len() as usize);
+        self.dev.read_at(&mut buf, run.bytes.start)?;
+        Ok(buf)
+    }
+
+    /// Copies a run through the copier: the origin range once, to every destination.
+    fn copy_direct(&self, snaps: &[Arc<Snapshot>], run: &CopyRun<OwnedPending>) -> Vec<Result<()>> {
+        let dests: Vec<CopyDest<'_>> = run
+            .dests
+            .iter()
+            .map(|d| CopyDest {
+                dev: &**snaps[d.snap].cow(),
+                offset: run.chunk_size.byte_offset(d.new_first),
+            })
+            .collect();
+        let report = self
+            .copier
+            .copy(&*self.dev, run.bytes.start, run.len(), &dests, None);
+        (0..dests.len()).map(|k| report.dest_result(k)).collect()
     }
 }
 
-/// Bytes of the origin a run covers (clipped at the origin's end).
-fn run_len(snaps: &[Arc<Snapshot>], group: usize, run: &CopyRun) -> u64 {
-    let cs = snaps[group].chunk_size();
-    let last = Chunk(run.first.0 + run.chunks - 1);
-    cs.byte_offset(last) - cs.byte_offset(run.first) + snaps[group].origin_chunk_len(last)
+/// The plan of one origin write and the pre-read that may serve it.
+struct Planned<'a> {
+    plan: CopyOutPlan<OwnedPending>,
+    pre_read: Option<PreRead<'a>>,
+}
+
+/// Routes chunk `c` of one snapshot for an origin write (the executor's side of step 1).
+fn route(s: &Snapshot, c: Chunk) -> Routed<OwnedPending> {
+    if !s.is_valid() {
+        return Routed::Skip;
+    }
+    match s.exceptions().route_write(c, |old| s.store().prepare(old)) {
+        Ok(WriteRoute::Remapped {
+            reads_in_flight, ..
+        }) => Routed::Remapped { reads_in_flight },
+        Ok(WriteRoute::Wait(p)) => Routed::Wait(p),
+        Ok(WriteRoute::Own(o)) => Routed::Own {
+            new: o.exception.new,
+            owned: if mutation::active("abandon-not-aborted") {
+                o
+            } else {
+                s.own(o)
+            },
+        },
+        Err(e) => Routed::Failed(e),
+    }
+}
+
+/// The batcher's writes for one run: its data to each destination's COW.
+fn cow_writes<'a>(
+    snaps: &'a [Arc<Snapshot>],
+    run: &'a CopyRun<OwnedPending>,
+    data: Arc<AlignedBuf>,
+) -> impl Iterator<Item = CowWrite> + 'a {
+    run.dests.iter().map(move |d| {
+        let s = &snaps[d.snap];
+        CowWrite {
+            dev: s.cow().clone(),
+            offset: run.chunk_size.byte_offset(d.new_first),
+            data: data.clone(),
+            store: s.store().clone(),
+            exceptions: d.owned.iter().map(|o| o.exception).collect(),
+        }
+    })
+}
+
+/// Settles a copied run: a destination whose copy failed fails its exceptions (and its
+/// snapshot); the others' exceptions join `landed` (marked ready in their store when
+/// `mark_ready`) and their chunks join `drains`.
+fn settle(
+    snaps: &[Arc<Snapshot>],
+    run: CopyRun<OwnedPending>,
+    results: Vec<Result<()>>,
+    mark_ready: bool,
+    landed: &mut Landed,
+    drains: &mut Vec<(usize, Chunk)>,
+) {
+    let chunks: Vec<Chunk> = run.chunk_list().collect();
+    for (d, result) in run.dests.into_iter().zip(results) {
+        let s = &snaps[d.snap];
+        match result {
+            Ok(()) => {
+                if mark_ready {
+                    let ready: Vec<_> = d.owned.iter().map(|o| o.exception).collect();
+                    s.store().mark_ready(&ready);
+                }
+                drains.extend(chunks.iter().map(|&c| (d.snap, c)));
+                landed[d.snap].extend(d.owned);
+            }
+            Err(e) => {
+                for o in d.owned {
+                    s.fail_owned(o, e.clone());
+                }
+            }
+        }
+    }
 }
 
 impl BlockDevice for Origin {
@@ -497,10 +452,9 @@ impl BlockDevice for Origin {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
-        check_request(self.size(), offset, buf.len() as u64)?;
-        let snaps = self.snapshots.read();
-        self.copy_out(&snaps, offset, buf.len() as u64);
-        self.dev.write_at(buf, offset, fua)
+        self.write_through(offset, buf.len() as u64, || {
+            self.dev.write_at(buf, offset, fua)
+        })
     }
 
     fn flush(&self) -> Result<()> {
@@ -508,17 +462,11 @@ impl BlockDevice for Origin {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_request(self.size(), offset, len)?;
-        let snaps = self.snapshots.read();
-        self.copy_out(&snaps, offset, len);
-        self.dev.discard(offset, len)
+        self.write_through(offset, len, || self.dev.discard(offset, len))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
-        check_request(self.size(), offset, len)?;
-        let snaps = self.snapshots.read();
-        self.copy_out(&snaps, offset, len);
-        self.dev.write_zeroes(offset, len, fua)
+        self.write_through(offset, len, || self.dev.write_zeroes(offset, len, fua))
     }
 
     fn describe(&self) -> String {

@@ -10,6 +10,7 @@
 //! [`Origin::activate`](super::Origin::activate) registers it.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -19,15 +20,58 @@ use super::origin::Origin;
 use crate::copy::{Copier, CopyDest, Overlay};
 use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
+use crate::exception::persistent::validate::{self, Bounds};
 use crate::exception::{
     ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute, Usage,
     WriteRoute,
 };
-use crate::units::{Chunk, ChunkSize};
+use crate::units::{Chunk, ChunkPiece, ChunkSize};
 
-const VALID: u8 = 0;
-const OVERFLOW: u8 = 1;
-const INVALID: u8 = 2;
+/// Where a snapshot is in its life, as the kernel's status line tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    /// Takes copy-outs and serves I/O.
+    Valid = 0,
+    /// `PO` store full on a snapshot write: writes fail, reads and copy-outs go on.
+    Overflow = 1,
+    /// Dropped: I/O fails, origin writes skip it. Final.
+    Invalid = 2,
+}
+
+/// A [`State`] that request threads read without a lock.
+#[derive(Debug)]
+struct AtomicState(AtomicU8);
+
+impl AtomicState {
+    fn new(s: State) -> Self {
+        AtomicState(AtomicU8::new(s as u8))
+    }
+
+    fn load(&self) -> State {
+        match self.0.load(Ordering::SeqCst) {
+            0 => State::Valid,
+            1 => State::Overflow,
+            _ => State::Invalid,
+        }
+    }
+
+    /// Sets `to`; returns the state before.
+    fn swap(&self, to: State) -> State {
+        match self.0.swap(to as u8, Ordering::SeqCst) {
+            0 => State::Valid,
+            1 => State::Overflow,
+            _ => State::Invalid,
+        }
+    }
+
+    /// Moves `from` to `to`; does nothing in any other state.
+    fn transition(&self, from: State, to: State) {
+        let _ = self
+            .0
+            .compare_exchange(from as u8, to as u8, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
 
 /// The snapshot's status, as the kernel's status line reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +107,9 @@ pub struct Snapshot {
     chunk_size: ChunkSize,
     exceptions: ExceptionTracker,
     copier: Arc<Copier>,
-    state: AtomicU8,
+    state: AtomicState,
     invalid_reason: Mutex<Option<String>>,
-    pub(super) active: AtomicBool,
+    active: AtomicBool,
 }
 
 impl fmt::Debug for Snapshot {
@@ -79,9 +123,6 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-/// Exceptions a request owns, grouped for one commit.
-pub(super) type OwnedBatch = Vec<OwnedPending>;
-
 impl Snapshot {
     /// Builds a snapshot of `origin` from `store`: reads the store's metadata into the
     /// exception table. The snapshot is not active: it sees no origin writes and serves
@@ -91,36 +132,19 @@ impl Snapshot {
         let origin_chunks = store.chunk_size().chunks_covering(origin.size());
         let cow_chunks = store.chunk_size().whole_chunks(store.cow().size());
         let outcome = store.load(&mut |e| {
-            if e.old.0 >= origin_chunks {
-                return Err(Error::Corrupt {
-                    device: store.cow().describe(),
-                    offset: 0,
-                    reason: format!(
-                        "exception for origin chunk {} but the origin has {origin_chunks} chunks",
-                        e.old
-                    ),
-                });
+            let bounds = Bounds {
+                cow_chunks,
+                origin_chunks: Some(origin_chunks),
+            };
+            match validate::check_unplaced(e, bounds, |e| table.insert(e).is_ok()) {
+                None => Ok(()),
+                Some(finding) => Err(finding.into_error(&store.cow().describe())),
             }
-            if e.new.0 >= cow_chunks {
-                return Err(Error::Corrupt {
-                    device: store.cow().describe(),
-                    offset: 0,
-                    reason: format!(
-                        "exception points at COW chunk {} but the COW has {cow_chunks} chunks",
-                        e.new
-                    ),
-                });
-            }
-            table.insert(e).map_err(|err| Error::Corrupt {
-                device: store.cow().describe(),
-                offset: 0,
-                reason: format!("duplicate exception: {err}"),
-            })
         })?;
         let state = if outcome == LoadOutcome::Invalid {
-            INVALID
+            State::Invalid
         } else {
-            VALID
+            State::Valid
         };
         Ok(Arc::new(Snapshot {
             origin_dev: origin.device().clone(),
@@ -129,9 +153,10 @@ impl Snapshot {
             store,
             exceptions: ExceptionTracker::new(table),
             copier: origin.copier().clone(),
-            state: AtomicU8::new(state),
+            state: AtomicState::new(state),
             invalid_reason: Mutex::new(
-                (state == INVALID).then(|| "the COW header marks the snapshot invalid".into()),
+                (state == State::Invalid)
+                    .then(|| "the COW header marks the snapshot invalid".into()),
             ),
             active: AtomicBool::new(false),
         }))
@@ -167,9 +192,14 @@ impl Snapshot {
         self.active.load(Ordering::SeqCst)
     }
 
+    /// Set by the origin's list when it takes the snapshot in or out.
+    pub(super) fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
+    }
+
     /// True unless invalid (an overflowed snapshot is still valid).
     pub fn is_valid(&self) -> bool {
-        self.state.load(Ordering::SeqCst) != INVALID
+        self.state.load() != State::Invalid
     }
 
     /// Why the snapshot is invalid, if it is.
@@ -179,16 +209,16 @@ impl Snapshot {
 
     /// The kernel-style status.
     pub fn status(&self) -> SnapshotStatus {
-        match self.state.load(Ordering::SeqCst) {
-            INVALID => SnapshotStatus::Invalid,
-            OVERFLOW => SnapshotStatus::Overflow,
-            _ => SnapshotStatus::Usage(self.store.usage()),
+        match self.state.load() {
+            State::Invalid => SnapshotStatus::Invalid,
+            State::Overflow => SnapshotStatus::Overflow,
+            State::Valid => SnapshotStatus::Usage(self.store.usage()),
         }
     }
 
     /// Drops the snapshot: later I/O fails, the store records it (header `valid = 0`).
     pub fn invalidate(&self, reason: &str) {
-        if self.state.swap(INVALID, Ordering::SeqCst) == INVALID {
+        if self.state.swap(State::Invalid) == State::Invalid {
             return;
         }
         *self.invalid_reason.lock() = Some(reason.to_string());
@@ -198,7 +228,7 @@ impl Snapshot {
 
     fn check_io(&self) -> Result<()> {
         if !self.is_active() {
-            return Err(Error::Busy("snapshot is not active".into()));
+            return Err(Error::WrongState("snapshot is not active".into()));
         }
         if !self.is_valid() {
             return Err(Error::Invalid(
@@ -208,12 +238,14 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Allocation failed for a snapshot write: `PO` overflows, `P` and `N` invalidate.
-    fn on_full_snapshot_write(&self, e: Error) -> Error {
+    /// Allocation failed for a snapshot write. A full COW: `PO` overflows, `P` and `N`
+    /// invalidate. Other errors pass through.
+    fn on_allocation_failure(&self, e: Error) -> Error {
+        if !matches!(e, Error::CowFull { .. }) {
+            return e;
+        }
         if self.store.kind().overflow_allowed() {
-            let _ =
-                self.state
-                    .compare_exchange(VALID, OVERFLOW, Ordering::SeqCst, Ordering::SeqCst);
+            self.state.transition(State::Valid, State::Overflow);
             Error::Overflow
         } else {
             self.invalidate(&format!("unable to allocate exception: {e}"));
@@ -224,7 +256,7 @@ impl Snapshot {
     /// Commits a batch of exceptions this request copied, then completes them (waking the
     /// requests queued on them). On failure the snapshot is invalidated and the pending
     /// exceptions fail.
-    pub(super) fn commit_owned(&self, batch: OwnedBatch) -> Result<()> {
+    pub(super) fn commit_owned(&self, batch: Vec<OwnedPending>) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -240,10 +272,9 @@ impl Snapshot {
                 first_err.map_or(Ok(()), Err)
             }
             Err(e) => {
-                let why = format!("exception commit failed: {e}");
-                self.invalidate(&why);
+                self.invalidate(&format!("exception commit failed: {e}"));
                 for o in batch {
-                    self.exceptions.fail(o, &why);
+                    self.exceptions.fail(o, e.clone());
                 }
                 Err(e)
             }
@@ -258,11 +289,12 @@ impl Snapshot {
         o
     }
 
-    /// Gives up an owned exception whose copy failed.
-    pub(super) fn fail_owned(&self, o: OwnedPending, why: &str) {
+    /// Gives up an owned exception whose copy failed with `error`: the store's allocation
+    /// is aborted, the snapshot invalidated, and the requests waiting on it get `error`.
+    pub(super) fn fail_owned(&self, o: OwnedPending, error: Error) {
         self.store.abort(&o.exception);
-        self.invalidate(why);
-        self.exceptions.fail(o, why);
+        self.invalidate(&format!("copy to the COW failed: {error}"));
+        self.exceptions.fail(o, error);
     }
 
     /// Byte range of the origin chunk `c`, clipped to the origin (the last chunk may be
@@ -274,11 +306,77 @@ impl Snapshot {
             .min(self.origin_dev.size().saturating_sub(start))
     }
 
-    /// Copies one run of owned chunks into the COW: the origin range once (only where the
-    /// written data does not cover a whole segment), the request's bytes laid over it, one
-    /// write. `data` is the request's bytes for the run; it starts `offset_in_first` bytes
-    /// into the run's first chunk.
-    fn copy_run(&self, run: &SnapWriteRun, buf: &[u8]) -> Option<String> {
+    /// Routes every piece of a snapshot write (see [`WritePlan`]).
+    fn plan_write(&self, offset: u64, len: u64) -> WritePlan {
+        let mut plan = WritePlan::default();
+        for piece in self.chunk_size.split(offset, len) {
+            let route = self
+                .exceptions
+                .route_write(piece.chunk, |old| self.store.prepare(old));
+            match route {
+                Ok(WriteRoute::Own(o)) => plan.own(piece, self.own(o)),
+                Ok(WriteRoute::Remapped { .. } | WriteRoute::Wait(_)) => plan.later.push(piece),
+                Err(e) => {
+                    plan.stopped = Some(e);
+                    break;
+                }
+            }
+        }
+        plan
+    }
+
+    /// A snapshot write: copies and commits the chunks it owns (the written bytes merged
+    /// into each copy), then writes the pieces whose exception existed or was being made.
+    fn write_pieces(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let plan = self.plan_write(offset, buf.len() as u64);
+        // A failed allocation decides the snapshot's state first; what the request already
+        // owns is still copied and committed, so nothing leaks and nobody waits forever.
+        let stopped = plan.stopped.map(|e| self.on_allocation_failure(e));
+        // The store's commit makes the copies durable before their metadata.
+        let committed = self
+            .copy_runs(plan.runs, buf)
+            .and_then(|owned| self.commit_owned(owned));
+        if let Some(e) = stopped {
+            return Err(e);
+        }
+        committed?;
+        for piece in plan.later {
+            let new = self.exceptions.wait_for_exception(piece.chunk)?;
+            let at = self.chunk_size.byte_offset(new) + piece.offset_in_chunk;
+            self.cow.write_at(&buf[piece.buf_range()], at, Fua::No)?;
+        }
+        Ok(())
+    }
+
+    /// Copies every run; returns their exceptions to commit. After a failed copy, every
+    /// exception of the write fails with its error.
+    fn copy_runs(&self, runs: Vec<SnapWriteRun>, buf: &[u8]) -> Result<Vec<OwnedPending>> {
+        let mut copied = Vec::new();
+        let mut failure = None;
+        for run in runs {
+            if failure.is_none() {
+                match self.copy_run(&run, buf) {
+                    Ok(()) => {
+                        copied.extend(run.owned);
+                        continue;
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+            copied.extend(run.owned);
+        }
+        let Some(e) = failure else {
+            return Ok(copied);
+        };
+        for o in copied {
+            self.fail_owned(o, e.clone());
+        }
+        Err(e)
+    }
+
+    /// Copies one run into the COW: the origin range once (only where the written data
+    /// does not cover a whole segment), the request's bytes laid over it, one write.
+    fn copy_run(&self, run: &SnapWriteRun, buf: &[u8]) -> Result<()> {
         let cs = self.chunk_size;
         let last = Chunk(run.first.0 + run.chunks - 1);
         let start = cs.byte_offset(run.first);
@@ -296,100 +394,41 @@ impl Snapshot {
                 data: &buf[run.buf.clone()],
             }),
         );
-        report.dest_error(0)
+        report.dest_result(0)
     }
+}
 
-    fn write_pieces(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let cs = self.chunk_size;
-        let mut owned: OwnedBatch = Vec::new();
-        let mut later = Vec::new();
-        // Consecutive chunks this request owns at consecutive COW chunks are copied as one
-        // run; a run is always copied before anything is committed.
-        let mut run: Option<SnapWriteRun> = None;
-        let fail_all = |owned: OwnedBatch, why: &str| {
-            for o in owned {
-                self.fail_owned(o, why);
-            }
-            Error::Invalid(why.to_string())
-        };
-        for piece in cs.split(offset, buf.len() as u64) {
-            let route = self
-                .exceptions
-                .route_write(piece.chunk, |old| self.store.prepare(old));
-            match route {
-                Ok(WriteRoute::Own(o)) => {
-                    let o = self.own(o);
-                    let new = o.exception.new;
-                    owned.push(o);
-                    if let Some(r) = run.as_mut() {
-                        if r.extends(piece.chunk, new) {
-                            r.chunks += 1;
-                            r.buf.end = piece.buf_range().end;
-                            continue;
-                        }
-                    }
-                    if let Some(r) = run.take() {
-                        if let Some(why) = self.copy_run(&r, buf) {
-                            return Err(fail_all(owned, &why));
-                        }
-                    }
-                    run = Some(SnapWriteRun {
-                        first: piece.chunk,
-                        chunks: 1,
-                        new_first: new,
-                        offset_in_first: piece.offset_in_chunk,
-                        buf: piece.buf_range(),
-                    });
-                }
-                Ok(WriteRoute::Remapped { .. }) | Ok(WriteRoute::Wait(_)) => later.push(piece),
-                Err(e) => {
-                    let err = match e {
-                        Error::CowFull { .. } => self.on_full_snapshot_write(e),
-                        e => e,
-                    };
-                    // What this request already owns is copied and committed, so nothing
-                    // leaks and nobody waits forever; the write as a whole fails.
-                    if let Some(r) = run.take() {
-                        if let Some(why) = self.copy_run(&r, buf) {
-                            fail_all(owned, &why);
-                            return Err(err);
-                        }
-                    }
-                    let _ = self.commit_owned(owned);
-                    return Err(err);
-                }
+/// What a snapshot write does, decided by routing each of its pieces: the runs of chunks
+/// it owns, the pieces whose exception exists or is being made by another request, and the
+/// allocation error that stopped routing, if any.
+#[derive(Default)]
+struct WritePlan {
+    runs: Vec<SnapWriteRun>,
+    later: Vec<ChunkPiece>,
+    stopped: Option<Error>,
+}
+
+impl WritePlan {
+    /// Adds an owned piece: to the last run when it continues it on the origin and the COW,
+    /// else as a new run.
+    fn own(&mut self, piece: ChunkPiece, owned: OwnedPending) {
+        let new = owned.exception.new;
+        if let Some(r) = self.runs.last_mut() {
+            if r.extends(piece.chunk, new) {
+                r.chunks += 1;
+                r.buf.end = piece.buf_range().end;
+                r.owned.push(owned);
+                return;
             }
         }
-        if let Some(r) = run.take() {
-            if let Some(why) = self.copy_run(&r, buf) {
-                return Err(fail_all(owned, &why));
-            }
-        }
-        // The store's commit makes the copies durable before their metadata.
-        self.commit_owned(owned)?;
-        for piece in later {
-            let new = loop {
-                match self.exceptions.route_write(piece.chunk, |_| {
-                    Err(Error::Busy("exception vanished".into()))
-                })? {
-                    WriteRoute::Remapped { new, .. } => break new,
-                    WriteRoute::Wait(p) => {
-                        p.wait().map_err(Error::Invalid)?;
-                    }
-                    WriteRoute::Own(o) => {
-                        // Unreachable: the allocator above refuses.
-                        self.exceptions.fail(o, "unexpected");
-                        return Err(Error::Busy("exception vanished".into()));
-                    }
-                }
-            };
-            self.cow.write_at(
-                &buf[piece.buf_range()],
-                cs.byte_offset(new) + piece.offset_in_chunk,
-                Fua::No,
-            )?;
-        }
-        Ok(())
+        self.runs.push(SnapWriteRun {
+            first: piece.chunk,
+            chunks: 1,
+            new_first: new,
+            offset_in_first: piece.offset_in_chunk,
+            buf: piece.buf_range(),
+            owned: vec![owned],
+        });
     }
 }
 
@@ -401,7 +440,8 @@ struct SnapWriteRun {
     chunks: u64,
     new_first: Chunk,
     offset_in_first: u64,
-    buf: std::ops::Range<usize>,
+    buf: Range<usize>,
+    owned: Vec<OwnedPending>,
 }
 
 impl SnapWriteRun {
@@ -456,7 +496,7 @@ impl BlockDevice for Snapshot {
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
         self.check_io()?;
-        if self.state.load(Ordering::SeqCst) == OVERFLOW {
+        if self.state.load() == State::Overflow {
             return Err(Error::Overflow);
         }
         self.write_pieces(buf, offset)?;

@@ -3,33 +3,35 @@
 //! The handshake runs on the connection's thread, feeding socket bytes to the sans-IO
 //! [`Handshake`]. When the client starts TLS, that thread runs the TLS handshake and from
 //! then on uses the decrypted side of a [`super::tls`] pump as the client's socket, for the
-//! rest of the handshake and for transmission alike. In transmission that thread and up to
-//! `workers - 1` more take turns as the *leader* (the leader/follower pattern): the leader
-//! holds the socket's read side, decodes the next request header, checks it and reads a
-//! WRITE's payload, then passes the read side on and executes the request itself and writes
-//! the whole reply under the write-side lock. No request moves between threads, so a
-//! request costs no thread hand-off beyond the passing of the read side, which happens
-//! while the request executes. Requests in flight are bounded by the workers and by a
-//! per-connection byte budget on READ and WRITE data.
+//! rest of the handshake and for transmission alike.
 //!
-//! Workers start lazily: a leader that got a request and sees no other worker waiting to
-//! lead starts one (up to `workers`), so a connection that sends nothing holds one thread.
-//! A worker that has waited [`IDLE_WORKER_EXIT`] to lead ends (the leader it waited
-//! behind is alive, and starts a new worker when requests come), so a connection that went
-//! idle after a burst falls back to one thread; under load no worker waits that long, so
-//! threads are not started and ended per request.
+//! In transmission that thread and up to `workers - 1` more take turns as the connection's
+//! *request reader*: the one worker that holds the socket's read side. The request reader
+//! decodes the next request header, checks it and reads a WRITE's payload, then gives the
+//! read side to the next waiting worker, executes the request itself ([`super::exec`]) and
+//! writes the whole reply under the write-side lock. No request moves between threads: the
+//! only hand-off is that of the read side, and it happens while the request executes, so
+//! replies go out in completion order. Requests in flight are bounded by the workers and
+//! by a per-connection byte budget on READ and WRITE data.
 //!
-//! Refused requests are answered by the leader (a refused WRITE's payload is read and
-//! dropped first, so the stream stays in sync). A bad request magic or a truncated request
-//! ends the session. When reading stops (DISC, end of stream, shutdown), the workers finish
-//! the requests they hold, send their replies, and the socket is closed; a client that
-//! vanished only makes replies be dropped.
+//! Workers start lazily: a request reader that got a request and sees no other worker
+//! waiting for the read side starts one (up to `workers`), so a connection that sends
+//! nothing holds one thread. A worker that has waited [`IDLE_WORKER_EXIT`] for the read
+//! side ends (the request reader it waited behind is alive, and starts a new worker when
+//! requests come), so a connection that went idle after a burst falls back to one thread;
+//! under load no worker waits that long, so threads are not started and ended per request.
 //!
-//! Once [`Server::shutdown`](super::Server::shutdown) has begun, the leader reads only what
-//! has already arrived (the read side is shut down, which wakes a leader waiting for
-//! data): each request found there is answered with `ESHUTDOWN` instead of being executed
-//! (a DISC still just ends the session), and the session ends where the received data
-//! does. A client that sends after that finds the socket closed.
+//! Refused requests are answered by the request reader (a refused WRITE's payload is read
+//! and dropped first, so the stream stays in sync). A bad request magic or a truncated
+//! request ends the session. When reading stops (DISC, end of stream, shutdown), the workers
+//! finish the requests they hold, send their replies, and the socket is closed; a client
+//! that vanished only makes replies be dropped.
+//!
+//! Once [`Server::shutdown`](super::Server::shutdown) has begun, the request reader reads
+//! only what has already arrived (the read side is shut down, which wakes a request reader
+//! waiting for data): each request found there is answered with `ESHUTDOWN` instead of
+//! being executed (a DISC still just ends the session), and the session ends where the
+//! received data does. A client that sends after that finds the socket closed.
 
 use std::io::{BufReader, Read, Write};
 
@@ -42,7 +44,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::io::execute;
+use super::exec::execute;
 use super::{Registration, Shared, Stream};
 use crate::codec::consts::{EIO, ESHUTDOWN};
 use crate::codec::reply;
@@ -198,7 +200,7 @@ struct Job {
     permit: Permit,
 }
 
-/// What the leader found next on the socket.
+/// What the request reader found next on the socket.
 enum Next {
     /// A request to execute.
     Job(Job),
@@ -208,8 +210,8 @@ enum Next {
     End,
 }
 
-/// The socket's read side: whoever holds it is the *leader*.
-struct Input<R> {
+/// The socket's read side: the worker holding it is the connection's *request reader*.
+struct ReadSide<R> {
     reader: R,
     ended: bool,
 }
@@ -225,13 +227,13 @@ impl Output {
     fn send(&mut self, bytes: &[u8]) {
         if self.ok && self.stream.write_all(bytes).is_err() {
             self.ok = false;
-            // Wakes a leader blocked reading: the session is over.
+            // Wakes a request reader blocked in a read: the session is over.
             self.stream.shutdown(Shutdown::Both);
         }
     }
 }
 
-/// The socket's read side as the leader sees it: blocking reads until shutdown begins,
+/// The socket's read side as the request reader sees it: blocking reads until shutdown begins,
 /// then only what has already arrived.
 struct Incoming {
     stream: Stream,
@@ -287,7 +289,7 @@ fn transmission(
             freed: Condvar::new(),
             limit: cfg.inflight_bytes.max(1),
         }),
-        input: Mutex::new(Input {
+        read_side: Mutex::new(ReadSide {
             reader: BufReader::with_capacity(
                 64 * 1024,
                 std::io::Cursor::new(leftover).chain(Incoming {
@@ -303,7 +305,7 @@ fn transmission(
         }),
         max_workers: cfg.workers.max(1),
         workers: AtomicUsize::new(1),
-        waiting: AtomicUsize::new(0),
+        waiting_to_read: AtomicUsize::new(0),
         socket: stream,
         _reg: reg,
     });
@@ -312,10 +314,10 @@ fn transmission(
     conn.work();
 }
 
-/// A connection in transmission. Its workers take turns as the *leader*, which holds the
-/// socket's read side, reads the next request (and a WRITE's payload), then hands the read
-/// side to the next worker and executes the request itself and writes its reply: a
-/// request is read, executed and answered by one thread, with no queue between threads.
+/// A connection in transmission. Its workers take turns as the *request reader*, which
+/// holds the socket's read side, reads the next request (and a WRITE's payload), then hands
+/// the read side to the next worker and executes the request itself and writes its reply:
+/// a request is read, executed and answered by one thread, with no queue between threads.
 /// Requests in flight are bounded by the workers and by the byte budget.
 struct Conn<R> {
     shared: Arc<Shared>,
@@ -324,14 +326,14 @@ struct Conn<R> {
     min_block: u32,
     export: Arc<dyn Export>,
     budget: Arc<Budget>,
-    input: Mutex<Input<R>>,
+    read_side: Mutex<ReadSide<R>>,
     output: Mutex<Output>,
     /// Most workers.
     max_workers: usize,
     /// Workers running.
     workers: AtomicUsize,
-    /// Workers waiting to become the leader.
-    waiting: AtomicUsize,
+    /// Workers waiting for the read side, to be the next request reader.
+    waiting_to_read: AtomicUsize,
     /// The socket, closed when the last worker is done.
     socket: Stream,
     /// Dropped after the socket is closed: the connection leaves the server's books.
@@ -344,26 +346,29 @@ impl<R> Drop for Conn<R> {
     }
 }
 
-/// A worker that waited this long to lead ends.
+/// A worker that waited this long for the read side ends.
 const IDLE_WORKER_EXIT: Duration = Duration::from_secs(1);
 
 impl<R: Read + Send + 'static> Conn<R> {
     fn work(self: &Arc<Self>) {
         loop {
             let next = {
-                self.waiting.fetch_add(1, Ordering::SeqCst);
-                let input = self.input.try_lock_for(IDLE_WORKER_EXIT);
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                // Idle that long: the leader holding the input stays, this one is not needed.
-                let Some(mut input) = input else { break };
-                if input.ended {
+                self.waiting_to_read.fetch_add(1, Ordering::SeqCst);
+                let read_side = self.read_side.try_lock_for(IDLE_WORKER_EXIT);
+                self.waiting_to_read.fetch_sub(1, Ordering::SeqCst);
+                // Idle that long: the request reader holding the read side stays, this
+                // worker is not needed.
+                let Some(mut read_side) = read_side else {
+                    break;
+                };
+                if read_side.ended {
                     break;
                 }
-                let next = self.next(&mut input.reader);
+                let next = self.read_next(&mut read_side.reader);
                 match next {
-                    Next::End => input.ended = true,
+                    Next::End => read_side.ended = true,
                     // Someone must read the next request while this one executes.
-                    Next::Job(_) => self.standby(),
+                    Next::Job(_) => self.start_next_reader(),
                     Next::Refused(..) => {}
                 }
                 next
@@ -380,9 +385,10 @@ impl<R: Read + Send + 'static> Conn<R> {
         self.workers.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Starts one more worker if none waits to lead and the limit allows.
-    fn standby(self: &Arc<Self>) {
-        if self.waiting.load(Ordering::SeqCst) > 0 {
+    /// Starts one more worker, to be the next request reader, if none waits for the read
+    /// side and the limit allows.
+    fn start_next_reader(self: &Arc<Self>) {
+        if self.waiting_to_read.load(Ordering::SeqCst) > 0 {
             return;
         }
         let n = self.workers.fetch_add(1, Ordering::SeqCst);
@@ -431,31 +437,14 @@ impl<R: Read + Send + 'static> Conn<R> {
         drop(job.permit);
     }
 
-    /// Reads the next request; the caller is the leader.
-    fn next(&self, r: &mut R) -> Next {
+    /// Reads the next request; the caller is the request reader.
+    fn read_next(&self, r: &mut R) -> Next {
         let shared = &*self.shared;
-        let limits = &self.limits;
-        let mut hdr = [0u8; REQUEST_HEADER_LEN];
-        match read_full(r, &mut hdr) {
-            // End of stream at a request boundary: a disconnect without DISC.
-            Ok(0) => return Next::End,
-            Ok(REQUEST_HEADER_LEN) => {}
-            Ok(n) => {
-                shared.log(|| format!("connection closed inside a request header ({n} bytes)"));
-                return Next::End;
-            }
-            Err(_) => return Next::End,
-        }
-        let h = match RequestHeader::decode(&hdr) {
-            Ok(h) => h,
-            Err(e @ (HeaderError::BadMagic(_) | HeaderError::Truncated)) => {
-                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                shared.log(|| format!("{e}; closing the connection"));
-                return Next::End;
-            }
+        let Some(h) = self.read_header(r) else {
+            return Next::End;
         };
         shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let checked = match validate(&h, limits) {
+        let checked = match validate(&h, &self.limits) {
             Ok(Command::Disconnect) => Ok(Command::Disconnect),
             // Arrived, but read after shutdown began: refused, not executed.
             _ if shared.stopping.load(Ordering::SeqCst) => Err(Rejection {
@@ -466,59 +455,89 @@ impl<R: Read + Send + 'static> Conn<R> {
         };
         match checked {
             Ok(Command::Disconnect) => Next::End,
-            Ok(cmd) => {
-                let cost = match cmd {
-                    Command::Read { length, .. } | Command::Write { length, .. } => length,
-                    _ => 0,
-                } as usize;
-                let permit = self.budget.acquire(cost.max(MIN_COST));
-                let mut payload = AlignedBuf::default();
-                if let Command::Write { length, .. } = cmd {
-                    payload = AlignedBuf::zeroed(length as usize);
-                    if !matches!(read_full(r, &mut payload), Ok(n) if n == payload.len()) {
-                        shared.log(|| "connection closed inside a write payload".into());
-                        return Next::End;
-                    }
-                }
-                Next::Job(Job {
-                    cookie: h.cookie,
-                    cmd,
-                    payload,
-                    permit,
-                })
-            }
-            Err(rej) => {
-                shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-                let mut bytes = Vec::new();
-                reply::error_reply(
-                    &mut bytes,
-                    limits.structured,
-                    h.cookie,
-                    rej.errno,
-                    rej.message,
-                );
-                let skip = h.payload_len();
-                let permit = self.budget.acquire(MIN_COST);
-                if skip == 0 {
-                    return Next::Refused(bytes, permit);
-                }
-                if skip <= shared.config.max_discard {
-                    let want = u64::from(skip);
-                    if matches!(
-                        std::io::copy(&mut r.by_ref().take(want), &mut std::io::sink()),
-                        Ok(n) if n == want
-                    ) {
-                        return Next::Refused(bytes, permit);
-                    }
-                } else {
-                    shared.log(|| {
-                        format!("refused write of {skip} bytes is too large to skip; closing")
-                    });
-                }
-                // The stream is out of sync: answer, then end the session.
-                self.output.lock().send(&bytes);
-                Next::End
+            Ok(cmd) => self.accept(r, h.cookie, cmd),
+            Err(rej) => self.refuse(r, &h, &rej),
+        }
+    }
+
+    /// Reads and decodes a request header; `None` ends the connection (end of stream, a
+    /// short header, bad magic).
+    fn read_header(&self, r: &mut R) -> Option<RequestHeader> {
+        let shared = &*self.shared;
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        match read_full(r, &mut hdr) {
+            // End of stream at a request boundary: a disconnect without DISC.
+            Ok(0) | Err(_) => return None,
+            Ok(REQUEST_HEADER_LEN) => {}
+            Ok(n) => {
+                shared.log(|| format!("connection closed inside a request header ({n} bytes)"));
+                return None;
             }
         }
+        match RequestHeader::decode(&hdr) {
+            Ok(h) => Some(h),
+            Err(e @ (HeaderError::BadMagic(_) | HeaderError::Truncated)) => {
+                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                shared.log(|| format!("{e}; closing the connection"));
+                None
+            }
+        }
+    }
+
+    /// A valid request: takes its share of the memory budget and reads a WRITE's payload.
+    fn accept(&self, r: &mut R, cookie: u64, cmd: Command) -> Next {
+        let cost = match cmd {
+            Command::Read { length, .. } | Command::Write { length, .. } => length,
+            _ => 0,
+        } as usize;
+        let permit = self.budget.acquire(cost.max(MIN_COST));
+        let mut payload = AlignedBuf::default();
+        if let Command::Write { length, .. } = cmd {
+            payload = AlignedBuf::zeroed(length as usize);
+            if !matches!(read_full(r, &mut payload), Ok(n) if n == payload.len()) {
+                self.shared
+                    .log(|| "connection closed inside a write payload".into());
+                return Next::End;
+            }
+        }
+        Next::Job(Job {
+            cookie,
+            cmd,
+            payload,
+            permit,
+        })
+    }
+
+    /// A refused request: its error reply, after skipping its payload; a payload too large
+    /// to skip leaves the stream out of sync, so the reply is sent and the session ends.
+    fn refuse(&self, r: &mut R, h: &RequestHeader, rej: &Rejection) -> Next {
+        let shared = &*self.shared;
+        shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let mut bytes = Vec::new();
+        reply::error_reply(
+            &mut bytes,
+            self.limits.structured,
+            h.cookie,
+            rej.errno,
+            rej.message,
+        );
+        let skip = h.payload_len();
+        let permit = self.budget.acquire(MIN_COST);
+        if skip == 0 {
+            return Next::Refused(bytes, permit);
+        }
+        if skip <= shared.config.max_discard {
+            let want = u64::from(skip);
+            if matches!(
+                std::io::copy(&mut r.by_ref().take(want), &mut std::io::sink()),
+                Ok(n) if n == want
+            ) {
+                return Next::Refused(bytes, permit);
+            }
+        } else {
+            shared.log(|| format!("refused write of {skip} bytes is too large to skip; closing"));
+        }
+        self.output.lock().send(&bytes);
+        Next::End
     }
 }

@@ -4,19 +4,22 @@
 //! snapshot can be added, a removed one stays open for the connections already using it).
 //! Each [`Listener`] (Unix socket, TCP socket, or one inherited through socket activation)
 //! gets an accepting thread; each connection gets a thread that runs the handshake and then
-//! the transmission pipeline described in [`conn`], which adds worker threads only as
-//! requests arrive; a TCP connection may first upgrade to TLS through [`tls`] when
-//! [`ServerConfig::tls`] is set. At most [`ServerConfig::max_connections`] connections are
-//! open at once, counting those still in the handshake: the acceptor closes any further one
-//! at once, with no thread spent on it, and logs at most one line per
-//! [`REFUSAL_LOG_INTERVAL`] about them. [`Server::shutdown`] stops accepting,
-//! lets every connection finish the requests it is executing, answers the requests that
-//! had already arrived but were not yet read with `ESHUTDOWN` (then closes the read side
-//! of the socket, so nothing more is read), waits for the replies to go out, and flushes
-//! every export.
+//! the transmission pipeline described in `conn`, which adds worker threads only as
+//! requests arrive and carries each request out through [`exec`]; a TCP connection may
+//! first upgrade to TLS through [`tls`] when [`ServerConfig::tls`] is set. At most
+//! [`ServerConfig::max_connections`] connections are open at once, counting those still in
+//! the handshake: the acceptor closes any further one at once, with no thread spent on it,
+//! and logs at most one line per [`REFUSAL_LOG_INTERVAL`] about them.
+//!
+//! [`Server::shutdown`] stops the acceptors (removing the Unix socket files it bound), shuts
+//! the read side of every connection, so that each one's request reader takes only what
+//! had already arrived and answers it with `ESHUTDOWN` (handshake options with
+//! `NBD_REP_ERR_SHUTDOWN`), lets every connection finish the requests it is executing and
+//! send their replies (closing those still open after [`ServerConfig::drain_timeout`]),
+//! then flushes every export.
 
 mod conn;
-pub mod io;
+pub mod exec;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -23,7 +23,7 @@
 //!
 //! # Design: a pump per connection
 //!
-//! The transmission phase ([`super::conn`]) splits a socket into a read side and a write
+//! The transmission phase (`super::conn`) splits a socket into a read side and a write
 //! side that several worker threads use at once, while a rustls connection is one state
 //! object that both directions go through. Rather than put every reply and request
 //! behind one lock around the TLS state (and risk a reply write blocking behind a reader,

@@ -215,7 +215,7 @@ pub struct AreaContents {
 }
 
 /// Decodes area `area` from `buf` (one whole chunk). Only the framing is checked here;
-/// see [`validate_entry`] for the entries' values.
+/// the entries' values are [`validate`](super::validate)'s.
 pub fn decode_area(buf: &[u8], geo: &Geometry, area: u64, device: &str) -> Result<AreaContents> {
     if buf.len() as u64 != geo.chunk_size.bytes() {
         return Err(corrupt(
@@ -261,40 +261,6 @@ pub fn encode_entries(buf: &mut [u8], entries: &[Exception]) {
         slot[0..8].copy_from_slice(&e.old.0.to_le_bytes());
         slot[8..16].copy_from_slice(&e.new.0.to_le_bytes());
     }
-}
-
-/// Checks one loaded entry: its `new` chunk is a data chunk inside a COW of `cow_chunks`
-/// whole chunks. Duplicates are checked by the caller, which sees all entries.
-pub fn validate_entry(
-    e: &Exception,
-    geo: &Geometry,
-    cow_chunks: u64,
-    area: u64,
-    j: u64,
-    device: &str,
-) -> Result<()> {
-    let at = geo.entry_offset(area, j);
-    if e.new.0 >= cow_chunks {
-        return Err(corrupt(
-            device,
-            at + 8,
-            format!(
-                "area {area} entry {j} ({} -> {}) points past the end of the COW ({cow_chunks} chunks)",
-                e.old, e.new
-            ),
-        ));
-    }
-    if !geo.is_data_chunk(e.new) {
-        return Err(corrupt(
-            device,
-            at + 8,
-            format!(
-                "area {area} entry {j} ({} -> {}) points at a metadata chunk",
-                e.old, e.new
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// A [`Error::Corrupt`] for `device` at byte `offset`.
@@ -419,18 +385,5 @@ mod tests {
                 .junk_after_terminator
         );
         assert!(decode_area(&junk[..100], &g, 0, "t").is_err());
-    }
-
-    #[test]
-    fn entries_pointing_at_metadata_or_past_the_end_are_refused() {
-        let g = Geometry::new(cs(8));
-        assert!(validate_entry(&Exception::new(1, 2), &g, 16, 0, 0, "t").is_ok());
-        for bad in [1u64, 258, 300, u64::MAX] {
-            let e = validate_entry(&Exception::new(1, bad), &g, 300, 0, 3, "t");
-            assert!(
-                matches!(e, Err(Error::Corrupt { offset, .. }) if offset == 4096 + 3 * 16 + 8),
-                "{bad}: {e:?}"
-            );
-        }
     }
 }

@@ -6,13 +6,13 @@
 //! a COW marked invalid, and reports each problem as a [`Finding`] with its byte offset
 //! instead of stopping at the first, so that one run tells the whole story.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::Serialize;
 
 use super::format::{self, Geometry, HeaderState, RawHeader};
 use super::read;
+use super::validate::{Bounds, Slot, Validator};
 use crate::dev::{BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{Exception, ExceptionTable};
@@ -106,8 +106,8 @@ impl CheckReport {
     }
 }
 
-/// Validates a COW device: header, the chain of areas, every entry (inside the COW, not on
-/// metadata, no duplicate origin or COW chunk), stray bytes after the terminator, and the
+/// Validates a COW device: header, the chain of areas, every entry (by the loader's own
+/// [`Validator`]: inside the COW, not on metadata, no duplicate origin or COW chunk), stray bytes after the terminator, and the
 /// allocation-order layout that cowsnap and kernels since dm-snapshot 1.12 write.
 pub fn check(cow: &dyn BlockDevice) -> CheckReport {
     let device = cow.describe();
@@ -162,9 +162,13 @@ pub fn check(cow: &dyn BlockDevice) -> CheckReport {
         });
     }
     let geo = Geometry::new(chunk_size);
-    let cow_chunks = chunk_size.whole_chunks(cow.size());
-    let mut olds = HashSet::new();
-    let mut news = HashSet::new();
+    let mut validator = Validator::new(
+        geo,
+        Bounds {
+            cow_chunks: chunk_size.whole_chunks(cow.size()),
+            origin_chunks: None,
+        },
+    );
     let mut found = Vec::new();
     let mut exceptions = 0u64;
     let mut areas = 0u64;
@@ -174,26 +178,8 @@ pub fn check(cow: &dyn BlockDevice) -> CheckReport {
         for (j, e) in contents.entries.iter().enumerate() {
             let j = j as u64;
             exceptions += 1;
-            let at = geo.entry_offset(area, j);
-            if let Err(err) = format::validate_entry(e, &geo, cow_chunks, area, j, &device) {
-                found.push((Severity::Error, at + 8, reason(&err)));
-            }
-            if !olds.insert(e.old.0) {
-                found.push((
-                    Severity::Error,
-                    at,
-                    format!(
-                        "area {area} entry {j}: origin chunk {} has a second exception",
-                        e.old
-                    ),
-                ));
-            }
-            if !news.insert(e.new.0) {
-                found.push((
-                    Severity::Error,
-                    at + 8,
-                    format!("area {area} entry {j}: COW chunk {} is used twice", e.new),
-                ));
+            for f in validator.check(Slot { area, index: j }, *e) {
+                found.push((Severity::Error, f.offset, f.to_string()));
             }
             if first_sparse.is_none() && e.new != geo.dense_chunk(area, j) {
                 first_sparse = Some((area, j, *e));
@@ -399,17 +385,7 @@ pub fn export(
         } => {
             let geo = Geometry::new(chunk_size);
             let origin_chunks = chunk_size.chunks_covering(origin.size());
-            read::load_exceptions(cow, &geo, &mut |e| {
-                if e.old.0 >= origin_chunks {
-                    return Err(format::corrupt(
-                        &device,
-                        0,
-                        format!(
-                            "exception {} -> {} is for origin chunk {} but the origin has {origin_chunks} chunks",
-                            e.old, e.new, e.old
-                        ),
-                    ));
-                }
+            read::load_exceptions(cow, &geo, Some(origin_chunks), &mut |e| {
                 table
                     .insert(e)
                     .map_err(|err| format::corrupt(&device, 0, err.to_string()))

@@ -1,13 +1,13 @@
 //! Reading persistent metadata from a COW device: the header, then the chain of areas.
 //!
 //! Shared by the store's load and by the inspection tools, which differ only in what they
-//! do with a bad entry (the store refuses the COW, `cow check` lists findings).
-
-use std::collections::HashSet;
+//! do with the [`Validator`]'s findings (the store refuses the COW at the first, `cow
+//! check` lists them all).
 
 use super::format::{self, AreaContents, Geometry, RawHeader};
+use super::validate::{Bounds, Slot, Validator};
 use crate::dev::BlockDevice;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::exception::Exception;
 
 /// Reads the raw header fields from sector 0 of `cow`.
@@ -82,27 +82,32 @@ pub struct Loaded {
 }
 
 /// Reads and validates every entry of a valid store, passing each to `sink` in order.
-/// Refuses entries whose `new` chunk is past the COW or on a metadata chunk, and
-/// duplicate `old` or `new` chunks, naming the byte offset of the bad entry.
+/// Refuses the COW at the first [`Finding`](super::validate::Finding) of the [`Validator`]
+/// (entries past the COW, or past `origin_chunks` when given, entries on metadata,
+/// duplicate `old` or `new` chunks), naming the byte offset of the bad field.
 pub fn load_exceptions(
     cow: &dyn BlockDevice,
     geo: &Geometry,
+    origin_chunks: Option<u64>,
     sink: &mut dyn FnMut(Exception) -> Result<()>,
 ) -> Result<Loaded> {
     let device = cow.describe();
-    let cow_chunks = geo.chunk_size().whole_chunks(cow.size());
-    let mut olds: HashSet<u64> = HashSet::new();
-    let mut news: HashSet<u64> = HashSet::new();
+    let mut validator = Validator::new(
+        *geo,
+        Bounds {
+            cow_chunks: geo.chunk_size().whole_chunks(cow.size()),
+            origin_chunks,
+        },
+    );
     let mut loaded = Loaded::default();
     let current = walk_areas(cow, geo, &mut |area, contents| {
-        for (j, e) in contents.entries.iter().enumerate() {
-            let j = j as u64;
-            format::validate_entry(e, geo, cow_chunks, area, j, &device)?;
-            if !olds.insert(e.old.0) {
-                return Err(dup(&device, geo, area, j, e, "origin chunk", e.old.0));
-            }
-            if !news.insert(e.new.0) {
-                return Err(dup(&device, geo, area, j, e, "COW chunk", e.new.0));
+        for (index, e) in contents.entries.iter().enumerate() {
+            let slot = Slot {
+                area,
+                index: index as u64,
+            };
+            if let Some(finding) = validator.check(slot, *e).next() {
+                return Err(finding.into_error(&device));
             }
             loaded.max_new = Some(loaded.max_new.map_or(e.new.0, |m| m.max(e.new.0)));
             loaded.count += 1;
@@ -114,23 +119,4 @@ pub fn load_exceptions(
     })?;
     loaded.current_area = current;
     Ok(loaded)
-}
-
-fn dup(
-    device: &str,
-    geo: &Geometry,
-    area: u64,
-    j: u64,
-    e: &Exception,
-    what: &str,
-    c: u64,
-) -> Error {
-    format::corrupt(
-        device,
-        geo.entry_offset(area, j),
-        format!(
-            "area {area} entry {j} ({} -> {}): {what} {c} appears twice",
-            e.old, e.new
-        ),
-    )
 }

@@ -3,11 +3,11 @@
 //!
 //! Every prepared exception gets a sequence number in allocation order. `commit` marks its
 //! batch *ready* and then waits until the batch is durable. Whoever finds the oldest
-//! not-yet-durable exception ready, while no one else is writing, becomes the *leader*:
+//! not-yet-durable exception ready, while no one else is writing, becomes the *commit leader*:
 //! it takes every ready exception forming a contiguous prefix in allocation order, asks
 //! the [`Planner`] for the steps (zero the next area if one fills, flush, write the area
 //! with FUA), runs them without holding the lock, publishes the result and wakes everyone.
-//! Commits that arrive meanwhile are gathered into the next leader's single area write.
+//! Commits that arrive meanwhile are gathered into the next commit leader's single area write.
 //! So the on-disk table is always a prefix of the allocation order: a crash leaks no
 //! chunk. An aborted exception (its copy failed) or any metadata I/O error invalidates the
 //! store, as the kernel does, and wakes every waiter with the error.
@@ -45,8 +45,8 @@ struct State {
     slots: BTreeMap<u64, (Exception, SlotState)>,
     /// Sequence number of each outstanding COW chunk.
     seq_of: HashMap<u64, u64>,
-    /// A leader is writing metadata.
-    leader: bool,
+    /// A commit leader is writing metadata.
+    commit_leader: bool,
     /// Why the store is invalid, once it is.
     failed: Option<String>,
     /// The header on disk says (or is being made to say) `valid = 0`.
@@ -69,7 +69,7 @@ impl State {
 /// Counters of the metadata I/O a store did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Group commits (one per leader run).
+    /// Group commits (one per commit leader).
     pub group_commits: u64,
     /// Metadata area writes (a group that crosses into a new area writes two).
     pub area_writes: u64,
@@ -116,7 +116,7 @@ impl fmt::Debug for PersistentStore {
 impl PersistentStore {
     /// Opens a persistent store on `cow`: reads the header. A formatted COW's chunk size
     /// wins over `requested` (see [`overridden_chunk_size`](Self::overridden_chunk_size));
-    /// a fresh one (magic 0) uses `requested`, or the kernel's default of 32 sectors.
+    /// a fresh one (magic 0) uses `requested`, or [`ChunkSize::DEFAULT`].
     /// Unknown magic, version or chunk size give [`Error::Corrupt`] naming the device
     /// and the byte offset. `overflow` makes it a `PO` store.
     pub fn open(
@@ -142,7 +142,7 @@ impl PersistentStore {
                 durable_seq: 0,
                 slots: BTreeMap::new(),
                 seq_of: HashMap::new(),
-                leader: false,
+                commit_leader: false,
                 failed: None,
                 header_invalid: false,
                 marked: HashSet::new(),
@@ -212,13 +212,13 @@ impl PersistentStore {
         Ok(())
     }
 
-    /// Commits every ready exception forming a prefix in allocation order, as the leader;
+    /// Commits every ready exception forming a prefix in allocation order, as the commit leader;
     /// the caller checked that no commit is running and that the first one is ready.
-    fn lead<'a>(
+    fn lead_commit<'a>(
         &'a self,
         mut st: parking_lot::MutexGuard<'a, State>,
     ) -> Result<parking_lot::MutexGuard<'a, State>> {
-        st.leader = true;
+        st.commit_leader = true;
         let group: Vec<(u64, Exception)> = st
             .slots
             .iter()
@@ -230,7 +230,7 @@ impl PersistentStore {
         drop(st);
         let result = self.run(&steps);
         st = self.state.lock();
-        st.leader = false;
+        st.commit_leader = false;
         match result {
             Ok(()) => {
                 for (seq, e) in &group {
@@ -291,13 +291,13 @@ impl ExceptionStore for PersistentStore {
     fn load(&self, sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome> {
         let mut st = self.state.lock();
         if st.loaded {
-            return Err(Error::Busy("the store is already loaded".into()));
+            return Err(Error::WrongState("the store is already loaded".into()));
         }
         let device = self.cow.describe();
         // The header again: it must not have changed since open.
         let now = format::check_header(&read::read_raw_header(&*self.cow)?, &device)?;
         if now != self.header {
-            return Err(Error::Busy(format!(
+            return Err(Error::Replaced(format!(
                 "{device}: the COW header changed between open and load"
             )));
         }
@@ -320,7 +320,7 @@ impl ExceptionStore for PersistentStore {
                 LoadOutcome::Invalid
             }
             HeaderState::Formatted { valid: true, .. } => {
-                let l = read::load_exceptions(&*self.cow, &self.geo, sink)?;
+                let l = read::load_exceptions(&*self.cow, &self.geo, None, sink)?;
                 st.planner = Planner::loaded(
                     cs,
                     l.current_area,
@@ -341,7 +341,7 @@ impl ExceptionStore for PersistentStore {
             return Err(Error::Invalid(why.clone()));
         }
         if !st.loaded {
-            return Err(Error::Busy("the store is not loaded".into()));
+            return Err(Error::WrongState("the store is not loaded".into()));
         }
         let cow_chunks = self.geo.chunk_size().whole_chunks(self.cow.size());
         let new = st.planner.allocate(cow_chunks)?;
@@ -408,20 +408,20 @@ impl ExceptionStore for PersistentStore {
             if let Some(why) = &st.failed {
                 return Err(Error::Invalid(why.clone()));
             }
-            if st.leader || !st.front_ready() {
+            if st.commit_leader || !st.front_ready() {
                 self.counters.commit_waits.fetch_add(1, Ordering::SeqCst);
                 self.ready.wait(&mut st);
                 continue;
             }
-            st = self.lead(st)?;
+            st = self.lead_commit(st)?;
         }
     }
 
     fn commit_ready(&self) {
         let st = self.state.lock();
-        if st.failed.is_none() && !st.leader && st.front_ready() {
+        if st.failed.is_none() && !st.commit_leader && st.front_ready() {
             // An error is the owners' to see: their commit finds the store failed.
-            drop(self.lead(st));
+            drop(self.lead_commit(st));
         }
     }
 

@@ -1,4 +1,5 @@
-//! Carrying out one valid request on an [`Export`] and encoding its reply.
+//! Command execution: carrying out one valid request on an [`Export`] and encoding its
+//! reply.
 //!
 //! This is the one place where core errors become NBD error codes ([`nbd_errno`], through
 //! [`cowsnap_core::Error::errno`]), and where the command semantics the device interface
@@ -11,7 +12,7 @@
 //! its copy-outs, a snapshot writing its exceptions) holds state for the whole range.
 
 use cowsnap_core::dev::{AlignedBuf, Fua};
-use cowsnap_core::{Error, ErrorKind};
+use cowsnap_core::Error;
 
 use crate::codec::consts::*;
 use crate::codec::reply::{self, ReadReply};
@@ -38,7 +39,7 @@ pub fn nbd_errno(e: &Error) -> u32 {
 
 fn message(e: &Error) -> String {
     // The kind only: full messages may name server-side paths.
-    format!("{:?} error", e.kind())
+    e.summary().to_string()
 }
 
 /// The outcome of one request: its complete encoded reply.
@@ -115,6 +116,7 @@ pub fn execute(
     cmd: Command,
     payload: &[u8],
 ) -> Executed {
+    let done = |r| status(structured, cookie, r);
     match cmd {
         Command::Read { offset, length } => {
             let mut r = ReadReply::new(structured, cookie, offset, length);
@@ -123,74 +125,33 @@ pub fn execute(
                     bytes: r.into_bytes(),
                     error: 0,
                 },
-                Err(e) => status(structured, cookie, core(Err(e))),
+                Err(e) => done(core(Err(e))),
             }
         }
         Command::Write { offset, fua, .. } => {
-            let fua = if fua { Fua::Yes } else { Fua::No };
-            status(
-                structured,
-                cookie,
-                core(export.write_at(payload, offset, fua)),
-            )
+            done(core(export.write_at(payload, offset, fua_of(fua))))
         }
-        Command::Flush => status(structured, cookie, core(export.flush())),
+        Command::Flush => done(core(export.flush())),
         Command::Trim {
             offset,
             length,
             fua,
-        } => {
-            let r = split(offset, u64::from(length), |o, n| {
-                match export.discard(o, n) {
-                    // TRIM is a hint: a device that cannot discard ignores it.
-                    Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
-                    r => r,
-                }
-            });
-            let r = r.and_then(|()| if fua { export.flush() } else { Ok(()) });
-            status(structured, cookie, core(r))
-        }
-        Command::Cache { .. } => status(structured, cookie, Ok(())),
+        } => done(core(trim(export, offset, u64::from(length), fua))),
+        Command::Cache { .. } => done(Ok(())),
         Command::WriteZeroes {
             offset,
             length,
             fua,
             no_hole,
             fast,
-        } => {
-            let slow = || {
-                status(
-                    structured,
-                    cookie,
-                    Err((ENOTSUP, "zeroing this range would not be fast".into())),
-                )
-            };
-            if fast && (no_hole || !export.can_fast_zero()) {
-                return slow();
-            }
-            let len = u64::from(length);
-            let r = if fast {
-                // Stops at the first piece that would be slow; the client then zeroes the
-                // range its own way (the pieces before may already be zeros).
-                let mut all_fast = true;
-                let r = split(offset, len, |o, n| {
-                    if all_fast {
-                        all_fast = export.zero_fast(o, n, Fua::No)?;
-                    }
-                    Ok(())
-                });
-                if r.is_ok() && !all_fast {
-                    return slow();
-                }
-                r
-            } else if no_hole {
-                split(offset, len, |o, n| write_zero_buffers(export, o, n))
-            } else {
-                split(offset, len, |o, n| export.write_zeroes(o, n, Fua::No))
-            };
-            let r = r.and_then(|()| if fua { export.flush() } else { Ok(()) });
-            status(structured, cookie, core(r))
-        }
+        } => done(write_zeroes(
+            export,
+            offset,
+            u64::from(length),
+            fua,
+            no_hole,
+            fast,
+        )),
         Command::BlockStatus {
             offset,
             length,
@@ -207,8 +168,69 @@ pub fn execute(
             }
         }
         // Never executed: the reader stops at a disconnect.
-        Command::Disconnect => status(structured, cookie, Ok(())),
+        Command::Disconnect => done(Ok(())),
     }
+}
+
+fn fua_of(fua: bool) -> Fua {
+    if fua {
+        Fua::Yes
+    } else {
+        Fua::No
+    }
+}
+
+/// Flushes after a TRIM or WRITE_ZEROES that asked for FUA.
+fn flush_if(export: &dyn Export, fua: bool) -> cowsnap_core::Result<()> {
+    if fua {
+        export.flush()
+    } else {
+        Ok(())
+    }
+}
+
+/// TRIM, in pieces; a hint, so a device that cannot discard ignores it.
+fn trim(export: &dyn Export, offset: u64, len: u64, fua: bool) -> cowsnap_core::Result<()> {
+    split(offset, len, |o, n| match export.discard(o, n) {
+        Err(Error::Unsupported(_)) => Ok(()),
+        r => r,
+    })?;
+    flush_if(export, fua)
+}
+
+/// WRITE_ZEROES, in pieces: a punched hole unless `no_hole`; with `fast`, only if every
+/// piece can be zeroed by metadata alone, else `ENOTSUP` and the client zeroes the range
+/// its own way (the pieces before may already be zeros).
+fn write_zeroes(
+    export: &dyn Export,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    no_hole: bool,
+    fast: bool,
+) -> Result<(), (u32, String)> {
+    let slow = || Err((ENOTSUP, "zeroing this range would not be fast".to_string()));
+    if fast && (no_hole || !export.can_fast_zero()) {
+        return slow();
+    }
+    let r = if fast {
+        let mut all_fast = true;
+        let r = split(offset, len, |o, n| {
+            if all_fast {
+                all_fast = export.zero_fast(o, n, Fua::No)?;
+            }
+            Ok(())
+        });
+        if r.is_ok() && !all_fast {
+            return slow();
+        }
+        r
+    } else if no_hole {
+        split(offset, len, |o, n| write_zero_buffers(export, o, n))
+    } else {
+        split(offset, len, |o, n| export.write_zeroes(o, n, Fua::No))
+    };
+    core(r.and_then(|()| flush_if(export, fua)))
 }
 
 /// Turns an export's extents into protocol descriptors for a query of `len` bytes: drops
@@ -269,7 +291,7 @@ mod tests {
         assert_eq!(nbd_errno(&Error::Misaligned { offset: 1, len: 1 }), EINVAL);
         assert_eq!(nbd_errno(&Error::Unsupported("x")), EINVAL);
         assert_eq!(nbd_errno(&Error::Overflow), EIO);
-        assert_eq!(nbd_errno(&Error::Busy("x".into())), EIO);
+        assert_eq!(nbd_errno(&Error::Exists("x".into())), EIO);
         assert_eq!(
             nbd_errno(&Error::CowFull {
                 allocated: 1,

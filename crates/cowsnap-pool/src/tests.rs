@@ -1,8 +1,8 @@
 //! Pool tests: offline table changes, activation, live snapshots, restart, locking.
 
 use super::*;
-use crate::copy::Copier;
-use crate::dev::Fua;
+use cowsnap_core::copy::Copier;
+use cowsnap_core::dev::Fua;
 
 fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -171,11 +171,51 @@ fn adopting_a_cow_keeps_it_and_refuses_reuse() {
         .create_snapshot(&req("ext2", "base", CowSpec::Path(ext.clone())))
         .unwrap();
     assert_eq!(entry.chunk_sectors, 16);
-    assert!(warning.unwrap().contains("overrides"));
+    assert_eq!(
+        warning, None,
+        "no chunk size was asked for: the header's is taken"
+    );
     let list = pool
         .list_offline(Arc::new(Copier::default()), Some("ext2"))
         .unwrap();
     assert_eq!(list[0].status, "Invalid");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A COW formatted outside the pool with 8 KiB chunks, at `path`.
+fn external_8k_cow(path: &Path) {
+    let dev = FileDevice::create(path, 256 << 10).unwrap();
+    let eight_k = ChunkSize::from_bytes(8192).unwrap();
+    let store = PersistentStore::open(Arc::new(dev), Some(eight_k), false).unwrap();
+    store.load(&mut |_| Ok(())).unwrap();
+}
+
+#[test]
+fn an_adopted_cow_keeps_its_chunk_size_with_a_warning_only_when_another_was_asked_for() {
+    let dir = tmpdir("adopt-chunk");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("base", 1 << 20).unwrap();
+    let adopt = |pool: &mut Pool, name: &str, asked: Option<u64>| {
+        let cow = dir.join(format!("{name}.ext"));
+        external_8k_cow(&cow);
+        let mut r = req(name, "base", CowSpec::Path(cow));
+        r.chunk_size = asked.map(|b| ChunkSize::from_bytes(b).unwrap());
+        let (entry, warning) = pool.create_snapshot(&r).unwrap();
+        assert_eq!(entry.chunk_sectors, 16, "{name}: the header's chunk size");
+        warning
+    };
+    assert_eq!(adopt(&mut pool, "unasked", None), None);
+    assert_eq!(adopt(&mut pool, "same", Some(8192)), None);
+    let warning = adopt(&mut pool, "other", Some(4096)).unwrap();
+    assert!(
+        warning.contains("chunk size 8K overrides the 4K asked for"),
+        "{warning}"
+    );
+    // A COW the pool makes takes the one default chunk size.
+    let (entry, _) = pool
+        .create_snapshot(&req("made", "base", CowSpec::Size(256 << 10)))
+        .unwrap();
+    assert_eq!(entry.chunk_sectors, ChunkSize::DEFAULT.sectors());
     fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -21,8 +21,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::manifest::Manifest;
-use crate::dev::FileId;
-use crate::error::{Error, Result};
+use cowsnap_core::dev::FileId;
+use cowsnap_core::error::{Error, Result};
 
 /// Suffix of a file being created.
 const NEW: &str = "new";
@@ -65,7 +65,7 @@ impl NewFile {
     /// sparse or with its space reserved. Refuses when `final_path` exists.
     pub(crate) fn create(final_path: &Path, size: u64, reserve: bool) -> Result<NewFile> {
         if fs::symlink_metadata(final_path).is_ok() {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "{} already exists and is not a volume of this pool: move it away or choose another name",
                 final_path.display()
             )));

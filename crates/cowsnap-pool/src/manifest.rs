@@ -19,10 +19,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dev::FileId;
-use crate::error::{Error, Result};
-use crate::exception::StoreKind;
-use crate::units::ChunkSize;
+use cowsnap_core::dev::FileId;
+use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::StoreKind;
+use cowsnap_core::units::ChunkSize;
 
 /// File name of the manifest inside the pool directory.
 pub const MANIFEST: &str = "pool.json";

@@ -1,12 +1,19 @@
-//! Pools: named origins and snapshots kept as image files in one directory.
+//! cowsnap-pool: named origins and snapshots kept as image files in one directory, and
+//! their table.
 //!
-//! A pool is the embedded default back end: a private directory (mode 0700) holding
-//! `pool.json` (the table of volumes, see [`manifest`]), the origin images it created, and
-//! the snapshots' COW files (mode 0600). [`Pool`] changes the table offline (no daemon);
-//! [`ActivePool`] is the table brought to life, every origin an
-//! [`Origin`](crate::targets::Origin) and every snapshot an activated
-//! [`Snapshot`](crate::targets::Snapshot), changed live while clients do I/O. One process
-//! at a time holds a pool, through [`PoolLock`].
+//! **What a pool is.** The embedded default back end of the `cowsnap` command and daemon:
+//! a private directory (mode 0700) holding `pool.json` (the table of volumes, see
+//! [`manifest`]), the origin images it created, and the snapshots' COW files (mode 0600).
+//! [`Pool`] changes the table offline (no daemon); [`ActivePool`] is the table brought to
+//! life on the `cowsnap-core` engine, every origin an
+//! [`Origin`](cowsnap_core::targets::Origin) and every snapshot an activated
+//! [`Snapshot`](cowsnap_core::targets::Snapshot), changed live while clients do I/O. One
+//! process at a time holds a pool, through [`PoolLock`].
+//!
+//! **What it is not.** Not the engine: copy-out, exception stores, the on-disk COW format
+//! and file identity ([`FileId`], exclusive claims) are `cowsnap-core`'s, which works on
+//! any block devices and knows nothing of names, JSON or directories. Not a front end
+//! either: NBD, FUSE and the CLI look volumes up here and serve them elsewhere.
 //!
 //! **Control-plane crash rules.** Every change is ordered so that a crash at any step
 //! leaves either the old pool or the new one (see ARCHITECTURE.md, "Control plane"):
@@ -26,6 +33,9 @@
 //! when `COWSNAP_CRASH_AT` names the step: the daemon crash tests use it to stop at every
 //! step in turn.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 mod active;
 pub mod manifest;
 mod staging;
@@ -39,11 +49,13 @@ use std::sync::Arc;
 pub use active::{ActivePool, VolumeInfo, VolumeKind};
 use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
 
-use crate::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
-use crate::error::{Error, Result};
-use crate::exception::persistent::PersistentStore;
-use crate::exception::ExceptionStore;
-use crate::units::{is_sector_aligned, ChunkSize};
+use cowsnap_core::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
+use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::persistent::validate::{self, Bounds};
+use cowsnap_core::exception::persistent::PersistentStore;
+use cowsnap_core::exception::ExceptionStore;
+use cowsnap_core::mutation;
+use cowsnap_core::units::{is_sector_aligned, ChunkSize};
 
 /// Where a new snapshot's COW comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,7 +77,9 @@ pub struct SnapshotRequest {
     pub origin: String,
     /// The COW.
     pub cow: CowSpec,
-    /// Chunk size; a formatted COW's header wins. Default 4 KiB.
+    /// Chunk size asked for. `None`: an adopted COW's header's, else
+    /// [`ChunkSize::DEFAULT`]. A formatted COW's header wins over one asked for, with a
+    /// warning when they differ.
     pub chunk_size: Option<ChunkSize>,
     /// Transient store (`N`): exceptions only in the daemon's memory.
     pub transient: bool,
@@ -74,9 +88,6 @@ pub struct SnapshotRequest {
     /// Format an adopted COW that has no header, if it is all zeros.
     pub format: bool,
 }
-
-/// The default chunk size of new snapshots: 4 KiB, as lvm2's.
-pub const DEFAULT_CHUNK: ChunkSize = ChunkSize::MIN;
 
 /// The environment variable naming a [`crash_point`] at which to abort (tests only).
 pub const CRASH_AT_ENV: &str = "COWSNAP_CRASH_AT";
@@ -130,7 +141,7 @@ impl Pool {
     pub fn init(dir: &Path) -> Result<Pool> {
         fs::create_dir_all(dir).map_err(|e| Error::io("mkdir", 0, dir.display().to_string(), e))?;
         if dir.join(MANIFEST).exists() {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "{} already holds a cowsnap pool",
                 dir.display()
             )));
@@ -218,7 +229,7 @@ impl Pool {
         let id = dev.id()?;
         if let Some(want) = expected {
             if want != id {
-                return Err(Error::Busy(format!(
+                return Err(Error::Replaced(format!(
                     "{} is not the file this pool took ({want}); it is {id}: the file was replaced behind the pool's back. Put the original back, or remove the volume",
                     path.display()
                 )));
@@ -261,7 +272,7 @@ impl Pool {
     fn check_new_name(&self, name: &str) -> Result<()> {
         check_name(name)?;
         if self.manifest.has_volume(name) {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "a volume called {name:?} already exists"
             )));
         }
@@ -308,7 +319,7 @@ impl Pool {
             .into_iter()
             .find(|(_, i)| i.with_backing().iter().any(|v| mine.contains(v)));
         if let Some((what, _)) = taken {
-            return Err(Error::Busy(format!(
+            return Err(Error::SameFile(format!(
                 "{} is already used by this pool: it is {what} ({id}), under this or another name; a volume file can serve one volume only",
                 path.display()
             )));
@@ -357,7 +368,7 @@ impl Pool {
         // Opening it checks that it is readable, writable, sector-sized and not in use.
         let dev = FileDevice::open_exclusive(&abs, false)?;
         if dev.id()? != id {
-            return Err(Error::Busy(format!(
+            return Err(Error::Replaced(format!(
                 "{} changed while it was being added; try again",
                 abs.display()
             )));
@@ -384,7 +395,8 @@ impl Pool {
                 req.origin
             )));
         }
-        let chunk = req.chunk_size.unwrap_or(DEFAULT_CHUNK);
+        // A new COW's chunk size: what an adopted one has is known only once it is open.
+        let chunk = req.chunk_size.unwrap_or(ChunkSize::DEFAULT);
         let min_chunks = if req.transient { 1 } else { 3 };
         let (rel, new_file, id, cow) = match &req.cow {
             CowSpec::Size(size) => {
@@ -421,10 +433,10 @@ impl Pool {
             }
         };
         let (store, warning, chunk): (Arc<dyn ExceptionStore>, _, _) = if req.transient {
-            let store = crate::exception::TransientStore::new(cow, chunk);
+            let store = cowsnap_core::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)
         } else {
-            let store = PersistentStore::open(cow, Some(chunk), req.overflow)?;
+            let store = PersistentStore::open(cow, req.chunk_size, req.overflow)?;
             if new_file.is_none() && !req.format && store.is_fresh() {
                 return Err(Error::InvalidArgument(format!(
                     "{} has no COW header (its first bytes are zero): cowsnap formats only files it creates. To make it a new, empty COW, add --format (the whole file must be zeros)",
@@ -505,7 +517,11 @@ impl Pool {
         let mut entry = prepared.entry.clone();
         entry.removing = true;
         next.snapshots.push(entry);
-        self.commit(next)?;
+        // The mutation formats the file with no entry committed: a crash then leaves a
+        // valid COW that no pool knows of.
+        if !mutation::active("format-before-commit") {
+            self.commit(next)?;
+        }
         crash_point("adopt-format:guarded");
         Ok(())
     }
@@ -545,21 +561,16 @@ impl Pool {
             .map(|o| (self.resolve(&o.path), o.id))
             .unwrap_or_default();
         let origin_dev = self.open_volume_file(&origin, origin_id)?;
-        let origin_chunks = prepared
-            .store
-            .chunk_size()
-            .chunks_covering(origin_dev.size());
+        let chunk_size = prepared.store.chunk_size();
+        let bounds = Bounds {
+            cow_chunks: chunk_size.whole_chunks(prepared.store.cow().size()),
+            origin_chunks: Some(chunk_size.chunks_covering(origin_dev.size())),
+        };
         self.guard_format(&prepared)?;
         let store = prepared.store.clone();
-        let loaded = store.load(&mut |e| {
-            if e.old.0 >= origin_chunks {
-                return Err(Error::Corrupt {
-                    device: store.cow().describe(),
-                    offset: 0,
-                    reason: format!("exception for origin chunk {} beyond the origin", e.old),
-                });
-            }
-            Ok(())
+        let loaded = store.load(&mut |e| match validate::check_bounds(e, bounds) {
+            None => Ok(()),
+            Some(finding) => Err(finding.into_error(&store.cow().describe())),
         });
         drop(store);
         if let Err(e) = loaded {
@@ -580,7 +591,7 @@ impl Pool {
     /// held it. A volume that cannot be read shows as failed, with the reason.
     pub fn list_offline(
         &self,
-        copier: Arc<crate::copy::Copier>,
+        copier: Arc<cowsnap_core::copy::Copier>,
         only: Option<&str>,
     ) -> Result<Vec<VolumeInfo>> {
         active::list_offline(self, copier, only)
@@ -691,7 +702,7 @@ fn invalidate_cow_file(path: &Path, id: Option<FileId>, store: &str) -> Result<(
     }
     let dev = FileDevice::open_exclusive(path, false)?;
     if id.is_some_and(|want| dev.id().ok() != Some(want)) {
-        return Err(Error::Busy(format!(
+        return Err(Error::Replaced(format!(
             "{} is no longer the file the pool took",
             path.display()
         )));
@@ -758,7 +769,7 @@ impl PoolLock {
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
-            return Err(Error::Busy(format!(
+            return Err(Error::InUse(format!(
                 "pool {} is in use by another cowsnap process (pid {})",
                 dir.display(),
                 pid.trim()

@@ -25,12 +25,13 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{OriginEntry, SnapshotEntry, MANIFEST};
 use super::{crash_point, Pool, SnapshotRequest};
-use crate::copy::Copier;
-use crate::dev::{BlockDevice, FileDevice, FileId};
-use crate::error::{Error, Result};
-use crate::exception::persistent::PersistentStore;
-use crate::exception::Usage;
-use crate::targets::{Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::copy::Copier;
+use cowsnap_core::dev::{BlockDevice, FileDevice, FileId};
+use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::persistent::PersistentStore;
+use cowsnap_core::exception::Usage;
+use cowsnap_core::mutation;
+use cowsnap_core::targets::{Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,7 +291,7 @@ type Seen = HashMap<FileId, String>;
 fn unaliased(path: &Path, what: &str, seen: &Seen) -> Result<FileId> {
     let id = FileId::of_path(path)?;
     if let Some(other) = id.with_backing().iter().find_map(|i| seen.get(i)) {
-        return Err(Error::Busy(format!(
+        return Err(Error::SameFile(format!(
             "{} is the same file as {other} ({id}): one file cannot serve two volumes; fix {what} in {MANIFEST}",
             path.display()
         )));
@@ -389,10 +390,10 @@ impl ActivePool {
         let mut snapshots = BTreeMap::new();
         for s in &pool.manifest().snapshots {
             let opened = match origins.get(&s.origin) {
-                _ if s.removing || s.store == "N" => Err(Error::Busy(
+                _ if s.removing || s.store == "N" => Err(Error::WrongState(
                     "its removal did not finish; remove it again, or restart, to finish it".into(),
                 )),
-                None => Err(Error::Busy(format!(
+                None => Err(Error::WrongState(format!(
                     "its origin {:?} is not available",
                     s.origin
                 ))),
@@ -547,7 +548,7 @@ impl ActivePool {
     pub fn create_snapshot(&self, req: &SnapshotRequest) -> Result<(VolumeInfo, Option<String>)> {
         let mut inner = self.inner.lock();
         if inner.failed.contains_key(&req.name) {
-            return Err(Error::Busy(format!(
+            return Err(Error::Exists(format!(
                 "a volume called {:?} already exists (failed; remove it first)",
                 req.name
             )));
@@ -590,7 +591,8 @@ impl ActivePool {
                 snap,
             },
         );
-        let info = info_of(&inner, &entry.name).ok_or_else(|| Error::Busy("vanished".into()))?;
+        let info =
+            info_of(&inner, &entry.name).ok_or_else(|| Error::WrongState("vanished".into()))?;
         Ok((info, warning))
     }
 
@@ -616,7 +618,12 @@ impl ActivePool {
                 "no snapshot called {name:?}"
             )));
         }
-        inner.pool.mark_removing(name)?;
+        // The mutation deactivates first and marks after a slow (200 ms) manifest write: a
+        // crash in between brings the snapshot back without the copy-outs it missed.
+        let mark_late = mutation::active("remove-deactivated-before-mark");
+        if !mark_late {
+            inner.pool.mark_removing(name)?;
+        }
         let Some(active) = inner.snapshots.remove(name) else {
             return Err(Error::InvalidArgument(format!(
                 "no snapshot called {name:?}"
@@ -625,7 +632,13 @@ impl ActivePool {
         if let Some(origin) = inner.origins.get(&active.entry.origin) {
             let _ = origin.deactivate(&active.snap);
         }
+        if mark_late {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         crash_point("remove-snapshot:deactivated");
+        if mark_late {
+            inner.pool.mark_removing(name)?;
+        }
         let finished = inner
             .pool
             .finish_removal(name, Some(active.snap.store().as_ref()));
@@ -639,7 +652,7 @@ impl ActivePool {
                     format!("its removal did not finish: {e}"),
                 );
                 inner.failed.insert(name.to_string(), f);
-                Err(Error::Busy(format!(
+                Err(Error::WrongState(format!(
                     "snapshot {name:?} is deactivated but its removal did not finish ({e}); run the remove again, or restart the daemon, to finish it"
                 )))
             }
@@ -764,7 +777,7 @@ pub(super) fn list_offline(
         }
         let loaded = (|| {
             let origin = origins.get(&s.origin).ok_or_else(|| {
-                Error::Busy(format!("its origin {:?} is not available", s.origin))
+                Error::WrongState(format!("its origin {:?} is not available", s.origin))
             })?;
             let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
             let store = PersistentStore::open(
