@@ -1,53 +1,90 @@
 #!/usr/bin/env bash
-# Removes each race fix in turn (in a scratch copy of the tree) and checks that the race
-# test written for it fails. Prints one line per mutation; exits non-zero if a mutated
-# tree still passes its test (a test that cannot see its race).
+# Switches off each safety rule in turn (a mutation switch, `cowsnap_core::mutation`) and
+# checks that the test written for it fails by assertion. Builds once with the `mutations`
+# feature; each run sets COWSNAP_MUTATION to one switch's name. Prints one line per
+# mutation: killed (the test failed by assertion), SURVIVED (the test passed: it cannot see
+# its rule missing) or BROKEN (the switch is not in the source, or the test failed some
+# other way). Exits non-zero unless every selected mutation is killed.
 #
 #   scripts/mutation-check.sh            # all mutations
-#   scripts/mutation-check.sh remove     # only those whose name contains "remove"
+#   scripts/mutation-check.sh remove     # only those whose switch name contains "remove"
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
+# A target directory of its own: the feature changes cowsnap-core, and sharing target/
+# would rebuild the ordinary test binaries after every check.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/mutation}"
+features=(--features cowsnap-core/mutations)
 failed=0
 
-# name @ file @ perl substitution (removes the fix) @ test file (lib: unit tests; PKG/FILE for
-# a test of another package than cowsnap-core) @ test that must fail
+# switch name @ package @ test target (lib: the package's unit tests) @ test that must fail
 mutations=(
-  "S1/S4: origin write does not wait for tracked reads@crates/cowsnap-core/src/exception/tracker.rs@s/if !st.tracked.contains_key\(&old\) \{\n\s*return;/if true {\n return;/@race@s1_snapshot_read_of_a_pending_chunk_never_sees_later_origin_data"
-  "S4: remapped chunk ignores reads still in flight@crates/cowsnap-core/src/exception/tracker.rs@s/reads_in_flight: st.tracked.contains_key\(&old\)/reads_in_flight: false/@race@s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
-  "S4: no read tracking at all@crates/cowsnap-core/src/exception/tracker.rs@s/\*st.tracked.entry\(old\).or_insert\(0\) \+= 1;//@race@s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
-  "S2: origin write drops the snapshot-list guard before writing@crates/cowsnap-core/src/targets/origin.rs@s/let snaps = self.snapshots.read\(\);\n        self.copy_out\(&snaps, offset, buf.len\(\) as u64\);/let snaps = self.snapshots.read().clone();\n        self.copy_out(&snaps, offset, buf.len() as u64);/@race@s2_activation_waits_for_origin_writes_in_flight"
-  "S3: origin write does not wait on pending exceptions it does not own@crates/cowsnap-core/src/targets/origin.rs@s/let _ = p.wait\(\);//@race@s3_origin_writes_wait_on_the_pending_exceptions_of_every_snapshot"
-  "abandoned exceptions are not aborted in the store@crates/cowsnap-core/src/targets/origin.rs@s/batches\[i\].push\(s.own\(o\)\);/batches[i].push(o);/@engine@a_request_that_panics_mid_copy_never_blocks_later_commits"
-  "zero-ahead: frontier moves before the zeros are written@crates/cowsnap-core/src/dev/prezero.rs@s/(\s*self.zero\(from, offset.max\(from\).min\(to\)\)\?;\n\s*self.zero\(end.max\(from\), to\)\?;)(\n\s*self.frontier.store\(to.max\(end\), Ordering::Release\);)/\$2\$1/@lib@dev::prezero::tests::concurrent_front_filling_writes_are_never_zeroed"
-  "remove: snapshot deactivated before the manifest marks it removing (the manifest write takes 200 ms)@crates/cowsnap-core/src/pool/active.rs@s/(        inner\.pool\.mark_removing\(name\)\?;\n)(        let Some\(active\) = inner\.snapshots\.remove\(name\) else \{.*?\n        \}\n)(        crash_point\(\"remove-snapshot:deactivated\"\);\n)/\$2        std::thread::sleep(std::time::Duration::from_millis(200));\n\$3\$1/s@cowsnap/control_crash@a_live_create_or_remove_killed_at_any_step_loses_nothing"
-  "format guard: an adopted file formatted before its entry is committed@crates/cowsnap-core/src/pool/mod.rs@s/self.commit\(next\)\?;\n(\s*crash_point\(\"adopt-format:guarded\"\);)/\$1/@cowsnap/control_crash@a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool"
-  "combiner: exceptions committed before their copy is written@crates/cowsnap-core/src/copy/combine.rs@s/(\n    let mut i = 0;\n    while i < list.len\(\) \{)/\n    let st = &get(list[0].1, list[0].2).store;\n    st.mark_ready(&list.iter().flat_map(|&(_, r, w)| get(r, w).exceptions.clone()).collect::<Vec<_>>());\n    st.commit_ready();\$1/@crash@crash_at_every_boundary_of_random_workloads"
+  "s1-drain-skipped@cowsnap-core@race@s1_snapshot_read_of_a_pending_chunk_never_sees_later_origin_data"
+  "s4-remapped-ignores-reads@cowsnap-core@race@s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
+  "s4-reads-untracked@cowsnap-core@race@s4_origin_write_waits_for_snapshot_reads_in_flight_on_the_origin"
+  "s2-guard-dropped@cowsnap-core@race@s2_activation_waits_for_origin_writes_in_flight"
+  "s3-pending-not-waited@cowsnap-core@race@s3_origin_writes_wait_on_the_pending_exceptions_of_every_snapshot"
+  "abandon-not-aborted@cowsnap-core@engine@a_request_that_panics_mid_copy_never_blocks_later_commits"
+  "prezero-frontier-early@cowsnap-core@lib@dev::prezero::tests::concurrent_front_filling_writes_are_never_zeroed"
+  "remove-deactivated-before-mark@cowsnap@control_crash@a_live_create_or_remove_killed_at_any_step_loses_nothing"
+  "format-before-commit@cowsnap@control_crash@a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool"
+  "combiner-commit-before-write@cowsnap-core@crash@crash_at_every_boundary_of_random_workloads"
 )
 
+target_args() { # PACKAGE TARGET
+  if [ "$2" = lib ]; then echo "-p $1 --lib"; else echo "-p $1 --test $2"; fi
+}
+
 only="${1:-}"
+selected=()
 for m in "${mutations[@]}"; do
-  IFS='@' read -r name file subst testfile test <<<"$m"
+  IFS='@' read -r name pkg target test <<<"$m"
   [[ -z "$only" || "$name" == *"$only"* ]] || continue
-  rm -rf "$scratch/tree"; mkdir -p "$scratch/tree"
-  (cd "$repo" && git ls-files -z | xargs -0 cp --parents -t "$scratch/tree")
-  before=$(sha256sum "$scratch/tree/$file")
-  perl -0pi -e "$subst" "$scratch/tree/$file"
-  if [ "$before" = "$(sha256sum "$scratch/tree/$file")" ]; then
-    echo "BROKEN  $name: the substitution did not apply"; failed=1; continue
+  # A renamed or deleted switch must not pass as "killed" by an unrelated failure.
+  if ! grep -rqF --include='*.rs' "mutation::active(\"$name\")" crates; then
+    echo "BROKEN   $name: no mutation::active(\"$name\") in crates/"
+    failed=1
+    continue
   fi
-  pkg=cowsnap-core
-  case "$testfile" in */*) pkg=${testfile%%/*}; testfile=${testfile#*/};; esac
-  if (cd "$scratch/tree" && timeout 300 cargo test -q -p "$pkg" $([ "$testfile" = lib ] && echo --lib || echo --test "$testfile") -- --exact "$test" >"$scratch/log" 2>&1); then
-    echo "SURVIVED $name: $test still passes"; failed=1
-  else
-    if grep -q "panicked at" "$scratch/log"; then
-      echo "killed   $name: $test fails: $(grep -A1 'panicked at' "$scratch/log" | tail -1)"
+  selected+=("$m")
+done
+
+# One build of every test binary the selected mutations run (a daemon test also needs the
+# cowsnap binary, which cargo builds with the feature for that package's tests).
+build=()
+for m in "${selected[@]}"; do
+  IFS='@' read -r name pkg target test <<<"$m"
+  # shellcheck disable=SC2207
+  build+=($(target_args "$pkg" "$target"))
+done
+if [ ${#build[@]} -gt 0 ]; then
+  echo "mutation-check: building with ${features[*]}"
+  if ! cargo test -q "${features[@]}" --no-run "${build[@]}" >"$scratch/build.log" 2>&1; then
+    echo "BROKEN   the build with ${features[*]} failed:"
+    tail -20 "$scratch/build.log"
+    exit 1
+  fi
+fi
+
+for m in "${selected[@]}"; do
+  IFS='@' read -r name pkg target test <<<"$m"
+  # shellcheck disable=SC2046
+  if COWSNAP_MUTATION="$name" timeout 300 cargo test -q "${features[@]}" $(target_args "$pkg" "$target") \
+      -- --exact "$test" >"$scratch/log" 2>&1; then
+    if grep -q "running 1 test" "$scratch/log"; then
+      echo "SURVIVED $name: $test still passes"
     else
-      echo "BROKEN   $name: $test did not fail by assertion:"; tail -5 "$scratch/log"; failed=1
+      echo "BROKEN   $name: no test $test in $pkg $target"
     fi
+    failed=1
+  elif grep -q "panicked at" "$scratch/log"; then
+    echo "killed   $name: $test fails: $(grep -A1 'panicked at' "$scratch/log" | tail -1)"
+  else
+    echo "BROKEN   $name: $test did not fail by assertion:"
+    tail -5 "$scratch/log"
+    failed=1
   fi
 done
 exit $failed

@@ -23,6 +23,12 @@ pub mod exception;
 #[doc(hidden)]
 pub mod mutation;
 pub mod targets;
+#[cfg(any(test, feature = "test-util"))]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test-only code: sizes and offsets of in-memory test devices and corpora are small"
+)]
+pub mod testkit;
 pub mod units;
 
 pub use error::{Error, Result};

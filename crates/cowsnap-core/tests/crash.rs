@@ -9,11 +9,11 @@
 //! * every write acknowledged with FUA, or followed by an acknowledged flush, is present
 //!   (or a later write to the same sector is), on the origin and on the snapshot.
 //!
-//! Seeds are printed; `CRASH_SEED=n` reruns one workload.
+//! Seeds are printed; `COWSNAP_SEED=n` reruns a test's workloads.
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used)]
 
@@ -331,18 +331,16 @@ fn crash_everywhere(
     (total, runs, metadata_sectors)
 }
 
+/// `n` workload seeds from the test kit's seed (printed, with how to rerun them all).
 fn seeds(n: u64) -> Vec<u64> {
-    if let Ok(s) = std::env::var("CRASH_SEED") {
-        return vec![s.parse().expect("CRASH_SEED is a number")];
-    }
-    let base = rand::rng().random::<u32>() as u64;
-    (0..n).map(|i| base + i).collect()
+    let base = cowsnap_core::testkit::seed();
+    (0..n).map(|i| base.wrapping_add(i)).collect()
 }
 
 #[test]
 fn crash_at_every_boundary_of_random_workloads() {
     for seed in seeds(3) {
-        println!("crash workload seed {seed} (rerun with CRASH_SEED={seed})");
+        println!("crash workload seed {seed}");
         let ops = workload(seed, 64 * CHUNK_SECTORS, 24, None);
         let (boundaries, runs, _) = crash_everywhere(seed, 64 * CHUNK_SECTORS, 1 << 20, &[], &ops);
         println!("  {boundaries} boundaries, {runs} crashes checked");
@@ -355,7 +353,7 @@ fn crash_at_every_boundary_across_a_metadata_area_boundary() {
     // 4 KiB chunks: 256 entries per area. 250 origin writes to distinct chunks first,
     // then a random workload over fresh chunks that fills area 0 and starts area 1.
     for seed in seeds(1) {
-        println!("multi-area crash workload seed {seed} (rerun with CRASH_SEED={seed})");
+        println!("multi-area crash workload seed {seed}");
         let prefix: Vec<Op> = (0..250)
             .map(|c| Op::Write {
                 target: Target::Origin,
@@ -403,7 +401,7 @@ fn crash_at_random_boundaries_under_concurrent_writers() {
     const THREADS: u64 = 4;
     const CHUNKS: u64 = 96;
     for seed in seeds(6) {
-        println!("concurrent crash seed {seed} (rerun with CRASH_SEED={seed})");
+        println!("concurrent crash seed {seed}");
         let mut rng = StdRng::seed_from_u64(seed);
         let m = Machine::new(CHUNKS * CHUNK_SECTORS, 1 << 20);
         let (o, s, _) = m.open().unwrap();

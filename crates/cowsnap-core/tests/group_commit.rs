@@ -5,7 +5,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used)]
 
@@ -106,8 +106,7 @@ fn group_commit_on_memory_devices() {
 
 #[test]
 fn group_commit_on_files_with_fdatasync() {
-    let dir = std::env::temp_dir().join(format!("cowsnap-group-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = cowsnap_core::testkit::scratch("group");
     let op = dir.join("origin.img");
     std::fs::write(&op, pattern(WRITES * CHUNK)).unwrap();
     let origin = Arc::new(FileDevice::open(&op).unwrap());
@@ -117,5 +116,4 @@ fn group_commit_on_files_with_fdatasync() {
         writes < WRITES,
         "with real flushes, commits must be grouped"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }

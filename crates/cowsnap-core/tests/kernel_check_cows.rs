@@ -6,7 +6,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used)]
 

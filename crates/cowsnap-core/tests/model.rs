@@ -8,7 +8,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used)]
 
@@ -195,15 +195,12 @@ impl World {
 
 #[test]
 fn engine_matches_the_forking_reference_model() {
-    let seed: u64 = std::env::var("COWSNAP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = cowsnap_core::testkit::seed();
     let cases: u32 = std::env::var("COWSNAP_MODEL_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(96);
-    println!("model test seed: {seed} ({cases} cases; rerun with COWSNAP_SEED={seed})");
+    eprintln!("{cases} cases (COWSNAP_MODEL_CASES)");
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let mut runner = TestRunner::new_with_rng(

@@ -5,7 +5,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used)]
 
@@ -240,7 +240,7 @@ fn p16_merge_result_is_an_empty_valid_snapshot() {
 #[test]
 fn p16_badmagic_is_refused_naming_the_file_and_offset() {
     let fx = Fixture::load("p16-badmagic");
-    let dir = tempdir("badmagic");
+    let dir = cowsnap_core::testkit::scratch("fixtures-badmagic");
     let path = dir.join("cow.img");
     std::fs::write(&path, fx.cow_bytes()).unwrap();
     let cow = Arc::new(FileDevice::open(&path).unwrap());
@@ -255,7 +255,6 @@ fn p16_badmagic_is_refused_naming_the_file_and_offset() {
     let msg = err.to_string();
     assert!(msg.contains("magic") && msg.contains("cow.img"), "{msg}");
     assert_eq!(err.errno(), cowsnap_core::error::EIO);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -389,14 +388,4 @@ fn replay_p16_overflow_snapwrite_is_byte_identical() {
 #[test]
 fn replay_po16_overflow_snapwrite_is_byte_identical() {
     replay("po16-overflow-snapwrite");
-}
-
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "cowsnap-fixtures-{tag}-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }

@@ -29,6 +29,8 @@
 pub mod activation;
 pub mod codec;
 pub mod export;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fuzzing;
 pub mod server;
 
 pub use export::{DeviceExport, Export, Extent};

@@ -5,7 +5,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 
 mod common;
@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Fixture, RawClient, Reply};
+use common::{wait_for, Fixture, RawClient, Reply};
 use cowsnap_core::dev::{BlockDevice, FaultyDevice, GatedDevice, MemDevice, OpKind};
 use cowsnap_nbd::codec::consts::*;
 use cowsnap_nbd::codec::reply::{decode_block_status, decode_error_payload};
@@ -64,14 +64,6 @@ fn healthy(fx: &Fixture) {
     assert!(payload[8..].iter().all(|&b| b == 0x5a));
     c.request(CMD_DISC, 0, 3, 0, 0);
     assert!(c.is_closed());
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -540,13 +532,14 @@ fn requests_unread_when_shutdown_begins_get_eshutdown() {
         c.request(CMD_READ, 0, 2, 8192, 4096);
         c.request(CMD_WRITE, 0, 3, 8192, 4096);
         c.send(&[7u8; 4096]);
+        // Written to a Unix socket: queued for the server by the time `send` returns.
         c.request(CMD_FLUSH, 0, 4, 0, 0);
-        std::thread::sleep(Duration::from_millis(50));
         let handle = fx.server.shutdown_handle();
         let h2 = handle.clone();
         let stopper = std::thread::spawn(move || h2.shutdown());
         wait_for("shutdown to begin", || handle.is_stopping());
-        std::thread::sleep(Duration::from_millis(50));
+        // Shutdown removes the listener before it shuts the connections' read sides.
+        wait_for("listener removal", || !fx.sock.exists());
         gate.release();
         let mut replies: Vec<(u64, u32)> = Vec::new();
         for _ in 0..4 {

@@ -4,7 +4,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 
 mod common;
@@ -50,10 +50,10 @@ fn fio(dir: &std::path::Path, uri: &str, extra: &[&str]) -> String {
 
 #[test]
 fn fio_verify_crc32c_iodepth_16() {
-    if !common::require("fio_verify_crc32c_iodepth_16", &["fio", "fio-nbd"]) {
+    if !common::require_tools(&["fio", "fio-nbd"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch("nbd");
     let file = FileDevice::create(dir.path().join("f.img"), 128 * MIB).unwrap();
     let exports: Vec<(&str, Arc<dyn Export>)> = vec![
         (

@@ -4,7 +4,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 
 mod common;
@@ -22,10 +22,10 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn nbdinfo_lists_every_export_with_its_size() {
-    if !common::require("nbdinfo_lists_every_export_with_its_size", &["nbdinfo"]) {
+    if !common::require_tools(&["nbdinfo"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch("nbd");
     let file = FileDevice::create(dir.path().join("f.img"), 8 * MIB).unwrap();
     let exports: Vec<(&str, Arc<dyn Export>)> = vec![
         (
@@ -124,10 +124,10 @@ fn check_map(dev: &dyn BlockDevice, m: &[(u64, u64, u32)], data: &[(u64, u64)]) 
 
 #[test]
 fn nbdinfo_map_is_exact_and_conservative() {
-    if !common::require("nbdinfo_map_is_exact_and_conservative", &["nbdinfo"]) {
+    if !common::require_tools(&["nbdinfo"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch("nbd");
     let data = [(0, 64 * 1024), (5 * MIB, MIB), (9 * MIB + 4096, 4096)];
     let mem = DeviceExport::memory(MemDevice::new(16 * MIB));
     let file = DeviceExport::file(FileDevice::create(dir.path().join("f.img"), 16 * MIB).unwrap())
@@ -152,12 +152,12 @@ fn nbdinfo_map_is_exact_and_conservative() {
 
 #[test]
 fn nbdcopy_round_trip_over_several_connections() {
-    if !common::require("nbdcopy_round_trip_over_several_connections", &["nbdcopy"]) {
+    if !common::require_tools(&["nbdcopy"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch("nbd");
     let size = 32 * MIB;
-    let mut src = pattern(size as usize, 42);
+    let mut src = pattern(42, 0, size);
     src[(10 * MIB) as usize..(14 * MIB) as usize].fill(0);
     let src_path = dir.path().join("src.img");
     std::fs::write(&src_path, &src).unwrap();
@@ -193,10 +193,7 @@ fn nbdcopy_round_trip_over_several_connections() {
 
 #[test]
 fn libnbd_python_probe_of_error_paths_and_pipelining() {
-    if !common::require(
-        "libnbd_python_probe_of_error_paths_and_pipelining",
-        &["python3-nbd"],
-    ) {
+    if !common::require_tools(&["python3-nbd"]) {
         return;
     }
     let fx = Fixture::disk_and_read_only();
@@ -209,7 +206,7 @@ fn libnbd_python_probe_of_error_paths_and_pipelining() {
 
 #[test]
 fn nbdsh_reads_what_it_wrote() {
-    if !common::require("nbdsh_reads_what_it_wrote", &["nbdsh", "python3-nbd"]) {
+    if !common::require_tools(&["nbdsh", "python3-nbd"]) {
         return;
     }
     let fx = Fixture::new(vec![(
@@ -233,7 +230,7 @@ fn nbdsh_reads_what_it_wrote() {
 
 #[test]
 fn socket_activation_by_nbdinfo() {
-    if !common::require("socket_activation_by_nbdinfo", &["nbdinfo"]) {
+    if !common::require_tools(&["nbdinfo"]) {
         return;
     }
     let demo = env!("CARGO_BIN_EXE_cowsnap-nbd-demo");

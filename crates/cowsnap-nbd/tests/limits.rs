@@ -8,7 +8,7 @@
 #![allow(
     clippy::cast_possible_truncation,
     clippy::too_many_lines,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants; a scenario test reads best top to bottom"
 )]
 
 mod common;
@@ -18,9 +18,9 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{run, run_ok, Fixture, RawClient, Reply};
+use common::{run, run_ok, wait_for, Fixture, RawClient, Reply};
 use cowsnap_core::dev::MemDevice;
 use cowsnap_nbd::codec::consts::{CMD_READ, REPLY_TYPE_OFFSET_DATA};
 use cowsnap_nbd::{DeviceExport, ServerConfig};
@@ -29,14 +29,6 @@ fn threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .expect("read /proc/self/task")
         .count()
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -70,7 +62,7 @@ fn connections_beyond_the_limit_are_closed_and_threads_stay_bounded() {
     let mut crowd: Vec<UnixStream> = (0..300)
         .map(|_| UnixStream::connect(&fx.sock).expect("connect"))
         .collect();
-    wait_until("all 300 are accepted or refused", || {
+    wait_for("all 300 are accepted or refused", || {
         stats.connections.load(Ordering::SeqCst) + stats.refused.load(Ordering::SeqCst) == 300
     });
     assert_eq!(fx.server.connections(), MAX);
@@ -116,7 +108,7 @@ fn connections_beyond_the_limit_are_closed_and_threads_stay_bounded() {
 
     // ...and served once the crowd is gone.
     drop(crowd);
-    wait_until("the crowd's connections end", || {
+    wait_for("the crowd's connections end", || {
         fx.server.connections() == 0
     });
     let info = run_ok(Command::new("nbdinfo").arg(fx.uri("disk")));
@@ -124,7 +116,7 @@ fn connections_beyond_the_limit_are_closed_and_threads_stay_bounded() {
 
     // Connections in transmission hold one thread until they send requests, and again
     // once idle after a burst, not `workers` each.
-    wait_until("nbdinfo's connection ends", || fx.server.connections() == 0);
+    wait_for("nbdinfo's connection ends", || fx.server.connections() == 0);
     let base = threads();
     let mut clients: Vec<RawClient> = (0..20).map(|_| RawClient::connect(&fx.sock)).collect();
     for c in &mut clients {
@@ -153,9 +145,9 @@ fn connections_beyond_the_limit_are_closed_and_threads_stay_bounded() {
         "{busy} threads after a burst (base {base}, idle {idle})"
     );
     // Workers idle for IDLE_WORKER_EXIT end.
-    wait_until("idle workers end", || threads() <= base + 20 + 2);
+    wait_for("idle workers end", || threads() <= base + 20 + 2);
     drop(clients);
-    wait_until("the clients' connections end", || {
+    wait_for("the clients' connections end", || {
         fx.server.connections() == 0
     });
 }

@@ -5,7 +5,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 
 mod common;
@@ -37,7 +37,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
 
 #[test]
 fn qemu_io_patterns_zero_discard_flush() {
-    if !common::require("qemu_io_patterns_zero_discard_flush", &["qemu-io"]) {
+    if !common::require_tools(&["qemu-io"]) {
         return;
     }
     let e = Arc::new(DeviceExport::memory(MemDevice::new(64 * MIB)));
@@ -83,7 +83,7 @@ fn qemu_io_patterns_zero_discard_flush() {
 
 #[test]
 fn qemu_io_pipelined_aio_requests() {
-    if !common::require("qemu_io_pipelined_aio_requests", &["qemu-io"]) {
+    if !common::require_tools(&["qemu-io"]) {
         return;
     }
     let e = Arc::new(DeviceExport::memory(MemDevice::new(64 * MIB)));
@@ -103,13 +103,13 @@ fn qemu_io_pipelined_aio_requests() {
 
 #[test]
 fn qemu_img_convert_compare_and_map() {
-    if !common::require("qemu_img_convert_compare_and_map", &["qemu-img", "qemu-io"]) {
+    if !common::require_tools(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::scratch("nbd");
     let size = 8 * MIB;
     // Reference: data, a 2 MiB run of zeros, data.
-    let mut reference = pattern(size as usize, 7);
+    let mut reference = pattern(7, 0, size);
     reference[(3 * MIB) as usize..(5 * MIB) as usize].fill(0);
     let ref_path = dir.path().join("ref.img");
     std::fs::write(&ref_path, &reference).unwrap();
@@ -192,10 +192,7 @@ fn qemu_img_convert_compare_and_map() {
 
 #[test]
 fn qemu_nbd_lists_exports_with_flags_and_contexts() {
-    if !common::require(
-        "qemu_nbd_lists_exports_with_flags_and_contexts",
-        &["qemu-nbd"],
-    ) {
+    if !common::require_tools(&["qemu-nbd"]) {
         return;
     }
     let fx = Fixture::disk_and_read_only();

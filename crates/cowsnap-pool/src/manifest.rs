@@ -293,7 +293,8 @@ mod tests {
 
     #[test]
     fn manifest_round_trips_and_validates() {
-        let dir = std::env::temp_dir().join(format!("cowsnap-manifest-{}", std::process::id()));
+        let scratch = cowsnap_core::testkit::scratch("manifest");
+        let dir = scratch.join("pool");
         fs::create_dir_all(&dir).unwrap();
         let m = sample();
         m.store(&dir).unwrap();

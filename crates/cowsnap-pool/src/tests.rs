@@ -4,22 +4,32 @@ use super::*;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::Fua;
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "cowsnap-pool-{tag}-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    let _ = fs::remove_dir_all(&d);
-    d
+/// A pool directory `SCRATCH/pool`, not yet created; files a test puts beside it stay in
+/// the scratch directory, which goes away with it (also when the test fails).
+struct TestDir {
+    path: PathBuf,
+    _scratch: cowsnap_core::testkit::Scratch,
 }
 
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos().into())
-        .unwrap_or(0)
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn tmpdir(tag: &str) -> TestDir {
+    let scratch = cowsnap_core::testkit::scratch(&format!("pool-{tag}"));
+    TestDir {
+        path: scratch.join("pool"),
+        _scratch: scratch,
+    }
 }
 
 fn req(name: &str, origin: &str, cow: CowSpec) -> SnapshotRequest {

@@ -404,15 +404,21 @@ fn write_reply(stream: &UnixStream, reply: &Reply) -> Result<()> {
     Ok(())
 }
 
+/// Decodes one request line (without its newline); the error is the reply's message.
+/// Pure, for the fuzz target of the control protocol.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line.trim_ascii()).map_err(|e| format!("bad request: {e}"))
+}
+
 /// Reads one request from `stream` within [`REQUEST_DEADLINE`] and [`MAX_REQUEST`],
 /// answers it with `handle`, writes the reply. A client that breaks a limit gets an error
 /// reply, is disconnected, and the error says so.
 pub fn serve_one(stream: &UnixStream, handle: impl FnOnce(Request) -> Reply) -> Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     let (reply, refused) = match read_line_within(stream, MAX_REQUEST, deadline) {
-        Ok(Some(line)) => match serde_json::from_slice::<Request>(line.trim_ascii()) {
+        Ok(Some(line)) => match decode_request(&line) {
             Ok(req) => (handle(req), None),
-            Err(e) => (Reply::error(format!("bad request: {e}")), None),
+            Err(e) => (Reply::error(e), None),
         },
         // Connected and hung up: nothing to answer.
         Ok(None) => return Ok(()),
@@ -513,9 +519,7 @@ mod tests {
 
     #[test]
     fn no_daemon_means_none() {
-        let dir = std::env::temp_dir().join(format!("cowsnap-ctl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        assert!(call(&dir, &Request::List).unwrap().is_none());
-        std::fs::remove_dir_all(&dir).unwrap();
+        let dir = cowsnap_core::testkit::scratch("ctl");
+        assert!(call(dir.path(), &Request::List).unwrap().is_none());
     }
 }

@@ -12,6 +12,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod control;
+#[cfg(test)]
+mod control_fuzz;
 mod cow;
 mod serve;
 mod tcp;

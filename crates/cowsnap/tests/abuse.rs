@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{proc_field, python_nbd, tool, Pool};
+use common::{need_tools, proc_field, Pool};
 
 /// Opens N connections to a unix socket and holds them; prints how many the server
 /// closed at once and how many it kept, then waits for a line on stdin.
@@ -41,8 +41,7 @@ sys.stdin.readline()
 
 #[test]
 fn two_thousand_connections_leave_the_daemon_bounded_and_responsive() {
-    tool("nbdinfo");
-    python_nbd();
+    need_tools(&["nbdinfo", "python3-nbd"]);
     let pool = Pool::new("flood");
     pool.ok(&["origin", "create", "o", "--size", "16M"]);
     let daemon = pool.serve_with(&["--max-connections", "64"], &[]);

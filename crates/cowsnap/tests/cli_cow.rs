@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, Fua};
 use cowsnap_core::exception::{Exception, ExceptionStore, PersistentStore};
+use cowsnap_core::testkit::scratch;
 use cowsnap_core::units::{Chunk, ChunkSize};
 use serde_json::Value;
 
@@ -23,25 +24,6 @@ fn cowsnap(args: &[&str]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("cowsnap-cli-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Unpacks a kernel fixture's COW; a missing rig fails the test.
@@ -64,8 +46,8 @@ fn fixture_cow(name: &str, to: &Path) -> Value {
 
 #[test]
 fn check_and_dump_a_kernel_cow() {
-    let t = TempDir::new("kernel");
-    let cow = t.path("cow.img");
+    let t = scratch("cli-kernel");
+    let cow = t.join("cow.img");
     let m = fixture_cow("p16-basic", &cow);
     let cow_s = cow.to_str().unwrap();
 
@@ -98,8 +80,8 @@ fn check_and_dump_a_kernel_cow() {
 
 #[test]
 fn check_reports_bad_and_invalid_cows() {
-    let t = TempDir::new("bad");
-    let bad = t.path("bad.img");
+    let t = scratch("cli-bad");
+    let bad = t.join("bad.img");
     fixture_cow("p16-badmagic", &bad);
     let o = cowsnap(&["cow", "check", bad.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
@@ -109,7 +91,7 @@ fn check_reports_bad_and_invalid_cows() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bad.img") && err.contains("byte 0"), "{err}");
 
-    let inv = t.path("inv.img");
+    let inv = t.join("inv.img");
     fixture_cow("p16-overflow-origin", &inv);
     let o = cowsnap(&["cow", "check", "--json", inv.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
@@ -118,20 +100,20 @@ fn check_reports_bad_and_invalid_cows() {
     assert_eq!(j["header"]["state"], "invalid");
     assert_eq!(j["findings"][0]["severity"], "warning");
 
-    let o = cowsnap(&["cow", "check", t.path("missing.img").to_str().unwrap()]);
+    let o = cowsnap(&["cow", "check", t.join("missing.img").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
 }
 
 #[test]
 fn export_materialises_the_snapshot_view() {
-    let t = TempDir::new("export");
+    let t = scratch("cli-export");
     let cs = ChunkSize::from_sectors(8).unwrap();
     // An origin of 32 chunks, each filled with its index; a COW written by cowsnap with
     // the old contents of chunks 3 and 17 replaced by 0xA3 / 0xB7.
-    let origin_path = t.path("origin.img");
+    let origin_path = t.join("origin.img");
     let origin: Vec<u8> = (0..32u8).flat_map(|c| vec![c; 4096]).collect();
     std::fs::write(&origin_path, &origin).unwrap();
-    let cow_path = t.path("cow.img");
+    let cow_path = t.join("cow.img");
     {
         let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&cow_path, 1 << 20).unwrap());
         let s = PersistentStore::open(cow.clone(), Some(cs), false).unwrap();
@@ -147,7 +129,7 @@ fn export_materialises_the_snapshot_view() {
             .unwrap();
         }
     }
-    let out = t.path("view.img");
+    let out = t.join("view.img");
     let o = cowsnap(&[
         "cow",
         "export",
@@ -183,8 +165,8 @@ fn export_materialises_the_snapshot_view() {
 
 #[test]
 fn adopting_a_cow_takes_its_chunk_size_and_warns_only_when_another_is_asked_for() {
-    let t = TempDir::new("adopt-chunk");
-    let pool = t.path("pool");
+    let t = scratch("cli-adopt-chunk");
+    let pool = t.join("pool");
     let pool_s = pool.to_str().unwrap();
     let ok = |args: &[&str]| {
         let o = cowsnap(&[&["--pool", pool_s], args].concat());
@@ -200,7 +182,7 @@ fn adopting_a_cow_takes_its_chunk_size_and_warns_only_when_another_is_asked_for(
     ok(&["origin", "create", "base", "--size", "1M"]);
     let eight_k = ChunkSize::from_bytes(8192).unwrap();
     let adopt = |name: &str, asked: &[&str]| {
-        let cow = t.path(&format!("{name}.cow"));
+        let cow = t.join(format!("{name}.cow"));
         {
             let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&cow, 256 << 10).unwrap());
             let s = PersistentStore::open(dev, Some(eight_k), false).unwrap();

@@ -16,7 +16,7 @@
 #![allow(
     clippy::cast_possible_truncation,
     clippy::too_many_lines,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants; a scenario test reads best top to bottom"
 )]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,7 +28,8 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{python_nbd, tool, Daemon, Pool};
+use common::{need_tools, seed, Daemon, Pool};
+use cowsnap_core::testkit::SplitMix;
 use cowsnap_pool::CRASH_POINTS;
 /// The origin: this many 4 KiB blocks.
 const BLOCKS: u64 = 1024;
@@ -242,9 +243,8 @@ fn check_point_in_time(data: &[u8], at_least: Option<u64>, at_most: u64) -> u64 
     k
 }
 
-fn require_tools() {
-    tool("nbdcopy");
-    python_nbd();
+fn need_client_tools() {
+    need_tools(&["nbdcopy", "python3-nbd"]);
 }
 
 /// One live snapshot operation killed at `point`, with the writer running.
@@ -315,7 +315,7 @@ fn live_crash(point: &str) {
 
 #[test]
 fn a_live_create_or_remove_killed_at_any_step_loses_nothing() {
-    require_tools();
+    need_client_tools();
     let points: Vec<&str> = CRASH_POINTS
         .iter()
         .copied()
@@ -381,7 +381,7 @@ fn adopt_crash(point: &str) {
 
 #[test]
 fn a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool() {
-    require_tools();
+    need_client_tools();
     let points = [
         "adopt-format:guarded",
         "create-snapshot:loaded",
@@ -471,33 +471,16 @@ fn an_offline_origin_create_killed_at_any_step_leaves_the_name_usable() {
     }
 }
 
-/// A tiny deterministic generator (the test prints its seed).
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 #[test]
 fn sigkill_at_random_moments_of_a_create_remove_loop() {
-    require_tools();
-    let seed = std::env::var("COWSNAP_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    need_client_tools();
+    let seed = seed();
     let trials: u64 = std::env::var("COWSNAP_CRASH_TRIALS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
-    eprintln!("sigkill_at_random_moments: COWSNAP_SEED={seed} COWSNAP_CRASH_TRIALS={trials}");
-    let mut rng = seed;
+    eprintln!("{trials} trials (COWSNAP_CRASH_TRIALS)");
+    let mut rng = SplitMix(seed);
     for trial in 0..trials {
         let pool = new_pool("random");
         create_snapshot(&pool, "base");
@@ -505,7 +488,7 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
         let mut writer = Writer::start(&pool);
         writer.wait_for(50);
         let pid = daemon.pid();
-        let delay = Duration::from_millis(next(&mut rng) % 1500);
+        let delay = Duration::from_millis(rng.below(1500));
         let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = killed.clone();
         let killer = std::thread::spawn(move || {

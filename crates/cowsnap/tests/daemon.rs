@@ -6,7 +6,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,32 +14,29 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{ci, have, require, run, Daemon, BIN};
+use common::{ci, have_tool, need_tools, require_tools, run, scratch, Daemon, Scratch, BIN};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A pool in a fresh temporary directory.
+/// A pool (`SCRATCH/pool`) in a fresh scratch directory, removed when dropped.
 struct TestPool {
     dir: PathBuf,
+    _scratch: Scratch,
 }
 
 impl TestPool {
     fn new(tag: &str) -> TestPool {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "cs-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let p = TestPool { dir };
+        let scratch = scratch(tag);
+        let p = TestPool {
+            dir: scratch.join("pool"),
+            _scratch: scratch,
+        };
         run(p.cmd().arg("init"));
         p
     }
@@ -67,12 +64,6 @@ impl TestPool {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
-    }
-}
-
-impl Drop for TestPool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -106,7 +97,7 @@ fn raw_image(path: &Path, size: u64) {
 
 #[test]
 fn qemu_io_live_snapshot_and_qemu_img_compare() {
-    if !require("qemu_io_live_snapshot", &["qemu-io", "qemu-img"]) {
+    if !require_tools(&["qemu-io", "qemu-img"]) {
         return;
     }
     let pool = TestPool::with_origin("qemu", "disk", "32M");
@@ -157,10 +148,7 @@ fn qemu_io_live_snapshot_and_qemu_img_compare() {
 
 #[test]
 fn nbdinfo_nbdcopy_fio_and_restart() {
-    if !require(
-        "nbdinfo_nbdcopy_fio",
-        &["nbdinfo", "nbdcopy", "fio", "qemu-io"],
-    ) {
+    if !require_tools(&["nbdinfo", "nbdcopy", "fio", "qemu-io"]) {
         return;
     }
     let pool = TestPool::with_origin("copy", "disk", "64M");
@@ -267,7 +255,7 @@ fn ext4_through_fuse_and_loop_with_a_live_snapshot() {
         "fsfreeze",
         "fusermount3",
     ];
-    if !require("ext4_through_fuse", &tools) {
+    if !require_tools(&tools) {
         return;
     }
     if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
@@ -368,7 +356,7 @@ impl Drop for Cleanup {
 
 #[test]
 fn a_second_daemon_bad_clients_and_bad_arguments_are_refused_cleanly() {
-    if !require("refusals", &["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
     let pool = TestPool::with_origin("refuse", "disk", "8M");
@@ -478,7 +466,7 @@ fn json_outputs_are_stable() {
 
 #[test]
 fn systemd_socket_activation_via_nbdinfo() {
-    if !require("socket_activation", &["nbdinfo"]) {
+    if !require_tools(&["nbdinfo"]) {
         return;
     }
     let pool = TestPool::with_origin("sa", "disk", "16M");
@@ -508,7 +496,7 @@ fn kernel_rig() -> PathBuf {
 
 #[test]
 fn a_cow_written_by_the_kernel_is_adopted_and_served_identically() {
-    if !require("adopt_kernel_cow", &["nbdcopy", "gzip"]) {
+    if !require_tools(&["nbdcopy", "gzip"]) {
         return;
     }
     let rig = kernel_rig();
@@ -563,7 +551,7 @@ fn a_cow_written_by_the_kernel_is_adopted_and_served_identically() {
         "snapshot view differs from the kernel's"
     );
     // Exported read-only: writes are refused, the view is unchanged.
-    if have("qemu-io") {
+    if have_tool("qemu-io") {
         let w = Command::new("qemu-io")
             .args([
                 "-f",
@@ -694,7 +682,7 @@ fn a_stalled_control_client_delays_no_command() {
         .collect();
     assert_eq!(names, ["disk", "s"]);
     // The snapshot is served too.
-    if have("qemu-io") {
+    if have_tool("qemu-io") {
         assert!(qemu_io(&pool.uri("s"), "read -P 0 0 64k").contains("read 65536/65536"));
     }
     stalled.set_nonblocking(false).unwrap();
@@ -869,7 +857,7 @@ fn a_command_gives_up_on_a_daemon_that_does_not_answer() {
 
 #[test]
 fn an_invalid_snapshot_does_not_fail_the_stop() {
-    if !require("invalid_stop", &["qemu-io"]) {
+    if !require_tools(&["qemu-io"]) {
         return;
     }
     let pool = TestPool::with_origin("invalid", "disk", "8M");
@@ -907,23 +895,6 @@ fn an_invalid_snapshot_does_not_fail_the_stop() {
     assert!(qemu_io(&pool.uri("disk"), "read -P 0x5a 0 1M").contains("read 1048576/1048576"));
     let (st, _) = d.stop();
     assert!(st.success());
-}
-
-/// Fails the test when a tool is missing, CI or not: these tests have no fallback.
-fn need(test: &str, tools: &[&str]) {
-    let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
-    assert!(
-        missing.is_empty(),
-        "{test}: missing {missing:?}: apt-get install -y libnbd-bin python3-libnbd qemu-utils"
-    );
-    let py = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        py,
-        "{test}: /usr/bin/python3 cannot import nbd: apt-get install -y python3-libnbd"
-    );
 }
 
 /// Runs tests/zero_probe.py against `uri` for one phase.
@@ -990,8 +961,7 @@ fn check_sparse_map(uri: &str, data: &[u64], zero_bits: u32) {
 
 #[test]
 fn big_zero_requests_fast_zero_and_nbdcopy_of_a_sparse_image() {
-    let test = "big_zero_requests";
-    need(test, &["nbdcopy", "nbdinfo"]);
+    need_tools(&["nbdcopy", "nbdinfo", "python3-nbd"]);
     let pool = TestPool::with_origin("zero", "disk", "256M");
     let d = Daemon::start(&pool, &[]);
     // Without snapshots an origin zeroes fast by punching a hole.
@@ -1035,7 +1005,7 @@ fn big_zero_requests_fast_zero_and_nbdcopy_of_a_sparse_image() {
 
 #[test]
 fn max_connections_refuses_the_extra_clients_with_one_log_line() {
-    need("max_connections", &["nbdinfo"]);
+    need_tools(&["nbdinfo", "python3-nbd"]);
     let pool = TestPool::with_origin("maxconn", "disk", "8M");
     let d = Daemon::start(&pool, &["--max-connections", "2"]);
     let mut held: Vec<UnixStream> = (0..2)

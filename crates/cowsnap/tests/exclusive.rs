@@ -11,12 +11,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{is_root, tool, Pool};
+use common::{is_root, need_tools, Pool};
 
 #[test]
 fn qemu_and_cowsnap_see_each_others_claims() {
-    tool("qemu-io");
-    tool("qemu-nbd");
+    need_tools(&["qemu-io", "qemu-nbd"]);
     let pool = Pool::new("qemu");
     pool.ok(&["origin", "create", "o", "--size", "4M"]);
     let img = pool.path("o.img");
@@ -173,7 +172,7 @@ fn a_mounted_block_device_and_two_names_of_one_device_are_refused() {
         assert!(std::env::var("CI").is_err(), "CI runs as root");
         return;
     }
-    tool("mkfs.ext4");
+    need_tools(&["mkfs.ext4"]);
     let pool = Pool::new("blk");
     let backing = pool.dir.with_extension("ext4");
     std::fs::write(&backing, vec![0u8; 16 << 20]).unwrap();

@@ -8,7 +8,7 @@
 
 #![allow(
     clippy::cast_possible_truncation,
-    reason = "lint pass pending: file being restructured"
+    reason = "test sizes are small constants"
 )]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 mod common;
 
-use common::{require, run, Daemon, BIN};
+use common::{require_tools, run, scratch, Daemon, Scratch, BIN};
+use cowsnap_core::testkit::pattern;
 
 fn text(out: &Output) -> String {
     format!(
@@ -44,20 +45,14 @@ fn fails(cmd: &mut Command) -> String {
 /// A fresh temporary directory holding a pool with one 16 MiB origin `disk`, and the
 /// certificates.
 struct Setup {
-    dir: PathBuf,
+    dir: Scratch,
 }
 
 impl Setup {
     fn new(tag: &str) -> Setup {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "cs-tls-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let s = Setup { dir };
+        let s = Setup {
+            dir: scratch(&format!("tls-{tag}")),
+        };
         run(s.cmd().arg("init"));
         run(s.cmd().args(["origin", "create", "disk", "--size", "16M"]));
         make_ca(&s.path("ca"), "cowsnap test CA");
@@ -93,12 +88,6 @@ impl Setup {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -236,23 +225,10 @@ print("SERVED")
     c
 }
 
-/// Deterministic pseudo-random bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 #[test]
 fn tls_required_real_clients_read_and_write_and_plain_clients_are_refused() {
     let tools = ["openssl", "nbdinfo", "nbdcopy", "qemu-io", "qemu-img"];
-    if !require("tls_required", &tools) {
+    if !require_tools(&tools) {
         return;
     }
     let s = Setup::new("req");
@@ -299,7 +275,7 @@ fn tls_required_real_clients_read_and_write_and_plain_clients_are_refused() {
 
     // 16 MiB of pseudo-random data up through nbdcopy (several connections, many
     // requests in flight) and back down, byte for byte.
-    let data = pattern(16 << 20, 0x1234_5678);
+    let data = pattern(0x1234_5678, 0, 16 << 20);
     let up = s.path("up.img");
     std::fs::write(&up, &data).unwrap();
     run(Command::new("nbdcopy")
@@ -346,7 +322,7 @@ fn tls_required_real_clients_read_and_write_and_plain_clients_are_refused() {
 #[test]
 fn tls_verify_peer_refuses_clients_without_a_certificate_of_the_ca() {
     let tools = ["openssl", "nbdinfo", "qemu-io", "python3"];
-    if !require("tls_verify_peer", &tools) {
+    if !require_tools(&tools) {
         return;
     }
     let s = Setup::new("peer");
@@ -404,7 +380,7 @@ fn tls_verify_peer_refuses_clients_without_a_certificate_of_the_ca() {
 
 #[test]
 fn network_listeners_need_tls_or_insecure_and_credentials_errors_name_the_file() {
-    if !require("tls_policy", &["openssl"]) {
+    if !require_tools(&["openssl"]) {
         return;
     }
     let s = Setup::new("policy");

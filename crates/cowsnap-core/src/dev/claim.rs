@@ -310,9 +310,8 @@ pub fn mount_points(rdev: u64) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("cowsnap-claim-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+    /// A 4 KiB file `name` in `dir`.
+    fn tmp(dir: &crate::testkit::Scratch, name: &str) -> std::path::PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, vec![0u8; 4096]).unwrap();
         p
@@ -328,17 +327,16 @@ mod tests {
 
     #[test]
     fn ids_follow_links_not_paths() {
-        let p = tmp("a.img");
+        let dir = crate::testkit::scratch("claim");
+        let p = tmp(&dir, "a.img");
         let link = p.with_file_name("hard.img");
-        let _ = std::fs::remove_file(&link);
         std::fs::hard_link(&p, &link).unwrap();
         let sym = p.with_file_name("sym.img");
-        let _ = std::fs::remove_file(&sym);
         std::os::unix::fs::symlink(&p, &sym).unwrap();
         let id = FileId::of_path(&p).unwrap();
         assert_eq!(FileId::of_path(&link).unwrap(), id);
         assert_eq!(FileId::of_path(&sym).unwrap(), id);
-        assert_ne!(FileId::of_path(&tmp("b.img")).unwrap(), id);
+        assert_ne!(FileId::of_path(&tmp(&dir, "b.img")).unwrap(), id);
         let text = serde_json::to_string(&id).unwrap();
         assert!(text.contains("\"type\":\"file\""), "{text}");
         assert_eq!(serde_json::from_str::<FileId>(&text).unwrap(), id);
@@ -346,7 +344,8 @@ mod tests {
 
     #[test]
     fn a_second_claim_of_one_file_is_refused_and_released_on_close() {
-        let p = tmp("c.img");
+        let dir = crate::testkit::scratch("claim");
+        let p = tmp(&dir, "c.img");
         let first = rw(&p);
         claim(&first, "c.img").unwrap();
         // A second open file description, even in this process, conflicts.

@@ -161,13 +161,13 @@ impl CrashDevice {
     pub fn crash(&self, seed: u64) {
         let mut inner = self.inner.lock();
         let volatile = std::mem::take(&mut inner.volatile);
-        let mut rng = SplitMix(seed);
+        let mut rng = crate::testkit::SplitMix(seed);
         for (sector, versions) in volatile {
             if seed == 0 {
                 continue;
             }
             // 0 = lost, i = version i-1 survived.
-            let pick = (rng.next() % (versions.len() as u64 + 1)) as usize;
+            let pick = rng.below(versions.len() as u64 + 1) as usize;
             if pick > 0 {
                 let _ =
                     inner
@@ -256,19 +256,6 @@ impl BlockDevice for CrashDevice {
 
     fn describe(&self) -> String {
         self.name.clone()
-    }
-}
-
-/// A tiny seeded generator (SplitMix64), so the core needs no `rand` dependency.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 }
 

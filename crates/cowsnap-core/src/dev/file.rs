@@ -373,8 +373,7 @@ mod tests {
 
     #[test]
     fn file_device_round_trips_and_punches_holes() {
-        let dir = std::env::temp_dir().join(format!("cowsnap-filedev-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testkit::scratch("filedev");
         let path = dir.join("a.img");
         let dev = FileDevice::create(&path, 1 << 20).unwrap();
         dev.write_at(&[7u8; 4096], 8192, Fua::Yes).unwrap();
@@ -389,13 +388,11 @@ mod tests {
         let ro = FileDevice::open_read_only(&path).unwrap();
         assert_eq!(ro.size(), 1 << 20);
         assert!(ro.write_at(&buf, 0, Fua::No).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn direct_io_works_with_aligned_and_misaligned_buffers() {
-        let dir = std::env::temp_dir().join(format!("cowsnap-direct-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testkit::scratch("direct");
         let path = dir.join("d.img");
         drop(FileDevice::create(&path, 1 << 20).unwrap());
         let dev = FileDevice::open_direct(&path).unwrap();
@@ -414,6 +411,5 @@ mod tests {
         let mut a = AlignedBuf::zeroed(1024);
         dev.read_at(&mut a, 65536).unwrap();
         assert!(a.iter().all(|&b| b == 5));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 
 use super::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::Result;
+use crate::mutation;
 
 /// How far beyond a write the frontier moves when the write crosses it.
 pub const STEP: u64 = 8 << 20;
@@ -65,6 +66,9 @@ impl<D: BlockDevice> PrezeroDevice<D> {
         }
         let size = self.inner.size();
         let to = end.saturating_add(STEP).min(size) & !511;
+        if mutation::active("prezero-frontier-early") {
+            self.frontier.store(to.max(end), Ordering::Release);
+        }
         self.zero(from, offset.max(from).min(to))?;
         self.zero(end.max(from), to)?;
         self.frontier.store(to.max(end), Ordering::Release);
@@ -78,7 +82,7 @@ impl<D: BlockDevice> PrezeroDevice<D> {
         // One buffer of zeros for the process: allocating 1 MiB per call would leave
         // freed megabytes in every thread's malloc arena.
         static ZEROS: OnceLock<AlignedBuf> = OnceLock::new();
-        let zeros = ZEROS.get_or_init(|| AlignedBuf::zeroed(ZERO_IO as usize));
+        let zeros = ZEROS.get_or_init(|| AlignedBuf::zeroed(crate::units::mem_usize(ZERO_IO)));
         let mut at = from;
         while at < to {
             let n = (to - at).min(ZERO_IO) as usize;
@@ -125,6 +129,10 @@ impl<D: BlockDevice> BlockDevice for PrezeroDevice<D> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test sizes are small constants"
+)]
 mod tests {
     use super::*;
     use crate::dev::MemDevice;
@@ -220,16 +228,7 @@ mod tests {
     /// order; no zero write may ever follow a data write to the same bytes.
     #[test]
     fn concurrent_front_filling_writes_are_never_zeroed() {
-        let seed = std::env::var("COWSNAP_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-                    | 1
-            });
-        println!("seed {seed} (rerun with COWSNAP_SEED={seed})");
+        let seed = crate::testkit::seed();
         let chunk = 4096u64;
         let rec = recorder(48 << 20);
         let dev = Arc::new(PrezeroDevice::new(rec.clone(), 0));

@@ -22,6 +22,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::table::{Exception, ExceptionTable};
 use crate::error::{Error, Result};
+use crate::mutation;
 use crate::units::Chunk;
 
 const SHARDS: usize = 64;
@@ -238,7 +239,9 @@ impl ExceptionTracker {
         if let Some(new) = self.inner.table.read().lookup(old) {
             return ReadRoute::Remapped(new);
         }
-        *st.tracked.entry(old).or_insert(0) += 1;
+        if !mutation::active("s4-reads-untracked") {
+            *st.tracked.entry(old).or_insert(0) += 1;
+        }
         ReadRoute::Unmapped(TrackedRead {
             tracker: self.inner.clone(),
             chunk: old,
@@ -257,7 +260,8 @@ impl ExceptionTracker {
         if let Some(new) = self.inner.table.read().lookup(old) {
             return Ok(WriteRoute::Remapped {
                 new,
-                reads_in_flight: st.tracked.contains_key(&old),
+                reads_in_flight: st.tracked.contains_key(&old)
+                    && !mutation::active("s4-remapped-ignores-reads"),
             });
         }
         if let Some(p) = st.pending.get(&old) {
@@ -320,7 +324,7 @@ impl ExceptionTracker {
     pub fn wait_reads_drained(&self, old: Chunk) {
         let shard = &self.inner.shards[shard_of(old)];
         let mut st = shard.state.lock();
-        if !st.tracked.contains_key(&old) {
+        if !st.tracked.contains_key(&old) || mutation::active("s1-drain-skipped") {
             return;
         }
         self.inner.drain_waits.fetch_add(1, Ordering::SeqCst);

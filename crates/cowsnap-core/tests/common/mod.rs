@@ -1,6 +1,7 @@
 //! Helpers shared by the engine's integration tests: building origins and snapshots over
-//! memory, gated and counting devices, and data patterns.
-#![allow(dead_code, clippy::unwrap_used)]
+//! memory, gated and counting devices. Seeds, data patterns and scratch dirs come from
+//! `cowsnap_core::testkit`.
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::sync::Arc;
 
@@ -10,31 +11,13 @@ use cowsnap_core::exception::TransientStore;
 use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 
+pub use cowsnap_core::testkit::{pattern, scratch, seed, wait_for, wait_until};
+
 pub const KIB: u64 = 1024;
 
 /// A chunk size from sectors.
 pub fn cs(sectors: u64) -> ChunkSize {
     ChunkSize::from_sectors(sectors).unwrap()
-}
-
-/// Bytes `len` long, deterministic in `seed`, differing per 512-byte sector.
-pub fn pattern(seed: u64, offset: u64, len: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len as usize);
-    for s in 0..len / 512 {
-        let sector = offset / 512 + s;
-        let mut x = seed
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(sector.wrapping_mul(0xD1B5_4A32_D192_ED03))
-            | 1;
-        for _ in 0..64 {
-            // xorshift64
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            v.extend_from_slice(&x.to_le_bytes());
-        }
-    }
-    v
 }
 
 /// An origin over a memory device filled with pattern `seed`.
@@ -71,17 +54,4 @@ pub fn read(dev: &dyn BlockDevice, offset: u64, len: u64) -> Vec<u8> {
     let mut b = vec![0u8; len as usize];
     dev.read_at(&mut b, offset).unwrap();
     b
-}
-
-/// Waits (yielding) until `cond` holds. Used only to observe that another thread reached
-/// a blocking point; never to assert timing.
-pub fn wait_until(mut cond: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(60),
-            "condition not reached in 60 s: deadlock?"
-        );
-        std::thread::yield_now();
-    }
 }

@@ -1,8 +1,8 @@
-//! Shared helpers of the integration tests: a server fixture on a Unix socket in a temp
-//! dir, running external clients with a timeout, tool checks that fail loudly under CI,
-//! and a raw NBD client for sending malformed input.
+//! Shared helpers of the integration tests: a server fixture on a Unix socket in a scratch
+//! dir, running external clients with a timeout, and a raw NBD client for sending malformed
+//! input. Seeds, patterns, scratch dirs and tool checks come from `cowsnap_core::testkit`.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -16,63 +16,11 @@ use cowsnap_nbd::codec::reply::ReplyHeader;
 use cowsnap_nbd::codec::RequestHeader;
 use cowsnap_nbd::{Export, Server, ServerConfig};
 
-/// Whether the tests run under CI, where a missing tool is a failure, not a skip.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-fn on_path(tool: &str) -> bool {
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    std::env::split_paths(&path).any(|d| d.join(tool).is_file())
-}
-
-/// Checks that the named tools exist. Missing ones fail the test under CI; otherwise the
-/// test prints a SKIP line (straight to stderr, past the test harness's capture) and the
-/// caller returns.
-pub fn require(test: &str, tools: &[&str]) -> bool {
-    let mut missing: Vec<String> = Vec::new();
-    for t in tools {
-        let ok = match *t {
-            // Debian's libnbd Python module, with the system interpreter.
-            "python3-nbd" => Command::new("/usr/bin/python3")
-                .args(["-c", "import nbd"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success()),
-            "fio-nbd" => Command::new("fio")
-                .arg("--enghelp")
-                .output()
-                .is_ok_and(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .any(|l| l.trim() == "nbd")
-                }),
-            t => on_path(t),
-        };
-        if !ok {
-            missing.push((*t).to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!(
-        "{test}: missing {} (apt-get install -y qemu-utils libnbd-bin python3-libnbd fio)",
-        missing.join(", ")
-    );
-    if ci() {
-        panic!("CI is set and a required tool is missing: {msg}");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIP {msg}");
-    false
-}
+pub use cowsnap_core::testkit::{pattern, require_tools, scratch, wait_for, Scratch};
 
 /// A server listening on `DIR/nbd.sock`.
 pub struct Fixture {
-    pub dir: tempfile::TempDir,
+    pub dir: Scratch,
     pub server: Server,
     pub sock: PathBuf,
 }
@@ -83,7 +31,7 @@ impl Fixture {
     }
 
     pub fn with_config(exports: Vec<(&str, Arc<dyn Export>)>, config: ServerConfig) -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = scratch("nbd");
         let sock = dir.path().join("nbd.sock");
         let server = Server::new(config);
         for (name, e) in exports {
@@ -180,19 +128,6 @@ pub fn run_ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 pub fn sha256_file(p: &Path) -> String {

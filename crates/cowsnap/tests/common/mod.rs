@@ -1,34 +1,34 @@
 //! What the daemon-driving tests share: a pool in a temporary directory, the `cowsnap`
 //! binary run on it, `cowsnap serve` started and stopped, tool checks that fail loudly.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use cowsnap_core::testkit::{ci, have_tool, require_tools, scratch, seed, wait_for, Scratch};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_cowsnap");
 
-/// A pool in a fresh temporary directory, removed when dropped.
+/// A pool (`SCRATCH/pool`) in a fresh scratch directory, removed when dropped; tests may
+/// put files beside the pool with `dir.with_extension(..)`.
 pub struct Pool {
     pub dir: PathBuf,
+    _scratch: Scratch,
 }
 
 impl Pool {
     /// `cowsnap init` in a new directory named after `tag`.
     pub fn new(tag: &str) -> Pool {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "cst-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        let p = Pool { dir };
+        let scratch = scratch(tag);
+        let p = Pool {
+            dir: scratch.join("pool"),
+            _scratch: scratch,
+        };
         p.ok(&["init"]);
         p
     }
@@ -90,12 +90,6 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A running `cowsnap serve` whose output (stdout and stderr) is collected; stopped with
 /// SIGTERM when dropped.
 pub struct Daemon {
@@ -136,8 +130,6 @@ impl Daemon {
             let _ = child.kill();
             panic!("cowsnap serve did not start: {:?}", lines.lock().unwrap());
         }
-        // The URI lines follow the "serving" line.
-        std::thread::sleep(Duration::from_millis(100));
         Daemon { child, lines }
     }
 
@@ -149,17 +141,21 @@ impl Daemon {
         self.lines.lock().unwrap().clone()
     }
 
-    /// `HOST:PORT` of the first URI printed with `scheme` (`nbds` or `nbd`).
+    /// `HOST:PORT` of the first URI printed with `scheme` (`nbds` or `nbd`). The URI lines
+    /// follow the "serving" line: waits for the first with `scheme` (a minute at most).
     pub fn host_port(&self, scheme: &str) -> String {
         let prefix = format!("{scheme}://");
-        self.output()
-            .iter()
-            .find_map(|l| {
+        let find = || {
+            self.output().iter().find_map(|l| {
                 let at = l.find(&prefix)?;
                 let rest = &l[at + prefix.len()..];
                 Some(rest[..rest.find('/')?].to_string())
             })
-            .unwrap_or_else(|| panic!("no {prefix} URI printed: {:?}", self.output()))
+        };
+        wait_for(&format!("a {prefix} URI printed by cowsnap serve"), || {
+            find().is_some()
+        });
+        find().expect("a URI")
     }
 
     /// SIGTERM, then waits; returns the exit status and the daemon's output.
@@ -214,35 +210,6 @@ impl Drop for Daemon {
     }
 }
 
-/// True under CI (`CI` set, as `.ci/run` does): a missing tool then fails a test.
-pub fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-/// True when `tool` is on PATH.
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// True when every tool is there; under CI a missing tool fails the test, elsewhere it
-/// prints a SKIP line.
-pub fn require(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<_> = tools.iter().filter(|t| !have(t)).collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        !ci(),
-        "{test}: required tools missing under CI: {missing:?}"
-    );
-    eprintln!("SKIP {test}: missing {missing:?} (CI would fail)");
-    false
-}
-
 /// Runs a command, failing the test with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -258,20 +225,13 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// Fails the test when `cmd` is not on PATH (these tests have no fallback).
-pub fn tool(cmd: &str) {
-    assert!(have(cmd), "{cmd} is required by this test");
-}
-
-/// Fails the test without Debian's python3 and its nbd module (python3-libnbd).
-pub fn python_nbd() {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .status()
-        .is_ok_and(|s| s.success());
+/// Fails the test when a tool is missing, CI or not: the tests that call this have no
+/// fallback. Tool names as in [`have_tool`] (`python3-nbd` is Debian's python3-libnbd).
+pub fn need_tools(tools: &[&str]) {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !have_tool(t)).collect();
     assert!(
-        ok,
-        "/usr/bin/python3 with the nbd module (python3-libnbd) is required"
+        missing.is_empty(),
+        "required by this test: {missing:?} (apt-get install -y qemu-utils libnbd-bin python3-libnbd)"
     );
 }
 

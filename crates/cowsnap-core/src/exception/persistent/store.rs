@@ -77,6 +77,9 @@ pub struct StoreStats {
     pub exceptions_committed: u64,
     /// Flushes of the COW device issued by commits.
     pub flushes: u64,
+    /// Times a commit blocked, waiting for an earlier exception or another leader (tests
+    /// observe that a commit reached its wait through it).
+    pub commit_waits: u64,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +88,7 @@ struct Counters {
     area_writes: AtomicU64,
     exceptions_committed: AtomicU64,
     flushes: AtomicU64,
+    commit_waits: AtomicU64,
 }
 
 /// The persistent exception store.
@@ -174,6 +178,7 @@ impl PersistentStore {
             area_writes: c.area_writes.load(Ordering::SeqCst),
             exceptions_committed: c.exceptions_committed.load(Ordering::SeqCst),
             flushes: c.flushes.load(Ordering::SeqCst),
+            commit_waits: c.commit_waits.load(Ordering::SeqCst),
         }
     }
 
@@ -404,6 +409,7 @@ impl ExceptionStore for PersistentStore {
                 return Err(Error::Invalid(why.clone()));
             }
             if st.commit_leader || !st.front_ready() {
+                self.counters.commit_waits.fetch_add(1, Ordering::SeqCst);
                 self.ready.wait(&mut st);
                 continue;
             }
@@ -457,6 +463,7 @@ impl ExceptionStore for PersistentStore {
 mod tests {
     use super::*;
     use crate::dev::{FaultRule, FaultyDevice, MemDevice, OpKind};
+    use crate::testkit::wait_until;
 
     fn cs(s: u64) -> ChunkSize {
         ChunkSize::from_sectors(s).unwrap()
@@ -532,8 +539,8 @@ mod tests {
                 new: second,
             }])
         });
-        // Give the second commit a chance to (wrongly) finish first.
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        // The second commit blocks until the first is durable.
+        wait_until(|| s.stats().commit_waits > 0 || t.is_finished());
         assert!(!t.is_finished(), "commit of #2 must wait for #1");
         assert_eq!(s.stats().area_writes, 0);
         s.commit(&[Exception {
@@ -553,7 +560,7 @@ mod tests {
         let second = s.prepare(Chunk(2)).unwrap();
         let s2 = s.clone();
         let t = std::thread::spawn(move || s2.commit(&[Exception::new(2, second.0)]));
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        wait_until(|| s.stats().commit_waits > 0 || t.is_finished());
         s.abort(&Exception::new(1, first.0));
         assert!(matches!(t.join().unwrap(), Err(Error::Invalid(_))));
         assert_eq!(dev.to_vec()[4], 0, "header valid = 0");
