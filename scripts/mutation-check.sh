@@ -30,7 +30,7 @@ mutations=(
   "prezero-frontier-early@cowsnap-core@lib@dev::prezero::tests::concurrent_front_filling_writes_are_never_zeroed"
   "remove-deactivated-before-mark@cowsnap@control_crash@a_live_create_or_remove_killed_at_any_step_loses_nothing"
   "format-before-commit@cowsnap@control_crash@a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool"
-  "combiner-commit-before-write@cowsnap-core@crash@crash_at_every_boundary_of_random_workloads"
+  "batcher-commit-before-write@cowsnap-core@crash@crash_at_every_boundary_of_random_workloads"
 )
 
 target_args() { # PACKAGE TARGET

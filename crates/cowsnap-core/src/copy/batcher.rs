@@ -352,7 +352,7 @@ fn store_group(batch: &[Entry], mut list: Vec<(u64, usize, usize)>) -> GroupOutc
     };
     // Sorted by device, then offset.
     list.sort_unstable_by_key(|k| (key(&get(k).dev), k.0));
-    if mutation::active("combiner-commit-before-write") {
+    if mutation::active("batcher-commit-before-write") {
         store.mark_ready(&exceptions_of(&list));
         store.commit_ready();
     }
