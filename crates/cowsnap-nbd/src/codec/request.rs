@@ -196,6 +196,30 @@ fn reject(errno: u32, message: &'static str) -> Rejection {
 
 /// Checks a request against the negotiated limits.
 pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
+    check_flags(h, lim)?;
+    let (offset, length) = (h.offset, h.length);
+    match h.kind {
+        CMD_DISC => return Ok(Command::Disconnect),
+        CMD_FLUSH if offset == 0 && length == 0 => return Ok(Command::Flush),
+        CMD_FLUSH => return Err(reject(EINVAL, "flush offset and length must be zero")),
+        _ => {}
+    }
+    let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && lim.flags & FLAG_READ_ONLY != 0 {
+        return Err(reject(EPERM, "export is read-only"));
+    }
+    let context = match (h.kind, lim.base_allocation) {
+        (CMD_BLOCK_STATUS, None) => {
+            return Err(reject(EINVAL, "no metadata context was negotiated"));
+        }
+        (_, id) => id.unwrap_or(0),
+    };
+    check_range(h, lim)?;
+    command(h, context)
+}
+
+/// The command is known and carries only flags it may carry with what was negotiated.
+fn check_flags(h: &RequestHeader, lim: &Limits) -> Result<(), Rejection> {
     let allowed = match h.kind {
         CMD_READ if lim.flags & FLAG_SEND_DF != 0 => CMD_FLAG_DF,
         CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_CACHE => 0,
@@ -210,29 +234,13 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
     if h.flags & !(allowed | CMD_FLAG_FUA) != 0 {
         return Err(reject(EINVAL, "unsupported command flags"));
     }
-    let fua = h.flags & CMD_FLAG_FUA != 0;
+    Ok(())
+}
+
+/// The range is aligned to the minimum block size, a payload within the maximum, and the
+/// whole range inside the export.
+fn check_range(h: &RequestHeader, lim: &Limits) -> Result<(), Rejection> {
     let (offset, length) = (h.offset, h.length);
-    match h.kind {
-        CMD_DISC => return Ok(Command::Disconnect),
-        CMD_FLUSH => {
-            return if offset == 0 && length == 0 {
-                Ok(Command::Flush)
-            } else {
-                Err(reject(EINVAL, "flush offset and length must be zero"))
-            };
-        }
-        _ => {}
-    }
-    let writes = matches!(h.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && lim.flags & FLAG_READ_ONLY != 0 {
-        return Err(reject(EPERM, "export is read-only"));
-    }
-    let context = match (h.kind, lim.base_allocation) {
-        (CMD_BLOCK_STATUS, None) => {
-            return Err(reject(EINVAL, "no metadata context was negotiated"));
-        }
-        (_, id) => id.unwrap_or(0),
-    };
     let min = u64::from(lim.block_sizes.min.max(1));
     if offset % min != 0 || u64::from(length) % min != 0 {
         return Err(reject(
@@ -240,7 +248,6 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
             "request is not aligned to the minimum block size",
         ));
     }
-    let fast = h.flags & CMD_FLAG_FAST_ZERO != 0;
     // The maximum block size limits payloads (a WRITE's data, a READ's reply); TRIM,
     // WRITE_ZEROES and CACHE carry none and may cover up to the 32-bit length.
     let limited = matches!(h.kind, CMD_READ | CMD_WRITE);
@@ -259,6 +266,13 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
             _ => reject(EINVAL, "request beyond the end of the export"),
         });
     }
+    Ok(())
+}
+
+/// The command of a request that passed every check (`context`: the block status one).
+fn command(h: &RequestHeader, context: u32) -> Result<Command, Rejection> {
+    let (offset, length) = (h.offset, h.length);
+    let fua = h.flags & CMD_FLAG_FUA != 0;
     Ok(match h.kind {
         CMD_READ => Command::Read { offset, length },
         CMD_WRITE => Command::Write {
@@ -277,19 +291,15 @@ pub fn validate(h: &RequestHeader, lim: &Limits) -> Result<Command, Rejection> {
             length,
             fua,
             no_hole: h.flags & CMD_FLAG_NO_HOLE != 0,
-            fast,
+            fast: h.flags & CMD_FLAG_FAST_ZERO != 0,
         },
-        _ => {
-            if length == 0 {
-                return Err(reject(EINVAL, "block status of an empty range"));
-            }
-            Command::BlockStatus {
-                offset,
-                length,
-                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
-                context,
-            }
-        }
+        _ if length == 0 => return Err(reject(EINVAL, "block status of an empty range")),
+        _ => Command::BlockStatus {
+            offset,
+            length,
+            req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+            context,
+        },
     })
 }
 
