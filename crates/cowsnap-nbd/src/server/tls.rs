@@ -374,51 +374,9 @@ impl Pump {
             if self.close_sent && !self.tls.wants_write() {
                 return Ok(());
             }
-
-            let to_app_pending = self.to_app_at < self.to_app.len();
-            let mut net_flags = PollFlags::empty();
-            if !self.net_eof && !to_app_pending && self.tls.wants_read() {
-                net_flags |= PollFlags::IN;
-            }
-            if self.tls.wants_write() {
-                net_flags |= PollFlags::OUT;
-            }
-            let mut app_flags = PollFlags::empty();
-            if !self.app_eof && self.from_app_at == self.from_app.len() && !self.tls.wants_write() {
-                app_flags |= PollFlags::IN;
-            }
-            if to_app_pending {
-                app_flags |= PollFlags::OUT;
-            }
-            let (net_ready, app_ready) = {
-                let mut fds = Vec::with_capacity(2);
-                if !net_flags.is_empty() {
-                    fds.push(PollFd::from_borrowed_fd(net_fd(&self.net), net_flags));
-                }
-                if !app_flags.is_empty() {
-                    fds.push(PollFd::from_borrowed_fd(self.app.as_fd(), app_flags));
-                }
-                if fds.is_empty() {
-                    // Nothing can make progress (cannot happen; never spin).
-                    return Err(std::io::Error::other("TLS pump stalled"));
-                }
-                match poll(&mut fds, None) {
-                    Ok(_) => {}
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                let mut it = fds.iter();
-                let net = if net_flags.is_empty() {
-                    PollFlags::empty()
-                } else {
-                    it.next().map_or(PollFlags::empty(), |f| f.revents())
-                };
-                let app = if app_flags.is_empty() {
-                    PollFlags::empty()
-                } else {
-                    it.next().map_or(PollFlags::empty(), |f| f.revents())
-                };
-                (net, app)
+            let (net_flags, app_flags) = self.wanted();
+            let Some((net_ready, app_ready)) = self.wait(net_flags, app_flags)? else {
+                continue;
             };
             let gone = PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL;
             if net_flags.contains(PollFlags::IN) && net_ready.intersects(PollFlags::IN | gone) {
@@ -432,6 +390,64 @@ impl Pump {
                 self.app_eof = true;
             }
         }
+    }
+
+    /// The events to wait for on the network and on the workers' socket: read the network
+    /// only when the workers took what was decrypted, read the workers only when their last
+    /// bytes went into TLS and TLS has nothing queued.
+    fn wanted(&self) -> (PollFlags, PollFlags) {
+        let to_app_pending = self.to_app_at < self.to_app.len();
+        let mut net = PollFlags::empty();
+        if !self.net_eof && !to_app_pending && self.tls.wants_read() {
+            net |= PollFlags::IN;
+        }
+        if self.tls.wants_write() {
+            net |= PollFlags::OUT;
+        }
+        let mut app = PollFlags::empty();
+        if !self.app_eof && self.from_app_at == self.from_app.len() && !self.tls.wants_write() {
+            app |= PollFlags::IN;
+        }
+        if to_app_pending {
+            app |= PollFlags::OUT;
+        }
+        (net, app)
+    }
+
+    /// Waits for the events; returns what happened on each side, `None` when a signal
+    /// interrupted the wait.
+    fn wait(
+        &self,
+        net_flags: PollFlags,
+        app_flags: PollFlags,
+    ) -> std::io::Result<Option<(PollFlags, PollFlags)>> {
+        let mut fds = Vec::with_capacity(2);
+        if !net_flags.is_empty() {
+            fds.push(PollFd::from_borrowed_fd(net_fd(&self.net), net_flags));
+        }
+        if !app_flags.is_empty() {
+            fds.push(PollFd::from_borrowed_fd(self.app.as_fd(), app_flags));
+        }
+        if fds.is_empty() {
+            // Nothing can make progress (cannot happen; never spin).
+            return Err(std::io::Error::other("TLS pump stalled"));
+        }
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let mut it = fds.iter();
+        let mut revents = |asked: PollFlags| {
+            if asked.is_empty() {
+                PollFlags::empty()
+            } else {
+                it.next().map_or(PollFlags::empty(), PollFd::revents)
+            }
+        };
+        let net = revents(net_flags);
+        let app = revents(app_flags);
+        Ok(Some((net, app)))
     }
 
     /// Reads what the client sent into the TLS state; records its end of stream.
