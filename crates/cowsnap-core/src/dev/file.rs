@@ -349,17 +349,7 @@ impl BlockDevice for FileDevice {
                 Err(e) => return Err(self.err("write_zeroes", offset, e.into())),
             }
         }
-        let zeros = AlignedBuf::zeroed(mem_usize(len.min(1 << 20)));
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write_at(&zeros[..mem_usize(n)], offset + done, Fua::No)?;
-            done += n;
-        }
-        if fua == Fua::Yes {
-            self.flush()?;
-        }
-        Ok(())
+        super::write_zeroes_by_writing(self, offset, len, fua)
     }
 
     fn describe(&self) -> String {

@@ -88,17 +88,7 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// Makes `offset..offset+len` read as zeros.
     fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, len)?;
-        let zeros = vec![0u8; mem_usize(ZERO_BUF.min(len))];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write_at(&zeros[..mem_usize(n)], offset + done, Fua::No)?;
-            done += n;
-        }
-        if fua == Fua::Yes {
-            self.flush()?;
-        }
-        Ok(())
+        write_zeroes_by_writing(self, offset, len, fua)
     }
 
     /// A short human-readable name for messages (a path, `mem`, ...).
@@ -108,6 +98,28 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 }
 
 const ZERO_BUF: u64 = 1 << 20;
+
+/// Zeroes `offset..offset+len` of `dev` with ordinary writes of zeros (at most 1 MiB each,
+/// from an aligned buffer, so O_DIRECT devices take them), then flushes when `fua` asks:
+/// the fallback for devices that cannot zero a range by metadata.
+pub fn write_zeroes_by_writing(
+    dev: &(impl BlockDevice + ?Sized),
+    offset: u64,
+    len: u64,
+    fua: Fua,
+) -> Result<()> {
+    let zeros = AlignedBuf::zeroed(mem_usize(ZERO_BUF.min(len)));
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        dev.write_at(&zeros[..mem_usize(n)], offset + done, Fua::No)?;
+        done += n;
+    }
+    if fua == Fua::Yes {
+        dev.flush()?;
+    }
+    Ok(())
+}
 
 /// Checks that `offset..offset+len` is sector-aligned and inside a device of `size` bytes.
 pub fn check_request(size: u64, offset: u64, len: u64) -> Result<()> {

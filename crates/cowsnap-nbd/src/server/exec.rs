@@ -12,7 +12,6 @@
 //! its copy-outs, a snapshot writing its exceptions) holds state for the whole range.
 
 use cowsnap_core::dev::{AlignedBuf, Fua};
-use cowsnap_core::units::mem_usize;
 use cowsnap_core::Error;
 
 use crate::codec::consts::*;
@@ -76,8 +75,6 @@ fn core(r: cowsnap_core::Result<()>) -> Result<(), (u32, String)> {
     r.map_err(|e| (nbd_errno(&e), message(&e)))
 }
 
-const ZERO_CHUNK: usize = 1 << 20;
-
 /// The most a TRIM or WRITE_ZEROES passes to the device at once (the default maximum
 /// block size, the size of the largest WRITE).
 pub const SPLIT: u64 = 32 << 20;
@@ -93,18 +90,6 @@ fn split(
         let n = (len - done).min(SPLIT);
         f(offset + done, n)?;
         done += n;
-    }
-    Ok(())
-}
-
-fn write_zero_buffers(export: &dyn Export, offset: u64, len: u64) -> cowsnap_core::Result<()> {
-    let zeros = vec![0u8; usize::try_from(len).map_or(ZERO_CHUNK, |l| ZERO_CHUNK.min(l))];
-    let mut done = 0u64;
-    while done < len {
-        // At most the zero buffer's length.
-        let n = mem_usize((len - done).min(zeros.len() as u64));
-        export.write_at(zeros.get(..n).unwrap_or_default(), offset + done, Fua::No)?;
-        done += n as u64;
     }
     Ok(())
 }
@@ -228,7 +213,9 @@ fn write_zeroes(
         }
         r
     } else if no_hole {
-        split(offset, len, |o, n| write_zero_buffers(export, o, n))
+        split(offset, len, |o, n| {
+            cowsnap_core::dev::write_zeroes_by_writing(export, o, n, Fua::No)
+        })
     } else {
         split(offset, len, |o, n| export.write_zeroes(o, n, Fua::No))
     };
