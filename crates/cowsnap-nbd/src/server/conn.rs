@@ -49,20 +49,25 @@ use super::{Registration, Shared, Stream};
 use crate::codec::consts::{EIO, ESHUTDOWN};
 use crate::codec::reply;
 use crate::codec::request::{validate, Command, HeaderError, Limits, Rejection, RequestHeader};
-use crate::codec::{Handshake, Negotiated, Status, TlsMode, REQUEST_HEADER_LEN};
+use crate::codec::{Catalog, Handshake, Negotiated, Status, TlsMode, REQUEST_HEADER_LEN};
 use crate::export::Export;
 
 /// Serves one connection to its end. `reg` is dropped (joining the TLS pump, if any, then
 /// taking the connection off the server's books) when its last thread ends.
 pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream, mut reg: Registration) {
     let id = reg.id;
-    let Some((neg, leftover)) = handshake(shared, &mut stream, id, &mut reg.pump) else {
+    let (catalog, offered) = shared.offer();
+    let Some((neg, leftover)) = handshake(shared, catalog, &mut stream, id, &mut reg.pump) else {
         stream.shutdown(Shutdown::Both);
         return;
     };
-    let Some(export) = shared.export(&neg.export) else {
-        // Removed between the handshake's catalog and now.
-        shared.log(|| format!("export {:?} vanished during the handshake", neg.export));
+    let Some(export) = offered
+        .into_iter()
+        .find(|(name, _)| *name == neg.export)
+        .map(|(_, e)| e)
+    else {
+        // The codec agrees only to exports of its catalog.
+        shared.log(|| format!("export {:?} was not offered", neg.export));
         stream.shutdown(Shutdown::Both);
         return;
     };
@@ -72,13 +77,14 @@ pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream, mut reg: Registratio
 
 fn handshake(
     shared: &Shared,
+    catalog: Catalog,
     stream: &mut Stream,
     id: u64,
     pump: &mut Option<JoinHandle<()>>,
 ) -> Option<(Negotiated, Vec<u8>)> {
     // A client that stalls in the handshake is dropped after the timeout.
     stream.set_read_timeout(shared.config.handshake_timeout);
-    let r = handshake_steps(shared, stream, id, pump);
+    let r = handshake_steps(shared, catalog, stream, id, pump);
     stream.set_read_timeout(None);
     r
 }
@@ -93,11 +99,12 @@ fn tls_mode(shared: &Shared, stream: &Stream) -> TlsMode {
 
 fn handshake_steps(
     shared: &Shared,
+    catalog: Catalog,
     stream: &mut Stream,
     id: u64,
     pump: &mut Option<JoinHandle<()>>,
 ) -> Option<(Negotiated, Vec<u8>)> {
-    let mut hs = Handshake::new(shared.catalog()).with_tls(tls_mode(shared, stream));
+    let mut hs = Handshake::new(catalog).with_tls(tls_mode(shared, stream));
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let status = hs.advance();

@@ -294,7 +294,7 @@ struct RefusalLog {
 
 pub(crate) struct Shared {
     config: ServerConfig,
-    exports: RwLock<Vec<(String, Arc<dyn Export>)>>,
+    exports: RwLock<Exports>,
     default_export: RwLock<Option<String>>,
     stopping: AtomicBool,
     stopped: AtomicBool,
@@ -308,6 +308,9 @@ pub(crate) struct Shared {
     refusals: Mutex<RefusalLog>,
 }
 
+/// The exports by name, in listing order.
+pub(crate) type Exports = Vec<(String, Arc<dyn Export>)>;
+
 impl Shared {
     fn log(&self, msg: impl FnOnce() -> String) {
         if let Some(log) = &self.config.log {
@@ -315,10 +318,13 @@ impl Shared {
         }
     }
 
-    fn catalog(&self) -> Catalog {
-        let exports = self
-            .exports
-            .read()
+    /// What a handshake offers: the catalog the codec negotiates over, and the exports it
+    /// describes. The connection serves the export it agreed to from these, so an export
+    /// removed after the catalog was taken is still served to this client (as to
+    /// connections already open) instead of being dropped after the client was told yes.
+    fn offer(&self) -> (Catalog, Exports) {
+        let offered: Exports = self.exports.read().clone();
+        let exports = offered
             .iter()
             .map(|(name, e)| ExportInfo {
                 name: name.clone(),
@@ -328,19 +334,12 @@ impl Shared {
                 multi_conn: e.can_multi_conn(),
             })
             .collect();
-        Catalog {
+        let catalog = Catalog {
             exports,
             default_export: self.default_export.read().clone(),
             block_sizes: self.config.block_sizes,
-        }
-    }
-
-    fn export(&self, name: &str) -> Option<Arc<dyn Export>> {
-        self.exports
-            .read()
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, e)| e.clone())
+        };
+        (catalog, offered)
     }
 
     /// Closes a connection beyond `max_connections`, logging at most one line per
