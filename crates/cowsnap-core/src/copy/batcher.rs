@@ -365,7 +365,7 @@ fn store_group(batch: &[Entry], mut list: Vec<(u64, usize, usize)>) -> GroupOutc
         let (part, tail) = rest.split_at(n);
         device_writes += 1;
         match write_merged(batch, part) {
-            Ok(()) => ready.extend(exceptions_of(part)),
+            Ok(()) => ready.extend(part.iter().flat_map(|k| get(k).exceptions.iter().copied())),
             Err(e) => failed.extend(part.iter().map(|&(_, r, w)| (r, w, e.clone()))),
         }
         rest = tail;

@@ -90,7 +90,7 @@ impl<O> CopyRun<O> {
     }
 
     /// The run's origin chunks.
-    pub fn chunk_list(&self) -> impl Iterator<Item = Chunk> {
+    pub fn chunk_list(&self) -> impl Iterator<Item = Chunk> + Clone + use<O> {
         (self.first.0..self.first.0 + self.chunks).map(Chunk)
     }
 
@@ -115,10 +115,10 @@ pub(crate) struct Group {
     pub snaps: Range<usize>,
 }
 
-/// Splits a list of chunk sizes (the origin's snapshots, sorted) into groups.
-pub(crate) fn groups(chunk_sizes: &[ChunkSize]) -> Vec<Group> {
+/// Splits the chunk sizes of the origin's snapshots (sorted) into groups.
+pub(crate) fn groups(chunk_sizes: impl IntoIterator<Item = ChunkSize>) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
-    for (i, &cs) in chunk_sizes.iter().enumerate() {
+    for (i, cs) in chunk_sizes.into_iter().enumerate() {
         match out.last_mut() {
             Some(g) if g.chunk_size == cs => g.snaps.end = i + 1,
             _ => out.push(Group {
@@ -264,12 +264,19 @@ mod tests {
         segment: u64,
         special: impl Fn(usize, Chunk) -> Option<Routed<Chunk>>,
     ) -> CopyOutPlan<Chunk> {
-        CopyOutPlan::route(&groups(sizes), offset, len, 1 << 30, segment, |i, c| {
-            special(i, c).unwrap_or_else(|| {
-                let new = Chunk(100 * (i as u64 + 1) + c.0);
-                Routed::Own { new, owned: c }
-            })
-        })
+        CopyOutPlan::route(
+            &groups(sizes.iter().copied()),
+            offset,
+            len,
+            1 << 30,
+            segment,
+            |i, c| {
+                special(i, c).unwrap_or_else(|| {
+                    let new = Chunk(100 * (i as u64 + 1) + c.0);
+                    Routed::Own { new, owned: c }
+                })
+            },
+        )
     }
 
     /// A run as (first chunk, chunks, (snapshot, first COW chunk) per destination, path).
@@ -326,7 +333,7 @@ mod tests {
         // Sorted largest first, as the origin keeps them.
         let sizes = [cs(16), cs(8), cs(8)];
         assert_eq!(
-            groups(&sizes),
+            groups(sizes),
             [
                 Group {
                     chunk_size: cs(16),
@@ -380,20 +387,13 @@ mod tests {
 
     #[test]
     fn runs_past_one_segment_are_copied_directly_and_the_last_chunk_is_clipped() {
-        let p = CopyOutPlan::route(
-            &groups(&[cs(8)]),
-            0,
-            6 * CS,
-            5 * CS + 512,
-            4 * CS,
-            |_, c| {
-                // Three runs: chunks 0-1, 2-3, 4-5 (a gap in the COW between them).
-                Routed::Own {
-                    new: Chunk(c.0 * 2 - c.0 % 2),
-                    owned: c,
-                }
-            },
-        );
+        let p = CopyOutPlan::route(&groups([cs(8)]), 0, 6 * CS, 5 * CS + 512, 4 * CS, |_, c| {
+            // Three runs: chunks 0-1, 2-3, 4-5 (a gap in the COW between them).
+            Routed::Own {
+                new: Chunk(c.0 * 2 - c.0 % 2),
+                owned: c,
+            }
+        });
         let paths: Vec<_> = p
             .runs
             .iter()

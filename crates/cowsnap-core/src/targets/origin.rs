@@ -34,21 +34,21 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::copy_out::{self, CopyOutPlan, CopyRun, Path, Routed};
+use super::copy_out::{self, CopyOutPlan, CopyRun, Group, Path, Routed};
 use super::snapshot::Snapshot;
 use crate::copy::{BatcherStats, Copier, CopyDest, CopyOutBatcher, CowWrite, Reservation};
 use crate::dev::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::{OwnedPending, WriteRoute};
 use crate::mutation;
-use crate::units::{checked_usize, mem_usize, Chunk, ChunkSize};
+use crate::units::{checked_usize, mem_usize, Chunk};
 
 /// The origin: a device with snapshots.
 pub struct Origin {
     dev: Arc<dyn BlockDevice>,
     copier: Arc<Copier>,
-    /// Active snapshots, sorted by chunk size (largest first, as the kernel keeps them).
-    snapshots: RwLock<Vec<Arc<Snapshot>>>,
+    /// The active snapshots: writes hold it shared, activation exclusive (S2).
+    snapshots: RwLock<Active>,
     activations_waiting: AtomicU64,
     /// Held while a multi-chunk write routes (allocates) its chunks, so its COW chunks are
     /// consecutive and its copies go in few runs. Only in-memory routing runs under it.
@@ -61,8 +61,24 @@ impl fmt::Debug for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Origin")
             .field("dev", &self.dev.describe())
-            .field("snapshots", &self.snapshots.read().len())
+            .field("snapshots", &self.snapshots.read().list.len())
             .finish()
+    }
+}
+
+/// The active snapshots, sorted by chunk size (largest first, as the kernel keeps them),
+/// and their chunk-size groups, computed when the list changes rather than per write.
+#[derive(Clone, Default)]
+struct Active {
+    list: Vec<Arc<Snapshot>>,
+    groups: Vec<Group>,
+}
+
+impl Active {
+    /// Sorts the list and groups it again after a change.
+    fn regroup(&mut self) {
+        self.list.sort_by_key(|s| std::cmp::Reverse(s.chunk_size()));
+        self.groups = copy_out::groups(self.list.iter().map(|s| s.chunk_size()));
     }
 }
 
@@ -91,7 +107,7 @@ impl Origin {
         Arc::new(Origin {
             dev,
             copier,
-            snapshots: RwLock::new(Vec::new()),
+            snapshots: RwLock::new(Active::default()),
             activations_waiting: AtomicU64::new(0),
             allocation: Mutex::new(()),
             batcher: CopyOutBatcher::new(),
@@ -115,7 +131,7 @@ impl Origin {
 
     /// The active snapshots.
     pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
-        self.snapshots.read().clone()
+        self.snapshots.read().list.clone()
     }
 
     /// Activations that found origin writes in flight and are waiting for them to finish
@@ -132,21 +148,21 @@ impl Origin {
                 "snapshot was loaded for another origin".into(),
             ));
         }
-        let mut list = match self.snapshots.try_write() {
-            Some(list) => list,
+        let mut active = match self.snapshots.try_write() {
+            Some(active) => active,
             None => {
                 // Origin writes are in flight: wait for them to drain.
                 self.activations_waiting.fetch_add(1, Ordering::SeqCst);
-                let list = self.snapshots.write();
+                let active = self.snapshots.write();
                 self.activations_waiting.fetch_sub(1, Ordering::SeqCst);
-                list
+                active
             }
         };
-        if list.iter().any(|s| Arc::ptr_eq(s, snap)) || snap.is_active() {
+        if active.list.iter().any(|s| Arc::ptr_eq(s, snap)) || snap.is_active() {
             return Err(Error::WrongState("snapshot is already active".into()));
         }
-        list.push(snap.clone());
-        list.sort_by_key(|s| std::cmp::Reverse(s.chunk_size()));
+        active.list.push(snap.clone());
+        active.regroup();
         snap.set_active(true);
         Ok(())
     }
@@ -154,12 +170,13 @@ impl Origin {
     /// Deactivates a snapshot: origin writes stop copying into it and its I/O fails.
     /// Waits for origin writes in flight to finish first.
     pub fn deactivate(&self, snap: &Arc<Snapshot>) -> Result<()> {
-        let mut list = self.snapshots.write();
-        let before = list.len();
-        list.retain(|s| !Arc::ptr_eq(s, snap));
-        if list.len() == before {
+        let mut active = self.snapshots.write();
+        let before = active.list.len();
+        active.list.retain(|s| !Arc::ptr_eq(s, snap));
+        if active.list.len() == before {
             return Err(Error::InvalidArgument("snapshot is not active".into()));
         }
+        active.regroup();
         snap.set_active(false);
         Ok(())
     }
@@ -173,25 +190,26 @@ impl Origin {
         write: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         check_request(self.size(), offset, len)?;
-        let snaps = self.snapshots.read();
+        let active = self.snapshots.read();
         if mutation::active("s2-guard-dropped") {
-            let early = snaps.clone();
-            drop(snaps);
+            let early = active.clone();
+            drop(active);
             self.copy_out(&early, offset, len);
             return write();
         }
-        self.copy_out(&snaps, offset, len);
+        self.copy_out(&active, offset, len);
         write()
     }
 
     /// Steps 1 to 4: after it returns, every active valid snapshot holds its own copy of
     /// every chunk in the range, and no snapshot read of those chunks is still reading the
     /// origin.
-    fn copy_out(&self, snaps: &[Arc<Snapshot>], offset: u64, len: u64) {
+    fn copy_out(&self, active: &Active, offset: u64, len: u64) {
+        let snaps = &active.list[..];
         if len == 0 || snaps.is_empty() {
             return;
         }
-        let Planned { mut plan, pre_read } = self.plan(snaps, offset, len);
+        let Planned { mut plan, pre_read } = self.plan(active, offset, len);
         for (i, e) in plan.failed.drain(..) {
             snaps[i].invalidate(&format!("unable to allocate exception: {e}"));
         }
@@ -214,10 +232,11 @@ impl Origin {
     }
 
     /// Step 1 (with the pre-read before it): routes every chunk in every snapshot.
-    fn plan(&self, snaps: &[Arc<Snapshot>], offset: u64, len: u64) -> Planned<'_> {
-        let sizes: Vec<ChunkSize> = snaps.iter().map(|s| s.chunk_size()).collect();
-        let multi_chunk = sizes
+    fn plan(&self, active: &Active, offset: u64, len: u64) -> Planned<'_> {
+        let (snaps, groups) = (&active.list[..], &active.groups);
+        let multi_chunk = groups
             .iter()
+            .map(|g| g.chunk_size)
             .min()
             .is_some_and(|cs| cs.chunk_range(offset, len).count() > 1);
         let pre_read = if multi_chunk {
@@ -227,7 +246,7 @@ impl Origin {
         };
         let _allocating = multi_chunk.then(|| self.allocation.lock());
         let plan = CopyOutPlan::route(
-            &copy_out::groups(&sizes),
+            groups,
             offset,
             len,
             self.dev.size(),
@@ -296,6 +315,9 @@ impl Origin {
         runs: Vec<CopyRun<OwnedPending>>,
         pre: Option<PreRead<'_>>,
     ) -> Vec<(CopyRun<OwnedPending>, Vec<Result<()>>)> {
+        if runs.is_empty() {
+            return Vec::new();
+        }
         // The pre-read serves the run that is exactly its chunk and keeps its reservation;
         // one that serves none is given back before more is taken, so no request holds
         // budget while waiting for it.
@@ -425,7 +447,7 @@ fn settle(
     landed: &mut Landed,
     drains: &mut Vec<(usize, Chunk)>,
 ) {
-    let chunks: Vec<Chunk> = run.chunk_list().collect();
+    let chunks = run.chunk_list();
     for (d, result) in run.dests.into_iter().zip(results) {
         let s = &snaps[d.snap];
         match result {
@@ -434,8 +456,13 @@ fn settle(
                     let ready: Vec<_> = d.owned.iter().map(|o| o.exception).collect();
                     s.store().mark_ready(&ready);
                 }
-                drains.extend(chunks.iter().map(|&c| (d.snap, c)));
-                landed[d.snap].extend(d.owned);
+                drains.extend(chunks.clone().map(|c| (d.snap, c)));
+                // Usually the snapshot's only run: its list is taken over, not copied.
+                if landed[d.snap].is_empty() {
+                    landed[d.snap] = d.owned;
+                } else {
+                    landed[d.snap].extend(d.owned);
+                }
             }
             Err(e) => {
                 for o in d.owned {
