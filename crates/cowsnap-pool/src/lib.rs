@@ -17,7 +17,7 @@
 //!
 //! **Control-plane crash rules.** Every change is ordered so that a crash at any step
 //! leaves either the old pool or the new one (see ARCHITECTURE.md, "Control plane"):
-//! * files the pool owns are created and deleted under staged names ([`staging`]), so a
+//! * files the pool owns are created and deleted under staged names (the `staging` module), so a
 //!   name is never blocked by a leftover;
 //! * a snapshot's removal first commits the manifest with the snapshot marked `removing`
 //!   while the snapshot still takes copy-outs; from then on no process activates it again,

@@ -1,32 +1,15 @@
 //! The origin target: the live device; every write first copies what it overwrites into
 //! every active snapshot.
 //!
-//! An origin write is *planned*, then *executed* in a fixed order (ARCHITECTURE.md, "The
-//! origin write", describes the flow and why each step is where it is):
-//! 1. *route* ([`CopyOutPlan::route`]): for each chunk and each valid snapshot, find a
-//!    completed exception, a pending one to wait on, or make one (allocating its COW
-//!    chunk); chunks this request owns in the same snapshots at consecutive COW chunks form
-//!    runs;
-//! 2. *copy*: each run is read once from the origin and written to every owner's COW,
-//!    through the origin's [`CopyOutBatcher`] (with other requests' copy-outs) or, past one
-//!    copier segment, by the copier directly; a failed destination fails that snapshot's
-//!    exceptions of the run;
-//! 3. *commit*: per snapshot, one store commit of what it copied (data durable before
-//!    metadata), then the pending exceptions complete;
-//! 4. *wait* on the pending exceptions other requests own (S3), then for snapshot reads
-//!    still reading these chunks from the origin (S1, S4);
-//! 5. *write* the origin.
+//! An origin write is planned ([`CopyOutPlan::route`]), then executed here in a fixed order:
+//! route, copy (through the [`CopyOutBatcher`] or the copier), commit, wait (S3) and drain
+//! (S1, S4), write. ARCHITECTURE.md, "Origin write of `offset..offset+len`", is the one
+//! description of the flow and of why each step is where it is, the pre-read included; the
+//! functions below name their step.
 //!
-//! A write inside one chunk reads that chunk before routing (the *pre-read*), so that it
-//! allocates only once it has the data; its exception is then ready right after the ones
-//! allocated before it, and the batch leader's commit of the ready prefix covers it. The
-//! bytes are the ones the snapshot must keep whenever the write ends up owning the
-//! exception: owning means no write routed the chunk since the snapshot was activated,
-//! every origin write routes before it writes, and activation never overlaps a write (S2).
-//!
-//! The snapshot list sits behind a read-write lock that writes hold shared from step 1 to
-//! 5; activating or removing a snapshot takes it exclusively, so a snapshot joins between
-//! writes, never in the middle of one (S2; the kernel's origin suspend).
+//! The snapshot list sits behind a read-write lock that writes hold shared from routing to
+//! the origin write; activating or removing a snapshot takes it exclusively, so a snapshot
+//! joins between writes, never in the middle of one (S2; the kernel's origin suspend).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 //! The persistent exception store (`P` and `PO`): the Linux kernel's dm-snapshot COW
 //! format, version 1, byte for byte.
 //!
-//! [`format`] is the only code that interprets bytes; [`plan`] is a pure planner of
+//! [`format`](mod@format) is the only code that interprets bytes; [`plan`] is a pure planner of
 //! allocation and metadata writes; [`read`] walks the areas of a COW device;
 //! [`validate`] holds the rules every entry must follow, for the loader and `cow check`;
 //! [`PersistentStore`] is the [`ExceptionStore`](crate::exception::ExceptionStore) with
