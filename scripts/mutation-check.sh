@@ -31,6 +31,7 @@ mutations=(
   "remove-deactivated-before-mark@cowsnap@control_crash@a_live_create_or_remove_killed_at_any_step_loses_nothing"
   "format-before-commit@cowsnap@control_crash@a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool"
   "batcher-commit-before-write@cowsnap-core@crash@crash_at_every_boundary_of_random_workloads"
+  "nbd-export-looked-up-again@cowsnap-nbd@bad_input@a_client_told_yes_is_served_though_its_export_went_away_during_the_handshake"
 )
 
 target_args() { # PACKAGE TARGET

@@ -600,6 +600,36 @@ fn tcp_listener_serves_too() {
     server.shutdown().unwrap();
 }
 
+/// The server takes its catalog when a connection starts (before the greeting). An export
+/// removed after that is still agreed to by that handshake, and the client that was told
+/// yes must then be served, not dropped: the connection serves the export the handshake
+/// offered, as it would one that was already open.
+#[test]
+fn a_client_told_yes_is_served_though_its_export_went_away_during_the_handshake() {
+    let (fx, _) = mem_fixture();
+    let mut c = RawClient::connect(&fx.sock);
+    assert!(fx.server.remove_export("disk").is_some());
+    let (size, _) = c.go("disk", true, false);
+    assert_eq!(size, SIZE);
+    c.request(CMD_READ, 0, 7, 0, 512);
+    assert!(matches!(
+        c.reply(0),
+        Reply::Chunk {
+            ty: REPLY_TYPE_OFFSET_DATA,
+            cookie: 7,
+            ..
+        }
+    ));
+    // New connections no longer see it.
+    let mut n = RawClient::connect(&fx.sock);
+    n.send(&1u32.to_be_bytes());
+    let mut d = 4u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    n.option(OPT_GO, &d);
+    assert_eq!(n.option_reply().1, REP_ERR_UNKNOWN);
+}
+
 #[test]
 fn exports_can_change_while_serving() {
     let (fx, _) = mem_fixture();

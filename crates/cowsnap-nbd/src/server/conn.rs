@@ -61,6 +61,11 @@ pub(super) fn run(shared: &Arc<Shared>, mut stream: Stream, mut reg: Registratio
         stream.shutdown(Shutdown::Both);
         return;
     };
+    let offered = if cowsnap_core::mutation::active("nbd-export-looked-up-again") {
+        shared.exports.read().clone()
+    } else {
+        offered
+    };
     let Some(export) = offered
         .into_iter()
         .find(|(name, _)| *name == neg.export)
