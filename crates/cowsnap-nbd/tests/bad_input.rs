@@ -600,6 +600,17 @@ fn tcp_listener_serves_too() {
     server.shutdown().unwrap();
 }
 
+/// A new connection's GO for `name` is answered ERR_UNKNOWN.
+fn assert_go_is_unknown(fx: &Fixture, name: &str) {
+    let mut n = RawClient::connect(&fx.sock);
+    n.send(&1u32.to_be_bytes());
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    n.option(OPT_GO, &d);
+    assert_eq!(n.option_reply().1, REP_ERR_UNKNOWN);
+}
+
 /// The server takes its catalog when a connection starts (before the greeting). An export
 /// removed after that is still agreed to by that handshake, and the client that was told
 /// yes must then be served, not dropped: the connection serves the export the handshake
@@ -621,13 +632,7 @@ fn a_client_told_yes_is_served_though_its_export_went_away_during_the_handshake(
         }
     ));
     // New connections no longer see it.
-    let mut n = RawClient::connect(&fx.sock);
-    n.send(&1u32.to_be_bytes());
-    let mut d = 4u32.to_be_bytes().to_vec();
-    d.extend_from_slice(b"disk");
-    d.extend_from_slice(&0u16.to_be_bytes());
-    n.option(OPT_GO, &d);
-    assert_eq!(n.option_reply().1, REP_ERR_UNKNOWN);
+    assert_go_is_unknown(&fx, "disk");
 }
 
 #[test]
@@ -650,13 +655,7 @@ fn exports_can_change_while_serving() {
     assert_eq!(c.go("late", true, false).0, SIZE / 2);
     // Removed: new GOs get ERR_UNKNOWN, open connections keep working.
     assert!(fx.server.remove_export("disk").is_some());
-    let mut n = RawClient::connect(&fx.sock);
-    n.send(&1u32.to_be_bytes());
-    let mut d = 4u32.to_be_bytes().to_vec();
-    d.extend_from_slice(b"disk");
-    d.extend_from_slice(&0u16.to_be_bytes());
-    n.option(OPT_GO, &d);
-    assert_eq!(n.option_reply().1, REP_ERR_UNKNOWN);
+    assert_go_is_unknown(&fx, "disk");
     old.request(CMD_READ, 0, 5, 0, 512);
     assert!(matches!(
         old.reply(0),
