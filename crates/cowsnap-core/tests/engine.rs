@@ -174,10 +174,7 @@ fn copy_errors_invalidate_only_the_failing_snapshot() {
     origin.write_at(&[7u8; 4096], 0, Fua::No).unwrap();
     assert_eq!(bad.status(), SnapshotStatus::Invalid);
     let why = bad.invalid_reason().unwrap();
-    assert!(
-        why.starts_with("copy to the COW failed: write at byte"),
-        "{why}"
-    );
+    assert!(why.starts_with("copy-out failed: write at byte"), "{why}");
     assert_eq!(read(&*good, 0, 64 * KIB), before);
 }
 
@@ -305,7 +302,7 @@ fn panicking_snapshot(origin: &Origin) -> (Arc<PanicOnWrite>, Arc<Snapshot>) {
 #[test]
 fn a_request_that_panics_mid_copy_never_blocks_later_commits() {
     // A 4 KiB copier segment: the 8 KiB run below is copied in the request's own thread
-    // (not through the combiner), so the panic unwinds the request holding its exceptions.
+    // (not through the batcher), so the panic unwinds the request holding its exceptions.
     let dev = Arc::new(MemDevice::new(64 * KIB));
     let origin = Origin::new(dev, Arc::new(Copier::new(DEFAULT_BUDGET, 4096)));
     let (cow, snap) = panicking_snapshot(&origin);
@@ -327,11 +324,11 @@ fn a_request_that_panics_mid_copy_never_blocks_later_commits() {
 }
 
 #[test]
-fn a_panic_inside_the_combiner_fails_the_copy_and_blocks_nothing() {
+fn a_panic_inside_the_batcher_fails_the_copy_and_blocks_nothing() {
     let (origin, _) = mem_origin(64 * KIB, 1);
     let (cow, snap) = panicking_snapshot(&origin);
     cow.panic_at.store(1, std::sync::atomic::Ordering::SeqCst);
-    // The combiner's write panics: the copy fails (the snapshot is invalid, nothing is
+    // The batch leader's write panics: the copy fails (the snapshot is invalid, nothing is
     // left pending) and the origin write itself completes.
     origin.write_at(&[1u8; 4096], 0, Fua::No).unwrap();
     assert_eq!(snap.status(), SnapshotStatus::Invalid);
@@ -442,9 +439,9 @@ fn a_failed_copy_in_a_snapshot_write_run_invalidates_cleanly() {
 fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending() {
     // Chunk 0 is already copied in `good`, so a write of chunks 0..8 is two runs: chunk 0
     // (owned by `bad` only) and chunks 1..8 (owned by both). With a 4 KiB copier segment the
-    // first run goes through the combiner and the second is copied directly; `bad`'s COW
+    // first run goes through the batcher and the second is copied directly; `bad`'s COW
     // fails its first or its second write, i.e. either run. With the default segment both
-    // runs go through the combiner, which merges them into one write to `bad`, and that
+    // runs go through the batcher, which merges them into one write to `bad`, and that
     // write fails. Every exception of `bad` must end failed or committed (none pending),
     // `good` keeps its view, the origin write lands.
     for (segment, n) in [(4096, 1), (4096, 2), (DEFAULT_SEGMENT, 1)] {
@@ -473,15 +470,15 @@ fn failed_and_successful_runs_of_one_snapshot_in_one_write_leave_nothing_pending
             // One write to `bad` (both runs), one to `good` (chunks 1..8).
             assert_eq!(merged, 2, "{what}");
         } else {
-            assert_eq!(merged, 1, "{what}: only the 4 KiB run is combined");
+            assert_eq!(merged, 1, "{what}: only the 4 KiB run is batched");
         }
     }
 }
 
 #[test]
-fn a_request_hands_the_combiner_at_most_one_segment_and_copies_the_rest_itself() {
+fn a_request_hands_the_batcher_at_most_one_segment_and_copies_the_rest_itself() {
     // Chunks 1, 3, 5, 7 are already copied, so a write of chunks 0..8 owns four one-chunk
-    // runs (0, 2, 4, 6). With an 8 KiB segment the first two go through the combiner and
+    // runs (0, 2, 4, 6). With an 8 KiB segment the first two go through the batcher and
     // the other two are copied directly: a request never holds more than one segment.
     let dev = Arc::new(MemDevice::new(256 * KIB));
     dev.write_at(&pattern(9, 0, 256 * KIB), 0, Fua::No).unwrap();

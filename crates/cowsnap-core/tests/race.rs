@@ -302,7 +302,7 @@ fn s3_a_pending_exception_never_blocks_unrelated_chunks() {
     let before = read(&*r.origin, 0, 64 * KIB);
     // The write of chunks 2 and 3 owns their exceptions and is held reading them for its
     // copy. (Two chunks: a one-chunk write reads before it routes, so held there it owns
-    // nothing yet. A held COW write would hold the copy-out combiner's batch instead,
+    // nothing yet. A held COW write would hold the copy-out batcher's batch instead,
     // which delays other copy-outs of this origin by that batch, as a store's group
     // commit does; that is head-of-line I/O, not waiting on a pending exception.)
     let gate = r.odev.gate(OpKind::Read, 8192, 16384, 1);

@@ -197,12 +197,13 @@ impl TrackerInner {
 
     fn finish(&self, shard: usize, e: Exception, r: Result<()>, pending: &PendingException) {
         let mut st = self.shards[shard].state.lock();
-        let outcome =
-            r.and_then(|()| {
-                self.table.write().insert(e).map(|()| e.new).map_err(|err| {
-                    Error::WrongState(format!("completing a pending exception: {err}"))
-                })
-            });
+        let outcome = r.and_then(|()| {
+            self.table
+                .write()
+                .insert(e)
+                .map(|()| e.new)
+                .map_err(|err| Error::Invalid(format!("completing a pending exception: {err}")))
+        });
         st.pending.remove(&e.old);
         drop(st);
         pending.finish(outcome);
@@ -295,26 +296,6 @@ impl ExceptionTracker {
         owned.abandon = None;
         self.inner
             .finish(owned.shard, owned.exception, Err(error), &owned.pending);
-    }
-
-    /// The new chunk of `old` once its exception exists: at once when it is completed,
-    /// after waiting when it is pending (made by another request). Never allocates: a
-    /// chunk with neither, or whose pending exception failed, is an error (the failure's
-    /// own when there was one).
-    pub fn wait_for_exception(&self, old: Chunk) -> Result<Chunk> {
-        let pending = {
-            let st = self.inner.shards[shard_of(old)].state.lock();
-            if let Some(new) = self.inner.table.read().lookup(old) {
-                return Ok(new);
-            }
-            st.pending.get(&old).cloned()
-        };
-        match pending {
-            Some(p) => p.wait(),
-            None => Err(Error::WrongState(format!(
-                "chunk {old} has no exception to wait for"
-            ))),
-        }
     }
 
     /// Blocks until no read routed to the old chunk `old` is in flight.
@@ -464,33 +445,26 @@ mod tests {
         drop(o);
         assert!(w.wait().is_err());
         assert_eq!(t.lookup(Chunk(1)), None);
-        assert!(t.wait_for_exception(Chunk(1)).is_err());
     }
 
     #[test]
-    fn wait_for_exception_returns_completed_waits_on_pending_and_passes_failures_on() {
+    fn a_waiter_gets_the_owners_own_error_even_after_the_owner_finished() {
         let t = ExceptionTracker::new(ExceptionTable::new());
-        let own = |c| match t.route_write(Chunk(c), |_| Ok(Chunk(c + 10))).unwrap() {
+        let owned = match t.route_write(Chunk(4), |_| Ok(Chunk(40))).unwrap() {
             WriteRoute::Own(o) => o,
             r => panic!("{r:?}"),
         };
-        let (done, later, failing) = (own(1), own(2), own(3));
-        t.complete(done).unwrap();
-        assert_eq!(t.wait_for_exception(Chunk(1)).unwrap(), Chunk(11));
-        std::thread::scope(|sc| {
-            let waiter = sc.spawn(|| t.wait_for_exception(Chunk(2)));
-            let failed = sc.spawn(|| t.wait_for_exception(Chunk(3)));
-            while t.pending(Chunk(2)).map_or(0, |p| p.waiters()) == 0
-                || t.pending(Chunk(3)).map_or(0, |p| p.waiters()) == 0
-            {
-                std::thread::yield_now();
-            }
-            t.complete(later).unwrap();
-            let eio = Error::io("write", 0, "cow", std::io::Error::from_raw_os_error(5));
-            t.fail(failing, eio);
-            assert_eq!(waiter.join().unwrap().unwrap(), Chunk(12));
-            let err = failed.join().unwrap().unwrap_err();
-            assert!(matches!(err, Error::Io { .. }), "{err}");
-        });
+        let pending = match t.route_write(Chunk(4), |_| panic!("no second allocation")) {
+            Ok(WriteRoute::Wait(p)) => p,
+            r => panic!("{r:?}"),
+        };
+        let eio = Error::io("write", 0, "cow", std::io::Error::from_raw_os_error(5));
+        t.fail(owned, eio);
+        // The owner is gone and the chunk has no exception: the outcome stays with the
+        // pending exception the waiter holds.
+        assert_eq!(t.pending(Chunk(4)).map(|_| ()), None);
+        let err = pending.wait().unwrap_err();
+        assert!(matches!(err, Error::Io { op: "write", .. }), "{err}");
+        assert_eq!(err.errno(), 5);
     }
 }

@@ -340,7 +340,7 @@ impl Origin {
                     .map(|_| match &read {
                         Err(e) => Err(e.clone()),
                         Ok(()) => results.next().unwrap_or_else(|| {
-                            Err(Error::WrongState("copy-out result missing".into()))
+                            Err(Error::Invalid("copy-out result missing".into()))
                         }),
                     })
                     .collect();

@@ -22,8 +22,8 @@ use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::persistent::validate::{self, Bounds};
 use crate::exception::{
-    ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, ReadRoute, Usage,
-    WriteRoute,
+    ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, PendingException,
+    ReadRoute, Usage, WriteRoute,
 };
 use crate::units::{mem_usize, Chunk, ChunkPiece, ChunkSize};
 
@@ -293,7 +293,7 @@ impl Snapshot {
     /// is aborted, the snapshot invalidated, and the requests waiting on it get `error`.
     pub(super) fn fail_owned(&self, o: OwnedPending, error: Error) {
         self.store.abort(&o.exception);
-        self.invalidate(&format!("copy to the COW failed: {error}"));
+        self.invalidate(&format!("copy-out failed: {error}"));
         self.exceptions.fail(o, error);
     }
 
@@ -315,7 +315,8 @@ impl Snapshot {
                 .route_write(piece.chunk, |old| self.store.prepare(old));
             match route {
                 Ok(WriteRoute::Own(o)) => plan.own(piece, self.own(o)),
-                Ok(WriteRoute::Remapped { .. } | WriteRoute::Wait(_)) => plan.later.push(piece),
+                Ok(WriteRoute::Remapped { new, .. }) => plan.later.push((piece, Later::At(new))),
+                Ok(WriteRoute::Wait(p)) => plan.later.push((piece, Later::Pending(p))),
                 Err(e) => {
                     plan.stopped = Some(e);
                     break;
@@ -336,12 +337,18 @@ impl Snapshot {
         let committed = self
             .copy_runs(plan.runs, buf)
             .and_then(|owned| self.commit_owned(owned));
+        // A failed copy says more than the allocation failure after it.
+        committed?;
         if let Some(e) = stopped {
             return Err(e);
         }
-        committed?;
-        for piece in plan.later {
-            let new = self.exceptions.wait_for_exception(piece.chunk)?;
+        for (piece, later) in plan.later {
+            let new = match later {
+                Later::At(new) => new,
+                // The pending exception itself: its outcome stays after its owner finishes,
+                // so a failure reaches this write as the owner's own error.
+                Later::Pending(p) => p.wait()?,
+            };
             let at = self.chunk_size.byte_offset(new) + piece.offset_in_chunk;
             self.cow.write_at(&buf[piece.buf_range()], at, Fua::No)?;
         }
@@ -404,8 +411,15 @@ impl Snapshot {
 #[derive(Default)]
 struct WritePlan {
     runs: Vec<SnapWriteRun>,
-    later: Vec<ChunkPiece>,
+    later: Vec<(ChunkPiece, Later)>,
     stopped: Option<Error>,
+}
+
+/// Where a piece the write does not own goes: a completed exception's chunk, or the chunk
+/// of another request's pending exception, once it completes.
+enum Later {
+    At(Chunk),
+    Pending(Arc<PendingException>),
 }
 
 impl WritePlan {
