@@ -37,7 +37,7 @@ def main():
     found = []
     for root in sys.argv[1:] or ["crates"]:
         for d, _, files in os.walk(root):
-            if "/tests" in d or "/target" in d:
+            if {"tests", "target"} & set(d.split(os.sep)):
                 continue
             for f in files:
                 if f.endswith(".rs") and not f.startswith("tests"):
