@@ -261,11 +261,6 @@ pub fn require_tools(tools: &[&str]) -> bool {
     false
 }
 
-/// [`require_tools`] for one tool.
-pub fn require_tool(tool: &str) -> bool {
-    require_tools(&[tool])
-}
-
 /// The checked-in corpus of the fuzz target `target`: `fuzz/seeds/TARGET/` of the source
 /// tree.
 pub fn corpus_dir(target: &str) -> PathBuf {

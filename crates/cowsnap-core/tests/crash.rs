@@ -153,7 +153,7 @@ fn run(origin: &Origin, snap: &Snapshot, ops: &[Op], tag_base: usize) -> Vec<Out
                 fua,
             } => {
                 let data = pattern(&tag(tag_base + i), *start, *count);
-                let fua = if *fua { Fua::Yes } else { Fua::No };
+                let fua = Fua::from(*fua);
                 match target {
                     Target::Origin => origin.write_at(&data, start * 512, fua),
                     Target::Snap => snap.write_at(&data, start * 512, fua),

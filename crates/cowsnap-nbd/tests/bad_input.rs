@@ -600,6 +600,16 @@ fn tcp_listener_serves_too() {
     server.shutdown().unwrap();
 }
 
+/// A 512-byte READ at 0 with `cookie` is answered with data (structured replies).
+fn assert_read_is_served(c: &mut RawClient, cookie: u64) {
+    c.request(CMD_READ, 0, cookie, 0, 512);
+    let reply = c.reply(0);
+    assert!(
+        matches!(reply, Reply::Chunk { ty: REPLY_TYPE_OFFSET_DATA, cookie: got, .. } if got == cookie),
+        "{reply:?}"
+    );
+}
+
 /// A new connection's GO for `name` is answered ERR_UNKNOWN.
 fn assert_go_is_unknown(fx: &Fixture, name: &str) {
     let mut n = RawClient::connect(&fx.sock);
@@ -622,15 +632,7 @@ fn a_client_told_yes_is_served_though_its_export_went_away_during_the_handshake(
     assert!(fx.server.remove_export("disk").is_some());
     let (size, _) = c.go("disk", true, false);
     assert_eq!(size, SIZE);
-    c.request(CMD_READ, 0, 7, 0, 512);
-    assert!(matches!(
-        c.reply(0),
-        Reply::Chunk {
-            ty: REPLY_TYPE_OFFSET_DATA,
-            cookie: 7,
-            ..
-        }
-    ));
+    assert_read_is_served(&mut c, 7);
     // New connections no longer see it.
     assert_go_is_unknown(&fx, "disk");
 }
@@ -656,15 +658,7 @@ fn exports_can_change_while_serving() {
     // Removed: new GOs get ERR_UNKNOWN, open connections keep working.
     assert!(fx.server.remove_export("disk").is_some());
     assert_go_is_unknown(&fx, "disk");
-    old.request(CMD_READ, 0, 5, 0, 512);
-    assert!(matches!(
-        old.reply(0),
-        Reply::Chunk {
-            ty: REPLY_TYPE_OFFSET_DATA,
-            cookie: 5,
-            ..
-        }
-    ));
+    assert_read_is_served(&mut old, 5);
     assert_eq!(fx.server.export_names(), ["ro", "late"]);
 }
 

@@ -53,6 +53,17 @@ pub enum Fua {
     Yes,
 }
 
+impl From<bool> for Fua {
+    /// A protocol's FUA flag.
+    fn from(fua: bool) -> Fua {
+        if fua {
+            Fua::Yes
+        } else {
+            Fua::No
+        }
+    }
+}
+
 /// A block device with positional, thread-safe I/O and no cursor.
 ///
 /// **Durability contract.** Writes that return `Ok` between two flushes may reach stable

@@ -116,7 +116,7 @@ pub fn execute(
             }
         }
         Command::Write { offset, fua, .. } => {
-            done(core(export.write_at(payload, offset, fua_of(fua))))
+            done(core(export.write_at(payload, offset, Fua::from(fua))))
         }
         Command::Flush => done(core(export.flush())),
         Command::Trim {
@@ -156,14 +156,6 @@ pub fn execute(
         }
         // Never executed: the reader stops at a disconnect.
         Command::Disconnect => done(Ok(())),
-    }
-}
-
-fn fua_of(fua: bool) -> Fua {
-    if fua {
-        Fua::Yes
-    } else {
-        Fua::No
     }
 }
 

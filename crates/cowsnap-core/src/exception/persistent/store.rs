@@ -204,7 +204,7 @@ impl PersistentStore {
                     if *area {
                         self.counters.area_writes.fetch_add(1, Ordering::SeqCst);
                     }
-                    let fua = if *fua { Fua::Yes } else { Fua::No };
+                    let fua = Fua::from(*fua);
                     self.cow.write_at(data, *offset, fua)?
                 }
             }
