@@ -77,8 +77,7 @@ fn first_writes(origin_dev: Arc<dyn BlockDevice>, cow: Arc<dyn BlockDevice>, wha
     let store = Arc::new(PersistentStore::open(cow, None, false).unwrap());
     let mut news = Vec::new();
     let snap = Snapshot::load(&origin, store.clone()).unwrap();
-    snap.exceptions()
-        .with_table(|t| news.extend(t.iter().map(|e| e.new.0)));
+    news.extend(snap.exceptions().table().unwrap().iter().map(|e| e.new.0));
     news.sort_unstable();
     let geo = Geometry::new(cs);
     let want: Vec<u64> = (2..)

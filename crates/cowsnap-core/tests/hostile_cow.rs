@@ -60,7 +60,7 @@ fn exercise(img: &[u8]) -> Result<(), TestCaseError> {
     };
     let fresh = store.is_fresh();
     let mut n = 0u64;
-    match store.load(&mut |_| {
+    match store.load(Default::default(), &mut |_, _| {
         n += 1;
         Ok(())
     }) {
@@ -204,7 +204,7 @@ proptest! {
         prop_assume!(new != orig);
         img[at..at + 8].copy_from_slice(&new.to_le_bytes());
         let s = PersistentStore::open(Arc::new(MemDevice::from_bytes(&img)), None, false).unwrap();
-        match s.load(&mut |_| Ok(())) {
+        match s.load(Default::default(), &mut |_, _| Ok(())) {
             Err(e @ Error::Corrupt { offset, .. }) => {
                 // The `new` field of the bad entry, or (for a duplicate) of the later entry
                 // naming the same chunk.

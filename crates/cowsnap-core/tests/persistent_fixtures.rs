@@ -135,7 +135,7 @@ fn check_fixture(name: &str) {
     let again =
         PersistentStore::open(Arc::new(MemDevice::from_bytes(&cow_bytes)), None, false).unwrap();
     let outcome = again
-        .load(&mut |e| {
+        .load(Default::default(), &mut |_, e| {
             got.push((e.old.0, e.new.0));
             Ok(())
         })
@@ -326,7 +326,7 @@ fn replay(name: &str) {
         let mut v = Vec::new();
         let s = PersistentStore::open(Arc::new(MemDevice::from_bytes(img)), None, false).unwrap();
         let outcome = s
-            .load(&mut |e| {
+            .load(Default::default(), &mut |_, e| {
                 v.push((e.old.0, e.new.0));
                 Ok(())
             })

@@ -23,7 +23,8 @@ use std::thread;
 use common::*;
 use cowsnap_core::dev::{BlockDevice, FaultyDevice, Fua, GatedDevice, MemDevice, OpKind};
 use cowsnap_core::exception::{
-    Exception, ExceptionStore, LoadOutcome, StoreKind, TransientStore, Usage,
+    Exception, ExceptionIndex, ExceptionStore, LoadOutcome, Resume, StoreKind, TransientStore,
+    Usage,
 };
 use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::{Chunk, ChunkSize};
@@ -198,10 +199,17 @@ impl ExceptionStore for SlowLoadStore {
     fn cow(&self) -> &Arc<dyn BlockDevice> {
         self.inner.cow()
     }
-    fn load(&self, sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome> {
+    fn load(
+        &self,
+        from: Resume,
+        sink: &mut dyn FnMut(u64, Exception) -> Result<()>,
+    ) -> Result<LoadOutcome> {
         self.load_started.store(true, Ordering::SeqCst);
         wait_until(|| self.release_load.load(Ordering::SeqCst));
-        self.inner.load(sink)
+        self.inner.load(from, sink)
+    }
+    fn attach(&self, index: ExceptionIndex) {
+        self.inner.attach(index)
     }
     fn prepare(&self, old: Chunk) -> Result<Chunk> {
         self.prepares.fetch_add(1, Ordering::SeqCst);

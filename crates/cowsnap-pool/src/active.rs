@@ -341,7 +341,8 @@ fn open_snapshot(
             reason: "the COW header is zeroed (magic 0): the pool formatted this COW when it made the snapshot, so its metadata was overwritten. cowsnap will not reformat it (that would lose every exception); restore the COW from a backup or remove the snapshot".into(),
         });
     }
-    Ok((Snapshot::load(origin, Arc::new(store))?, id))
+    let config = pool.index_config(s);
+    Ok((Snapshot::load_with(origin, Arc::new(store), config)?, id))
 }
 
 /// Transient snapshots did not survive the process that made them: removes each from the
@@ -574,7 +575,8 @@ impl ActivePool {
         let prepared = inner.pool.prepare_snapshot(req)?;
         inner.pool.guard_format(&prepared)?;
         // On a failure below, every handle on the COW goes before `undo_format` opens it.
-        let snap = match Snapshot::load(&origin, prepared.store.clone()) {
+        let config = inner.pool.index_config(&prepared.entry);
+        let snap = match Snapshot::load_with(&origin, prepared.store.clone(), config) {
             Ok(snap) => snap,
             Err(e) => {
                 drop(prepared);
@@ -803,7 +805,7 @@ pub(super) fn list_offline(
                     reason: "the COW header is zeroed (magic 0)".into(),
                 });
             }
-            Snapshot::load(origin, Arc::new(store))
+            Snapshot::load_with(origin, Arc::new(store), pool.index_config(s))
         })();
         out.push(match loaded {
             Ok(snap) => VolumeInfo::of_snapshot(s, &path, &snap),

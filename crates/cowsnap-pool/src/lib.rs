@@ -51,9 +51,10 @@ use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
 use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::index::{PageCache, Tuning, DEFAULT_CACHE_BYTES};
 use cowsnap_core::exception::persistent::validate::{self, Bounds};
 use cowsnap_core::exception::persistent::PersistentStore;
-use cowsnap_core::exception::ExceptionStore;
+use cowsnap_core::exception::{ExceptionStore, IndexConfig};
 use cowsnap_core::mutation;
 use cowsnap_core::units::{is_sector_aligned, ChunkSize};
 
@@ -133,6 +134,21 @@ pub struct Pool {
     direct: bool,
     /// What [`Pool::open`] settled and noticed, for the caller to report.
     notes: Vec<String>,
+    /// The exception indexes' page cache, shared by every snapshot of the pool.
+    cache: Arc<PageCache>,
+}
+
+/// The directory under a pool holding each persistent snapshot's exception index.
+pub const INDEX_DIR: &str = "index";
+
+/// The identity an index records for its COW: the file's device and inode (or the block
+/// device's number), so that an index is never used for another file.
+fn index_identity(id: Option<FileId>) -> u64 {
+    match id {
+        Some(FileId::File { dev, ino }) => dev.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ino,
+        Some(FileId::Block { rdev }) => rdev ^ (1 << 63),
+        None => 0,
+    }
 }
 
 impl Pool {
@@ -166,6 +182,7 @@ impl Pool {
             manifest,
             direct: false,
             notes: Vec::new(),
+            cache: default_cache(),
         })
     }
 
@@ -178,6 +195,7 @@ impl Pool {
             dir: dir.to_path_buf(),
             direct: false,
             notes: Vec::new(),
+            cache: default_cache(),
         };
         pool.notes = staging::recover(dir, &pool.manifest)?;
         // A removal that cannot finish now stays marked: its snapshot is never activated,
@@ -389,6 +407,10 @@ impl Pool {
     /// the manifest. A COW the pool makes is a [`staging::NewFile`] until committed.
     fn prepare_snapshot(&self, req: &SnapshotRequest) -> Result<Prepared> {
         self.check_new_name(&req.name)?;
+        // An index left by an earlier snapshot of this name is never trusted.
+        if let Some(why) = self.remove_index(&req.name) {
+            return Err(Error::WrongState(why));
+        }
         if self.manifest.origin(&req.origin).is_none() {
             return Err(Error::InvalidArgument(format!(
                 "no origin called {:?} in this pool",
@@ -568,7 +590,8 @@ impl Pool {
         };
         self.guard_format(&prepared)?;
         let store = prepared.store.clone();
-        let loaded = store.load(&mut |e| match validate::check_bounds(e, bounds) {
+        let from = cowsnap_core::exception::Resume::default();
+        let loaded = store.load(from, &mut |_, e| match validate::check_bounds(e, bounds) {
             None => Ok(()),
             Some(finding) => Err(finding.into_error(&store.cow().describe())),
         });
@@ -663,7 +686,49 @@ impl Pool {
             }
         }
         crash_point("remove-snapshot:unlinked");
+        warnings.extend(self.remove_index(name));
         Ok(warnings)
+    }
+
+    /// Sets the budget of the exception indexes' page cache (`serve --cache-size`), before
+    /// activation.
+    pub fn set_cache_bytes(&mut self, bytes: u64) {
+        self.cache = PageCache::new(bytes);
+    }
+
+    /// The exception indexes' page cache.
+    pub fn index_cache(&self) -> &Arc<PageCache> {
+        &self.cache
+    }
+
+    /// Where snapshot `name`'s exception index lives.
+    pub fn index_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(INDEX_DIR).join(name)
+    }
+
+    /// How snapshot `entry`'s exception index is kept: a sidecar under `index/` for a
+    /// persistent store, a temporary one for a transient store.
+    pub fn index_config(&self, entry: &SnapshotEntry) -> IndexConfig {
+        IndexConfig {
+            dir: (entry.store != "N").then(|| self.index_dir(&entry.name)),
+            cache: self.cache.clone(),
+            tuning: Tuning::from_env(),
+            identity: index_identity(entry.id),
+        }
+    }
+
+    /// Deletes snapshot `name`'s index (derived data: it is rebuilt from the COW when
+    /// missing). A failure is a warning.
+    fn remove_index(&self, name: &str) -> Option<String> {
+        let dir = self.index_dir(name);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => Some(format!(
+                "could not delete the exception index {}: {e}",
+                dir.display()
+            )),
+        }
     }
 
     /// Removes a snapshot offline, deleting its COW file if the pool created it and
@@ -672,6 +737,16 @@ impl Pool {
         self.mark_removing(name)?;
         crash_point("remove-snapshot:deactivated");
         self.finish_removal(name, None)
+    }
+}
+
+/// The page cache a pool starts with: [`DEFAULT_CACHE_BYTES`], or four pages when the
+/// tests ask for the stress tuning (`COWSNAP_INDEX_STRESS`), so every lookup evicts.
+fn default_cache() -> Arc<PageCache> {
+    if Tuning::from_env() == Tuning::STRESS {
+        PageCache::new(4 * 4096)
+    } else {
+        PageCache::new(DEFAULT_CACHE_BYTES)
     }
 }
 

@@ -197,7 +197,7 @@ fn external_8k_cow(path: &Path) {
     let dev = FileDevice::create(path, 256 << 10).unwrap();
     let eight_k = ChunkSize::from_bytes(8192).unwrap();
     let store = PersistentStore::open(Arc::new(dev), Some(eight_k), false).unwrap();
-    store.load(&mut |_| Ok(())).unwrap();
+    store.load(Default::default(), &mut |_, _| Ok(())).unwrap();
 }
 
 #[test]
@@ -536,7 +536,10 @@ fn a_format_interrupted_before_its_commit_leaves_no_valid_header() {
     // The steps of a create up to the format, then a "crash" (nothing more happens).
     let prepared = pool.prepare_snapshot(&r).unwrap();
     pool.guard_format(&prepared).unwrap();
-    prepared.store.load(&mut |_| Ok(())).unwrap();
+    prepared
+        .store
+        .load(Default::default(), &mut |_, _| Ok(()))
+        .unwrap();
     assert_eq!(&bytes(&ext)[..4], b"SnAp");
     drop(prepared);
     drop(pool);

@@ -117,7 +117,7 @@ fn export_materialises_the_snapshot_view() {
     {
         let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&cow_path, 1 << 20).unwrap());
         let s = PersistentStore::open(cow.clone(), Some(cs), false).unwrap();
-        s.load(&mut |_| Ok(())).unwrap();
+        s.load(Default::default(), &mut |_, _| Ok(())).unwrap();
         for (old, fill) in [(3u64, 0xA3u8), (17, 0xB7)] {
             let new = s.prepare(Chunk(old)).unwrap();
             cow.write_at(&[fill; 4096], cs.byte_offset(new), Fua::No)
@@ -186,7 +186,7 @@ fn adopting_a_cow_takes_its_chunk_size_and_warns_only_when_another_is_asked_for(
         {
             let dev: Arc<dyn BlockDevice> = Arc::new(FileDevice::create(&cow, 256 << 10).unwrap());
             let s = PersistentStore::open(dev, Some(eight_k), false).unwrap();
-            s.load(&mut |_| Ok(())).unwrap();
+            s.load(Default::default(), &mut |_, _| Ok(())).unwrap();
         }
         let cow_s = cow.to_str().unwrap();
         let base = [

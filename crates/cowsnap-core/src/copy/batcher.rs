@@ -435,7 +435,7 @@ mod tests {
 
     fn store(cow: Arc<dyn BlockDevice>) -> Arc<PersistentStore> {
         let s = PersistentStore::open(cow, Some(ChunkSize::MIN), false).unwrap();
-        s.load(&mut |_| Ok(())).unwrap();
+        s.load(Default::default(), &mut |_, _| Ok(())).unwrap();
         Arc::new(s)
     }
 

@@ -16,14 +16,16 @@
 //! persistent format holds `{old, new}` pairs unchanged) and the copier, and supplies only
 //! that policy. See ARCHITECTURE.md, "Reusing the exception layer".
 
+pub mod index;
 pub mod persistent;
-mod store;
+pub(crate) mod store;
 mod table;
 mod tracker;
 mod transient;
 
+pub use index::{ExceptionIndex, IndexConfig};
 pub use persistent::PersistentStore;
-pub use store::{ExceptionStore, LoadOutcome, StoreKind, Usage};
+pub use store::{ExceptionStore, LoadOutcome, Resume, StoreKind, Usage};
 pub use table::{AlreadyMapped, Exception, ExceptionTable};
 pub use tracker::{
     ExceptionTracker, OwnedPending, PendingException, ReadRoute, TrackedRead, WriteRoute,

@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use super::index::{ExceptionIndex, Fingerprinter};
 use super::table::Exception;
 use crate::dev::BlockDevice;
 use crate::error::{Error, Result};
@@ -83,6 +84,16 @@ pub enum LoadOutcome {
     Invalid,
 }
 
+/// Where a load starts: the first `entries` of the store's log are already indexed (a
+/// valid sidecar covers them), so the store reads only what follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Entries to skip.
+    pub entries: u64,
+    /// The largest `new` chunk among them (the store allocates above it).
+    pub max_new: Option<u64>,
+}
+
 /// Where exceptions are kept.
 ///
 /// **Commit contract.** The caller writes an exception's data chunk to the COW device,
@@ -102,9 +113,27 @@ pub trait ExceptionStore: Send + Sync + fmt::Debug {
     /// The COW device holding data and metadata.
     fn cow(&self) -> &Arc<dyn BlockDevice>;
 
-    /// Reads the metadata and passes every committed exception to `sink`, in commit order.
-    /// Formats a fresh store. Called once, before the snapshot is activated.
-    fn load(&self, sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome>;
+    /// Reads the metadata and passes every committed exception from position
+    /// `from.entries` on to `sink` with its position, in commit order. Formats a fresh
+    /// store. Called before the snapshot is activated; a load that failed may be repeated
+    /// (from position 0 when the index refused to resume).
+    fn load(
+        &self,
+        from: Resume,
+        sink: &mut dyn FnMut(u64, Exception) -> Result<()>,
+    ) -> Result<LoadOutcome>;
+
+    /// From now on, tell `index` of every exception made durable, with its position, in
+    /// commit order ([`ExceptionIndex::durable`]), before [`commit`](Self::commit) returns.
+    /// The index's checkpoints rely on that order.
+    fn attach(&self, index: ExceptionIndex);
+
+    /// A function giving a fingerprint of the store's first `n` entries, which changes if
+    /// any of them is changed or removed behind the store's back (the index checks its
+    /// sidecar with it). `None` for a store that keeps nothing across activations.
+    fn fingerprinter(&self) -> Option<Fingerprinter> {
+        None
+    }
 
     /// Allocates a COW chunk for `old`. Persists nothing. [`Error::CowFull`] when none is
     /// free.

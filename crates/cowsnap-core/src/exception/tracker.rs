@@ -18,8 +18,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Condvar, Mutex};
 
+use super::index::ExceptionIndex;
 use super::table::{Exception, ExceptionTable};
 use crate::error::{Error, Result};
 use crate::mutation;
@@ -166,7 +167,7 @@ struct Shard {
 
 #[derive(Debug)]
 struct TrackerInner {
-    table: RwLock<ExceptionTable>,
+    index: ExceptionIndex,
     shards: Box<[Shard]>,
     drain_waits: AtomicU64,
 }
@@ -198,9 +199,8 @@ impl TrackerInner {
     fn finish(&self, shard: usize, e: Exception, r: Result<()>, pending: &PendingException) {
         let mut st = self.shards[shard].state.lock();
         let outcome = r.and_then(|()| {
-            self.table
-                .write()
-                .insert(e)
+            self.index
+                .complete(e)
                 .map(|()| e.new)
                 .map_err(|err| Error::Invalid(format!("completing a pending exception: {err}")))
         });
@@ -211,42 +211,45 @@ impl TrackerInner {
 }
 
 impl ExceptionTracker {
-    /// A tracker over the completed exceptions in `table` (loaded from a store).
-    pub fn new(table: ExceptionTable) -> Self {
+    /// A tracker over the completed exceptions in `index` (loaded from a store).
+    pub fn new(index: ExceptionIndex) -> Self {
         ExceptionTracker {
             inner: Arc::new(TrackerInner {
-                table: RwLock::new(table),
+                index,
                 shards: (0..SHARDS).map(|_| Shard::default()).collect(),
                 drain_waits: AtomicU64::new(0),
             }),
         }
     }
 
-    /// The completed exception of `old`, if any.
-    pub fn lookup(&self, old: Chunk) -> Option<Chunk> {
-        self.inner.table.read().lookup(old)
+    /// The completed exception of `old`, if any (may read an index page).
+    pub fn lookup(&self, old: Chunk) -> Result<Option<Chunk>> {
+        self.inner.index.lookup(old)
     }
 
     /// True when a write of `old` would copy it now: it has neither a completed nor a
     /// pending exception. Only a hint: another write may route it first.
     pub fn needs_copy(&self, old: Chunk) -> bool {
         let st = self.inner.shards[shard_of(old)].state.lock();
-        !st.pending.contains_key(&old) && self.inner.table.read().lookup(old).is_none()
+        !st.pending.contains_key(&old) && !self.inner.index.contains(old)
     }
 
-    /// Routes a read of chunk `old`; see [`ReadRoute`].
-    pub fn route_read(&self, old: Chunk) -> ReadRoute {
+    /// Routes a read of chunk `old`; see [`ReadRoute`]. The decision is taken under the
+    /// shard lock from memory; where a remapped chunk lives is looked up after it (a
+    /// completed exception never changes), so no lock is held across an index read.
+    pub fn route_read(&self, old: Chunk) -> Result<ReadRoute> {
         let mut st = self.inner.shards[shard_of(old)].state.lock();
-        if let Some(new) = self.inner.table.read().lookup(old) {
-            return ReadRoute::Remapped(new);
+        if self.inner.index.contains(old) {
+            drop(st);
+            return self.inner.index.lookup_member(old).map(ReadRoute::Remapped);
         }
         if !mutation::active("s4-reads-untracked") {
             *st.tracked.entry(old).or_insert(0) += 1;
         }
-        ReadRoute::Unmapped(TrackedRead {
+        Ok(ReadRoute::Unmapped(TrackedRead {
             tracker: self.inner.clone(),
             chunk: old,
-        })
+        }))
     }
 
     /// Routes a write of chunk `old`; when the chunk has neither a completed nor a pending
@@ -258,11 +261,13 @@ impl ExceptionTracker {
     ) -> Result<WriteRoute> {
         let shard = shard_of(old);
         let mut st = self.inner.shards[shard].state.lock();
-        if let Some(new) = self.inner.table.read().lookup(old) {
+        if self.inner.index.contains(old) {
+            let reads_in_flight =
+                st.tracked.contains_key(&old) && !mutation::active("s4-remapped-ignores-reads");
+            drop(st);
             return Ok(WriteRoute::Remapped {
-                new,
-                reads_in_flight: st.tracked.contains_key(&old)
-                    && !mutation::active("s4-remapped-ignores-reads"),
+                new: self.inner.index.lookup_member(old)?,
+                reads_in_flight,
             });
         }
         if let Some(p) = st.pending.get(&old) {
@@ -343,12 +348,17 @@ impl ExceptionTracker {
 
     /// Completed exceptions.
     pub fn completed_count(&self) -> u64 {
-        self.inner.table.read().len()
+        self.inner.index.len()
     }
 
-    /// Runs `f` on the completed table (for status and dump code).
-    pub fn with_table<R>(&self, f: impl FnOnce(&ExceptionTable) -> R) -> R {
-        f(&self.inner.table.read())
+    /// Every completed exception (reads the whole index: tools and tests).
+    pub fn table(&self) -> Result<ExceptionTable> {
+        self.inner.index.to_table()
+    }
+
+    /// The index of completed exceptions.
+    pub fn index(&self) -> &ExceptionIndex {
+        &self.inner.index
     }
 }
 
@@ -358,7 +368,7 @@ mod tests {
 
     #[test]
     fn write_routes_own_then_wait_then_remapped() {
-        let t = ExceptionTracker::new(ExceptionTable::new());
+        let t = ExceptionTracker::new(ExceptionIndex::in_memory());
         let c = Chunk(7);
         let owned = match t.route_write(c, |_| Ok(Chunk(2))).unwrap() {
             WriteRoute::Own(o) => o,
@@ -386,9 +396,9 @@ mod tests {
 
     #[test]
     fn tracked_reads_hold_drain_until_dropped() {
-        let t = ExceptionTracker::new(ExceptionTable::new());
+        let t = ExceptionTracker::new(ExceptionIndex::in_memory());
         let c = Chunk(3);
-        let r = match t.route_read(c) {
+        let r = match t.route_read(c).unwrap() {
             ReadRoute::Unmapped(g) => g,
             r => panic!("{r:?}"),
         };
@@ -398,7 +408,10 @@ mod tests {
             r => panic!("{r:?}"),
         };
         t.complete(o).unwrap();
-        assert!(matches!(t.route_read(c), ReadRoute::Remapped(Chunk(9))));
+        assert!(matches!(
+            t.route_read(c).unwrap(),
+            ReadRoute::Remapped(Chunk(9))
+        ));
         let t2 = t.clone();
         let th = std::thread::spawn(move || t2.wait_reads_drained(c));
         while t.drain_waits() == 0 {
@@ -412,7 +425,7 @@ mod tests {
     #[test]
     fn abandon_hook_runs_only_for_unfinished_exceptions() {
         use std::sync::atomic::AtomicBool;
-        let t = ExceptionTracker::new(ExceptionTable::new());
+        let t = ExceptionTracker::new(ExceptionIndex::in_memory());
         let own = |c| match t.route_write(Chunk(c), |_| Ok(Chunk(c + 100))).unwrap() {
             WriteRoute::Own(o) => o,
             r => panic!("{r:?}"),
@@ -436,7 +449,7 @@ mod tests {
 
     #[test]
     fn dropped_owner_fails_waiters() {
-        let t = ExceptionTracker::new(ExceptionTable::new());
+        let t = ExceptionTracker::new(ExceptionIndex::in_memory());
         let o = t.route_write(Chunk(1), |_| Ok(Chunk(5))).unwrap();
         let w = match t.route_write(Chunk(1), |_| Ok(Chunk(6))).unwrap() {
             WriteRoute::Wait(p) => p,
@@ -444,12 +457,12 @@ mod tests {
         };
         drop(o);
         assert!(w.wait().is_err());
-        assert_eq!(t.lookup(Chunk(1)), None);
+        assert_eq!(t.lookup(Chunk(1)).unwrap(), None);
     }
 
     #[test]
     fn a_waiter_gets_the_owners_own_error_even_after_the_owner_finished() {
-        let t = ExceptionTracker::new(ExceptionTable::new());
+        let t = ExceptionTracker::new(ExceptionIndex::in_memory());
         let owned = match t.route_write(Chunk(4), |_| Ok(Chunk(40))).unwrap() {
             WriteRoute::Own(o) => o,
             r => panic!("{r:?}"),

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::store::{ExceptionStore, LoadOutcome, StoreKind, Usage};
+use super::index::ExceptionIndex;
+use super::store::{ExceptionStore, LoadOutcome, Resume, StoreKind, Usage};
 use super::table::Exception;
 use crate::dev::BlockDevice;
 use crate::error::{Error, Result};
@@ -21,6 +22,8 @@ pub struct TransientStore {
     chunk_size: ChunkSize,
     /// Next free sector.
     next_free: Mutex<u64>,
+    /// The index told of commits, and the position of the next.
+    index: Mutex<(Option<ExceptionIndex>, u64)>,
 }
 
 impl TransientStore {
@@ -30,6 +33,7 @@ impl TransientStore {
             cow,
             chunk_size,
             next_free: Mutex::new(0),
+            index: Mutex::new((None, 0)),
         }
     }
 }
@@ -47,8 +51,16 @@ impl ExceptionStore for TransientStore {
         &self.cow
     }
 
-    fn load(&self, _sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome> {
+    fn load(
+        &self,
+        _from: Resume,
+        _sink: &mut dyn FnMut(u64, Exception) -> Result<()>,
+    ) -> Result<LoadOutcome> {
         Ok(LoadOutcome::Fresh)
+    }
+
+    fn attach(&self, index: ExceptionIndex) {
+        self.index.lock().0 = Some(index);
     }
 
     fn prepare(&self, _old: Chunk) -> Result<Chunk> {
@@ -66,7 +78,13 @@ impl ExceptionStore for TransientStore {
         Ok(c)
     }
 
-    fn commit(&self, _batch: &[Exception]) -> Result<()> {
+    fn commit(&self, batch: &[Exception]) -> Result<()> {
+        let mut ix = self.index.lock();
+        let (index, next) = &mut *ix;
+        if let Some(index) = index {
+            index.durable(*next, batch);
+        }
+        *next += batch.len() as u64;
         Ok(())
     }
 

@@ -20,10 +20,11 @@ use super::origin::Origin;
 use crate::copy::{Copier, CopyDest, Overlay};
 use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
+use crate::exception::index::Loader;
 use crate::exception::persistent::validate::{self, Bounds};
 use crate::exception::{
-    ExceptionStore, ExceptionTable, ExceptionTracker, LoadOutcome, OwnedPending, PendingException,
-    ReadRoute, Usage, WriteRoute,
+    ExceptionStore, ExceptionTracker, IndexConfig, LoadOutcome, OwnedPending, PendingException,
+    ReadRoute, StoreKind, Usage, WriteRoute,
 };
 use crate::units::{mem_usize, Chunk, ChunkPiece, ChunkSize};
 
@@ -124,23 +125,53 @@ impl fmt::Debug for Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot of `origin` from `store`: reads the store's metadata into the
-    /// exception table. The snapshot is not active: it sees no origin writes and serves
-    /// no I/O until [`Origin::activate`](super::Origin::activate).
+    /// Builds a snapshot of `origin` from `store` with a temporary exception index (see
+    /// [`load_with`](Self::load_with)).
     pub fn load(origin: &Origin, store: Arc<dyn ExceptionStore>) -> Result<Arc<Snapshot>> {
-        let mut table = ExceptionTable::new();
-        let origin_chunks = store.chunk_size().chunks_covering(origin.size());
-        let cow_chunks = store.chunk_size().whole_chunks(store.cow().size());
-        let outcome = store.load(&mut |e| {
-            let bounds = Bounds {
-                cow_chunks,
-                origin_chunks: Some(origin_chunks),
-            };
-            match validate::check_unplaced(e, bounds, |e| table.insert(e).is_ok()) {
-                None => Ok(()),
-                Some(finding) => Err(finding.into_error(&store.cow().describe())),
+        Self::load_with(origin, store, IndexConfig::temporary())
+    }
+
+    /// Builds a snapshot of `origin` from `store`: opens its exception index as `index`
+    /// says (using the sidecar when it is valid, else rebuilding it from the store's full
+    /// scan) and loads what the index does not cover. The snapshot is not active: it sees
+    /// no origin writes and serves no I/O until [`Origin::activate`](super::Origin::activate).
+    pub fn load_with(
+        origin: &Origin,
+        store: Arc<dyn ExceptionStore>,
+        index: IndexConfig,
+    ) -> Result<Arc<Snapshot>> {
+        let durable = store.kind() != StoreKind::Transient;
+        let mut loader = Loader::open(index, durable, store.fingerprinter())?;
+        let bounds = Bounds {
+            cow_chunks: store.chunk_size().whole_chunks(store.cow().size()),
+            origin_chunks: Some(store.chunk_size().chunks_covering(origin.size())),
+        };
+        let device = store.cow().describe();
+        let load = |loader: &mut Loader| {
+            store.load(loader.resume(), &mut |pos, e| {
+                if let Some(finding) = validate::check_bounds(e, bounds) {
+                    return Err(finding.into_error(&device));
+                }
+                loader.push(pos, e).map_err(|err| match err {
+                    Error::Corrupt { reason, .. } => Error::Corrupt {
+                        device: device.clone(),
+                        offset: 0,
+                        reason,
+                    },
+                    other => other,
+                })
+            })
+        };
+        let outcome = match load(&mut loader) {
+            Err(_) if loader.refused().is_some() => {
+                loader = loader.restart()?;
+                load(&mut loader)?
             }
-        })?;
+            other => other?,
+        };
+        let index = loader.finish()?;
+        store.attach(index.clone());
+        let table = index;
         let state = if outcome == LoadOutcome::Invalid {
             State::Invalid
         } else {
@@ -482,7 +513,7 @@ impl BlockDevice for Snapshot {
         let mut runs: Vec<(bool, u64, std::ops::Range<usize>)> = Vec::new();
         let mut tracked = Vec::new();
         for piece in cs.split(offset, buf.len() as u64) {
-            let (on_cow, dev_off) = match self.exceptions.route_read(piece.chunk) {
+            let (on_cow, dev_off) = match self.exceptions.route_read(piece.chunk)? {
                 ReadRoute::Remapped(new) => (true, cs.byte_offset(new) + piece.offset_in_chunk),
                 ReadRoute::Unmapped(t) => {
                     tracked.push(t);

@@ -192,7 +192,7 @@ fn check_areas(cow: &dyn BlockDevice, chunk_size: ChunkSize, report: &mut CheckR
     );
     let mut found = Vec::new();
     let mut first_sparse: Option<(u64, u64, Exception)> = None;
-    let walked = read::walk_areas(cow, &geo, &mut |area, contents| {
+    let walked = read::walk_areas(cow, &geo, 0, &mut |area, contents| {
         report.areas += 1;
         for (j, e) in (0u64..).zip(&contents.entries) {
             report.exceptions += 1;
@@ -318,7 +318,7 @@ pub fn dump(cow: &dyn BlockDevice) -> Result<Dump> {
     let mut areas = Vec::new();
     let mut exceptions = Vec::new();
     let mut max_new = None::<u64>;
-    let last = read::walk_areas(cow, &geo, &mut |area, contents| {
+    let last = read::walk_areas(cow, &geo, 0, &mut |area, contents| {
         areas.push(AreaInfo {
             index: area,
             chunk: geo.area_location(area).0,
@@ -396,7 +396,8 @@ pub fn export(
         } => {
             let geo = Geometry::new(chunk_size);
             let origin_chunks = chunk_size.chunks_covering(origin.size());
-            read::load_exceptions(cow, &geo, Some(origin_chunks), &mut |e| {
+            let from = crate::exception::store::Resume::default();
+            read::load_exceptions(cow, &geo, Some(origin_chunks), from, &mut |_, e| {
                 table
                     .insert(e)
                     .map_err(|err| format::corrupt(&device, 0, err.to_string()))
@@ -470,7 +471,7 @@ mod tests {
             false,
         )
         .unwrap();
-        s.load(&mut |_| Ok(())).unwrap();
+        s.load(Default::default(), &mut |_, _| Ok(())).unwrap();
         for old in [5u64, 9] {
             let new = s.prepare(Chunk(old)).unwrap();
             cow.write_at(&[old.to_le_bytes()[0]; 4096], new.0 * 4096, Fua::No)

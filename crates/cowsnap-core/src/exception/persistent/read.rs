@@ -8,6 +8,7 @@ use super::format::{self, AreaContents, Geometry, RawHeader};
 use super::validate::{Bounds, Slot, Validator};
 use crate::dev::BlockDevice;
 use crate::error::Result;
+use crate::exception::store::Resume;
 use crate::exception::Exception;
 
 /// Reads the raw header fields from sector 0 of `cow`.
@@ -28,19 +29,21 @@ pub fn read_raw_header(cow: &dyn BlockDevice) -> Result<RawHeader> {
     format::decode_raw_header(&buf, &device)
 }
 
-/// Reads area 0, 1, ... until the first that is not full, calling `f` with each. A full
-/// area whose successor lies past the end of the COW is corrupt. Returns the index of the
-/// last area read (the *current* area).
+/// Reads area `start`, `start + 1`, ... until the first that is not full, calling `f` with
+/// each (the areas before `start` are taken to be full). A full area whose successor lies
+/// past the end of the COW is corrupt. Returns the index of the last area read (the
+/// *current* area).
 pub fn walk_areas(
     cow: &dyn BlockDevice,
     geo: &Geometry,
+    start: u64,
     f: &mut dyn FnMut(u64, &AreaContents) -> Result<()>,
 ) -> Result<u64> {
     let device = cow.describe();
     let cs = geo.chunk_size();
     let cow_chunks = cs.whole_chunks(cow.size());
     let mut buf = vec![0u8; cs.bytes_usize()];
-    let mut area = 0u64;
+    let mut area = start;
     loop {
         let loc = geo.area_location(area);
         if loc.0 >= cow_chunks {
@@ -81,15 +84,18 @@ pub struct Loaded {
     pub count: u64,
 }
 
-/// Reads and validates every entry of a valid store, passing each to `sink` in order.
-/// Refuses the COW at the first [`Finding`](super::validate::Finding) of the [`Validator`]
-/// (entries past the COW, or past `origin_chunks` when given, entries on metadata,
-/// duplicate `old` or `new` chunks), naming the byte offset of the bad field.
+/// Reads and validates the entries of a valid store from position `from.entries` on,
+/// passing each to `sink` with its position, in order. Refuses the COW at the first
+/// [`Finding`](super::validate::Finding) of the [`Validator`] (entries past the COW, or
+/// past `origin_chunks` when given, entries on metadata, duplicate `old` or `new` chunks
+/// among the entries read), naming the byte offset of the bad field. `count` in the
+/// result counts the entries read.
 pub fn load_exceptions(
     cow: &dyn BlockDevice,
     geo: &Geometry,
     origin_chunks: Option<u64>,
-    sink: &mut dyn FnMut(Exception) -> Result<()>,
+    from: Resume,
+    sink: &mut dyn FnMut(u64, Exception) -> Result<()>,
 ) -> Result<Loaded> {
     let device = cow.describe();
     let mut validator = Validator::new(
@@ -100,8 +106,26 @@ pub fn load_exceptions(
         },
     );
     let mut loaded = Loaded::default();
-    let current = walk_areas(cow, geo, &mut |area, contents| {
-        for (index, e) in contents.entries.iter().enumerate() {
+    let epa = geo.exceptions_per_area();
+    let (start, skip) = (from.entries / epa, from.entries % epa);
+    let current = walk_areas(cow, geo, start, &mut |area, contents| {
+        let first = if area == start { skip } else { 0 };
+        if (contents.entries.len() as u64) < first {
+            return Err(format::corrupt(
+                &device,
+                geo.area_offset(area),
+                format!(
+                    "metadata area {area} holds {} entries, fewer than the {first} the index covers",
+                    contents.entries.len()
+                ),
+            ));
+        }
+        for (index, e) in contents
+            .entries
+            .iter()
+            .enumerate()
+            .skip(crate::units::mem_usize(first))
+        {
             let slot = Slot {
                 area,
                 index: index as u64,
@@ -110,8 +134,8 @@ pub fn load_exceptions(
                 return Err(finding.into_error(&device));
             }
             loaded.max_new = Some(loaded.max_new.map_or(e.new.0, |m| m.max(e.new.0)));
+            sink(from.entries + loaded.count, *e)?;
             loaded.count += 1;
-            sink(*e)?;
         }
         loaded.current_entries = contents.entries.clone();
         loaded.junk_after_terminator = contents.junk_after_terminator;
@@ -119,4 +143,32 @@ pub fn load_exceptions(
     })?;
     loaded.current_area = current;
     Ok(loaded)
+}
+
+/// A fingerprint of the first `n` entries of the table: CRC32 of the header sector in the
+/// high half, CRC32 of the bytes of the area holding entry `n - 1` up to and including
+/// that entry in the low half. Appending entries leaves it unchanged; rewriting the header
+/// or any of the last covered area's entries (a merge, a reformat) changes it.
+pub fn fingerprint(cow: &dyn BlockDevice, geo: &Geometry, n: u64) -> Result<u64> {
+    let mut header = [0u8; 512];
+    cow.read_at(&mut header, 0)?;
+    let high = u64::from(crc32fast::hash(&header)) << 32;
+    let Some(last) = n.checked_sub(1) else {
+        return Ok(high);
+    };
+    let epa = geo.exceptions_per_area();
+    let (area, j) = (last / epa, last % epa);
+    let at = geo.area_offset(area);
+    let chunk = geo.chunk_size().bytes();
+    if at.saturating_add(chunk) > cow.size() {
+        return Err(format::corrupt(
+            &cow.describe(),
+            at,
+            format!("metadata area {area} is past the end of the COW"),
+        ));
+    }
+    let mut buf = vec![0u8; crate::units::mem_usize(chunk)];
+    cow.read_at(&mut buf, at)?;
+    let covered = &buf[..crate::units::mem_usize((j + 1) * 16)];
+    Ok(high | u64::from(crc32fast::hash(covered)))
 }

@@ -24,6 +24,8 @@ use super::plan::{self, MetaStep, Planner};
 use super::read;
 use crate::dev::{BlockDevice, Fua};
 use crate::error::{Error, Result};
+use crate::exception::index::{ExceptionIndex, Fingerprinter};
+use crate::exception::store::Resume;
 use crate::exception::{Exception, ExceptionStore, LoadOutcome, StoreKind, Usage};
 use crate::units::{Chunk, ChunkSize};
 
@@ -51,6 +53,10 @@ struct State {
     failed: Option<String>,
     /// The header on disk says (or is being made to say) `valid = 0`.
     header_invalid: bool,
+    /// Entries in the COW's table (the position of the next commit).
+    entries: u64,
+    /// Told of every commit, in order.
+    index: Option<ExceptionIndex>,
     /// COW chunks of exceptions marked ready (`mark_ready`) whose owner has not called
     /// `commit` yet; an entry whose slot is gone was made durable by another request's
     /// group commit, and the owner's `commit` then returns at once.
@@ -145,6 +151,8 @@ impl PersistentStore {
                 commit_leader: false,
                 failed: None,
                 header_invalid: false,
+                entries: 0,
+                index: None,
                 marked: HashSet::new(),
             }),
             ready: Condvar::new(),
@@ -240,6 +248,10 @@ impl PersistentStore {
                 if let Some((seq, _)) = group.last() {
                     st.durable_seq = seq + 1;
                 }
+                if let Some(index) = &st.index {
+                    index.durable(st.entries, &entries);
+                }
+                st.entries += entries.len() as u64;
                 self.counters.group_commits.fetch_add(1, Ordering::SeqCst);
                 self.counters
                     .exceptions_committed
@@ -288,7 +300,21 @@ impl ExceptionStore for PersistentStore {
         &self.cow
     }
 
-    fn load(&self, sink: &mut dyn FnMut(Exception) -> Result<()>) -> Result<LoadOutcome> {
+    fn attach(&self, index: ExceptionIndex) {
+        self.state.lock().index = Some(index);
+    }
+
+    fn fingerprinter(&self) -> Option<Fingerprinter> {
+        let cow = self.cow.clone();
+        let geo = self.geo;
+        Some(Arc::new(move |n| read::fingerprint(&*cow, &geo, n)))
+    }
+
+    fn load(
+        &self,
+        from: Resume,
+        sink: &mut dyn FnMut(u64, Exception) -> Result<()>,
+    ) -> Result<LoadOutcome> {
         let mut st = self.state.lock();
         if st.loaded {
             return Err(Error::WrongState("the store is already loaded".into()));
@@ -320,14 +346,15 @@ impl ExceptionStore for PersistentStore {
                 LoadOutcome::Invalid
             }
             HeaderState::Formatted { valid: true, .. } => {
-                let l = read::load_exceptions(&*self.cow, &self.geo, None, sink)?;
+                let l = read::load_exceptions(&*self.cow, &self.geo, None, from, sink)?;
                 st.planner = Planner::loaded(
                     cs,
                     l.current_area,
                     l.current_entries,
-                    l.max_new,
+                    l.max_new.max(from.max_new),
                     l.junk_after_terminator,
                 );
+                st.entries = from.entries + l.count;
                 LoadOutcome::Valid
             }
         };
@@ -472,7 +499,10 @@ mod tests {
     fn fresh(size: u64, chunk: u64) -> (Arc<MemDevice>, PersistentStore) {
         let dev = Arc::new(MemDevice::new(size));
         let s = PersistentStore::open(dev.clone(), Some(cs(chunk)), false).unwrap();
-        assert_eq!(s.load(&mut |_| Ok(())).unwrap(), LoadOutcome::Fresh);
+        assert_eq!(
+            s.load(Default::default(), &mut |_, _| Ok(())).unwrap(),
+            LoadOutcome::Fresh
+        );
         (dev, s)
     }
 
@@ -510,7 +540,7 @@ mod tests {
         let mut got = Vec::new();
         assert_eq!(
             again
-                .load(&mut |e| {
+                .load(Default::default(), &mut |_, e| {
                     got.push(e);
                     Ok(())
                 })
@@ -566,7 +596,10 @@ mod tests {
         assert_eq!(dev.to_vec()[4], 0, "header valid = 0");
         assert!(s.prepare(Chunk(3)).is_err());
         let again = PersistentStore::open(dev, None, false).unwrap();
-        assert_eq!(again.load(&mut |_| Ok(())).unwrap(), LoadOutcome::Invalid);
+        assert_eq!(
+            again.load(Default::default(), &mut |_, _| Ok(())).unwrap(),
+            LoadOutcome::Invalid
+        );
     }
 
     #[test]
@@ -574,7 +607,7 @@ mod tests {
         let mem = Arc::new(MemDevice::new(1 << 20));
         let dev = Arc::new(FaultyDevice::new(mem.clone()));
         let s = PersistentStore::open(dev.clone(), Some(cs(8)), false).unwrap();
-        s.load(&mut |_| Ok(())).unwrap();
+        s.load(Default::default(), &mut |_, _| Ok(())).unwrap();
         dev.add_rule(FaultRule::Range {
             kind: OpKind::Write,
             start: 4096,

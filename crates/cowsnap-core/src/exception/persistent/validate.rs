@@ -9,11 +9,11 @@
 //! the chain of areas) are checked where the bytes are decoded, in [`super::format`] and
 //! [`super::read`].
 
-use std::collections::HashSet;
 use std::fmt;
 
 use super::format::{self, Geometry};
 use crate::error::Error;
+use crate::exception::index::ChunkSet;
 use crate::exception::Exception;
 
 /// Where an entry is on the COW device: entry `index` of metadata area `area`.
@@ -129,13 +129,14 @@ impl fmt::Display for Finding {
 pub type EntryFindings = std::iter::Flatten<std::array::IntoIter<Option<Finding>, 4>>;
 
 /// Checks entries in on-disk order against the [`Bounds`], the layout and every entry
-/// before them. Remembers each `old` and `new` chunk seen (two sets of `u64`).
+/// before them. Remembers each `old` and `new` chunk seen, in two [`ChunkSet`]s (at most
+/// one bit per chunk of each device).
 #[derive(Clone, Debug)]
 pub struct Validator {
     geo: Geometry,
     bounds: Bounds,
-    olds: HashSet<u64>,
-    news: HashSet<u64>,
+    olds: ChunkSet,
+    news: ChunkSet,
 }
 
 impl Validator {
@@ -144,8 +145,8 @@ impl Validator {
         Validator {
             geo,
             bounds,
-            olds: HashSet::new(),
-            news: HashSet::new(),
+            olds: ChunkSet::new(),
+            news: ChunkSet::new(),
         }
     }
 
@@ -210,6 +211,7 @@ fn origin_problem(entry: Exception, bounds: Bounds) -> Option<Problem> {
 mod tests {
     use super::*;
     use crate::units::ChunkSize;
+    use std::collections::HashSet;
 
     /// 4 KiB chunks: 256 entries an area, area 0 at chunk 1, area 1 at chunk 258.
     fn geo() -> Geometry {

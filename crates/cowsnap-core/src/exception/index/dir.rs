@@ -1,0 +1,265 @@
+//! The sidecar directory: the files of one snapshot's exception index.
+//!
+//! Every change the index makes to its directory goes through here as one of a few
+//! operations ([`Op`]): write part of a file, sync a file, rename, sync the directory,
+//! remove. Tests install a hook that sees each operation before it happens and can fail it;
+//! that is how the crash tests cut power at every write and flush of a checkpoint.
+//!
+//! The directory is the index's own: it was created for it (by the pool, under
+//! `POOL/index/`, or as a private temporary directory for a transient store) and holds
+//! nothing else, so its file names are trusted within it.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// One change to the directory, as the fault hook sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Bytes written into `file` at `offset` (not yet durable).
+    Write {
+        /// The file.
+        file: String,
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// `fsync` of a file.
+    SyncFile(String),
+    /// A rename inside the directory (not durable until [`Op::SyncDir`]).
+    Rename {
+        /// Old name.
+        from: String,
+        /// New name.
+        to: String,
+    },
+    /// `fsync` of the directory.
+    SyncDir,
+    /// A file removed.
+    Remove(String),
+}
+
+/// Called before each operation; an error fails it (and stands for a crash in tests).
+pub type FaultHook = Arc<dyn Fn(&Op) -> Result<()> + Send + Sync>;
+
+/// A sidecar directory.
+#[derive(Clone)]
+pub struct IndexDir {
+    path: PathBuf,
+    hook: Option<FaultHook>,
+    /// Removed with its contents when the last handle goes (transient stores).
+    temporary: Option<Arc<TempDir>>,
+}
+
+impl std::fmt::Debug for IndexDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexDir")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |e| Error::io(op, 0, path.display().to_string(), e)
+}
+
+impl IndexDir {
+    /// The directory at `path`, created (with its parents) when missing.
+    pub fn open(path: &Path) -> Result<IndexDir> {
+        fs::create_dir_all(path).map_err(io("mkdir", path))?;
+        Ok(IndexDir {
+            path: path.to_path_buf(),
+            hook: None,
+            temporary: None,
+        })
+    }
+
+    /// A new private directory under the system's temporary directory, removed when the
+    /// last handle on it goes.
+    pub fn temporary() -> Result<IndexDir> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        for _ in 0..100 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("cowsnap-index-{}-{n}", std::process::id()));
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    return Ok(IndexDir {
+                        temporary: Some(Arc::new(TempDir(path.clone()))),
+                        path,
+                        hook: None,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io("mkdir", &path)(e)),
+            }
+        }
+        Err(Error::InvalidArgument(format!(
+            "no free name for an index directory in {}",
+            base.display()
+        )))
+    }
+
+    /// The same directory with `hook` called before every change.
+    pub fn with_hook(mut self, hook: FaultHook) -> IndexDir {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True for a private temporary directory.
+    pub fn is_temporary(&self) -> bool {
+        self.temporary.is_some()
+    }
+
+    fn before(&self, op: Op) -> Result<()> {
+        match &self.hook {
+            Some(h) => h(&op),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates (or truncates) `name` for writing.
+    pub fn create(&self, name: &str) -> Result<WriteFile> {
+        let path = self.path.join(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io("create", &path))?;
+        Ok(WriteFile {
+            dir: self.clone(),
+            name: name.to_string(),
+            file,
+        })
+    }
+
+    /// Opens `name` for reading; `None` when it does not exist.
+    pub fn open_file(&self, name: &str) -> Result<Option<File>> {
+        let path = self.path.join(name);
+        match File::open(&path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("open", &path)(e)),
+        }
+    }
+
+    /// The whole of `name`, `None` when it does not exist (at most `limit` bytes read;
+    /// a longer file is an error).
+    pub fn read(&self, name: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let Some(f) = self.open_file(name)? else {
+            return Ok(None);
+        };
+        let path = self.path.join(name);
+        let len = f.metadata().map_err(io("stat", &path))?.len();
+        if len > limit {
+            return Err(Error::Corrupt {
+                device: path.display().to_string(),
+                offset: limit,
+                reason: format!("the file has {len} bytes, more than the {limit} it may have"),
+            });
+        }
+        let mut buf = vec![0u8; crate::units::mem_usize(len)];
+        f.read_exact_at(&mut buf, 0).map_err(io("read", &path))?;
+        Ok(Some(buf))
+    }
+
+    /// Renames `from` to `to` (replacing it).
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        self.before(Op::Rename {
+            from: from.into(),
+            to: to.into(),
+        })?;
+        let path = self.path.join(to);
+        fs::rename(self.path.join(from), &path).map_err(io("rename", &path))
+    }
+
+    /// Makes the directory's entries durable.
+    pub fn sync(&self) -> Result<()> {
+        self.before(Op::SyncDir)?;
+        File::open(&self.path)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", &self.path))
+    }
+
+    /// Removes `name`; a missing file is not an error.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.before(Op::Remove(name.into()))?;
+        match fs::remove_file(self.path.join(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("unlink", &self.path.join(name))(e)),
+        }
+    }
+
+    /// The names in the directory.
+    pub fn list(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for e in fs::read_dir(&self.path).map_err(io("readdir", &self.path))? {
+            let e = e.map_err(io("readdir", &self.path))?;
+            if let Some(n) = e.file_name().to_str() {
+                names.push(n.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// A file being written in an [`IndexDir`].
+pub struct WriteFile {
+    dir: IndexDir,
+    name: String,
+    file: File,
+}
+
+impl WriteFile {
+    /// Writes `data` at `offset`.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.dir.before(Op::Write {
+            file: self.name.clone(),
+            offset,
+            len: data.len() as u64,
+        })?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io("write", offset, self.describe(), e))
+    }
+
+    /// Makes the file's data durable.
+    pub fn sync(&self) -> Result<()> {
+        self.dir.before(Op::SyncFile(self.name.clone()))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", 0, self.describe(), e))
+    }
+
+    fn describe(&self) -> String {
+        self.dir.path.join(&self.name).display().to_string()
+    }
+
+    /// The open file (for reading it back).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+}

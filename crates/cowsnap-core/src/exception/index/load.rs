@@ -1,0 +1,372 @@
+//! Activation: use the sidecar when it can be trusted, else rebuild it from a full scan.
+//!
+//! [`Loader::open`] reads the superblock and checks it against the store: the identity the
+//! caller gives, and the store's fingerprint of the covered entries (the header and the
+//! bytes of the covered entries in the area holding the last one). A superblock that
+//! passes, with all its runs and members readable, makes activation O(1): the store then
+//! replays only the entries after `covered` ([`Resume`]). Anything else (no sidecar, a
+//! damaged file, a COW changed by the kernel or another tool) empties the directory and
+//! the store's full scan feeds a rebuild, which sorts `rebuild_batch` entries at a time
+//! into runs and merges them (an external sort, so a rebuild stays within its memory
+//! too). Either way the reason is kept for status.
+//!
+//! A replayed entry whose `new` chunk is not above every covered one could duplicate a
+//! covered entry's `new` without the index being able to tell (it is keyed by `old`); the
+//! loader then refuses the resume ([`Loader::refused`]) and the caller rebuilds.
+
+use std::sync::Arc;
+
+use super::run::{self, Run, RunWriter};
+use super::superblock::{self, Superblock};
+use super::{
+    decode_members, members_name, write_members, write_super, ChunkSet, ExceptionIndex,
+    Fingerprinter, IndexConfig, IndexDir, IndexState, RunSet, Tables,
+};
+use crate::error::{Error, Result};
+use crate::exception::store::Resume;
+use crate::exception::Exception;
+
+/// Largest superblock read (it names at most a few thousand runs).
+const SUPER_LIMIT: u64 = 1 << 20;
+/// Largest members file read: a set of 2^40 chunks at one bit each.
+const MEMBERS_LIMIT: u64 = 1 << 37;
+
+enum Mode {
+    /// Nothing to load (a transient store).
+    Fresh,
+    /// Replaying the entries after a valid sidecar.
+    Replay { replayed: u64 },
+    /// Building from a full scan.
+    Rebuild {
+        reason: String,
+        batch: Vec<Exception>,
+        runs: Vec<Run>,
+        next_seq: u64,
+    },
+}
+
+/// Feeds an index from a store's load; see the module documentation.
+pub struct Loader {
+    index: ExceptionIndex,
+    resume: Resume,
+    mode: Mode,
+    count: u64,
+    max_new: Option<u64>,
+    refused: Option<String>,
+}
+
+impl Loader {
+    /// Opens the index for a store. `durable` says whether the store keeps its exceptions
+    /// (a transient store's index starts empty and is never reused). Returns the loader;
+    /// pass [`resume`](Self::resume) to the store's load and every entry to
+    /// [`push`](Self::push).
+    pub fn open(
+        config: IndexConfig,
+        durable: bool,
+        fingerprint: Option<Fingerprinter>,
+    ) -> Result<Loader> {
+        let dir = match &config.dir {
+            Some(p) => IndexDir::open(p)?,
+            None => IndexDir::temporary()?,
+        };
+        let index = ExceptionIndex::from_parts(config, Some(dir), true, fingerprint);
+        if !durable {
+            return Ok(Loader::new(index, Resume::default(), Mode::Fresh));
+        }
+        match open_sidecar(&index) {
+            Ok((sb, runs, members)) => {
+                {
+                    let mut t = index.inner.tables.write();
+                    t.covered = sb.covered;
+                    t.max_new = sb.max_new;
+                    t.runs = Arc::new(runs);
+                }
+                *index.inner.members.write() = members;
+                index.inner.checkpoint.lock().next_seq = sb.next_seq;
+                let resume = Resume {
+                    entries: sb.covered,
+                    max_new: sb.max_new,
+                };
+                Ok(Loader::new(index, resume, Mode::Replay { replayed: 0 }))
+            }
+            Err(reason) => Loader::rebuild(index, reason),
+        }
+    }
+
+    fn new(index: ExceptionIndex, resume: Resume, mode: Mode) -> Loader {
+        Loader {
+            index,
+            count: resume.entries,
+            max_new: resume.max_new,
+            resume,
+            mode,
+            refused: None,
+        }
+    }
+
+    fn rebuild(index: ExceptionIndex, reason: String) -> Result<Loader> {
+        let dir = index.inner.dir()?.clone();
+        for name in dir.list()? {
+            dir.remove(&name)?;
+        }
+        *index.inner.members.write() = ChunkSet::new();
+        *index.inner.tables.write() = Tables::default();
+        let batch = Vec::with_capacity(index.inner.config.tuning.rebuild_batch.min(1 << 16));
+        Ok(Loader::new(
+            index,
+            Resume::default(),
+            Mode::Rebuild {
+                reason,
+                batch,
+                runs: Vec::new(),
+                next_seq: 1,
+            },
+        ))
+    }
+
+    /// Gives up a refused resume: a loader that rebuilds from a full scan.
+    pub fn restart(self) -> Result<Loader> {
+        let reason = self
+            .refused
+            .unwrap_or_else(|| "the replay was abandoned".into());
+        Loader::rebuild(self.index, reason)
+    }
+
+    /// Where the store's load starts.
+    pub fn resume(&self) -> Resume {
+        self.resume
+    }
+
+    /// Why a replayed entry could not be trusted (the caller then [`restart`](Self::restart)s).
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// Takes the store's entry at position `pos`. A duplicate `old` is an error (the
+    /// store's own checks cannot see the covered entries).
+    pub fn push(&mut self, pos: u64, e: Exception) -> Result<()> {
+        if pos != self.count {
+            return Err(Error::Invalid(format!(
+                "the store passed entry {pos} where {} was expected",
+                self.count
+            )));
+        }
+        if let Mode::Replay { .. } = self.mode {
+            if self.resume.max_new.is_some_and(|m| e.new.0 <= m) {
+                self.refused = Some(format!(
+                    "entry {pos} after the index's checkpoint maps to COW chunk {}, not above the checkpoint's highest ({})",
+                    e.new,
+                    self.resume.max_new.unwrap_or(0)
+                ));
+                return Err(Error::Invalid("resume refused".into()));
+            }
+        }
+        if !self.index.inner.members.write().insert(e.old.0) {
+            return Err(Error::Corrupt {
+                device: "the COW".into(),
+                offset: 0,
+                reason: format!(
+                    "entry {pos}: origin chunk {} already has an exception in an earlier entry",
+                    e.old
+                ),
+            });
+        }
+        self.count += 1;
+        self.max_new = self.max_new.max(Some(e.new.0));
+        let flush_at = self.index.inner.config.tuning.rebuild_batch;
+        match &mut self.mode {
+            Mode::Fresh => Err(Error::Invalid("a fresh store passed an entry".into())),
+            Mode::Replay { replayed } => {
+                *replayed += 1;
+                let mut t = self.index.inner.tables.write();
+                t.recent.insert(e.old.0, e.new.0);
+                t.log.push(e);
+                Ok(())
+            }
+            Mode::Rebuild {
+                batch,
+                runs,
+                next_seq,
+                ..
+            } => {
+                batch.push(e);
+                if batch.len() >= flush_at {
+                    let dir = self.index.inner.dir()?;
+                    runs.push(write_sorted(dir, *next_seq, batch)?);
+                    *next_seq += 1;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the load: a rebuild writes its level-1 run, members and superblock. Returns
+    /// the index.
+    pub fn finish(self) -> Result<ExceptionIndex> {
+        let index = self.index;
+        let state = match self.mode {
+            Mode::Fresh => IndexState::Fresh,
+            Mode::Replay { replayed } => IndexState::Loaded { replayed },
+            Mode::Rebuild {
+                reason,
+                mut batch,
+                mut runs,
+                next_seq,
+            } => {
+                let dir = index.inner.dir()?.clone();
+                let mut seq = next_seq;
+                let level1 = if runs.is_empty() {
+                    if batch.is_empty() {
+                        None
+                    } else {
+                        seq += 1;
+                        Some(write_sorted(&dir, seq - 1, &mut batch)?)
+                    }
+                } else {
+                    if !batch.is_empty() {
+                        runs.push(write_sorted(&dir, seq, &mut batch)?);
+                        seq += 1;
+                    }
+                    let mut w = RunWriter::create(&dir, seq, None)?;
+                    seq += 1;
+                    let all: Vec<&Run> = runs.iter().collect();
+                    run::merge(&all, &mut |e| w.push(e))?;
+                    let l1 = w.finish()?;
+                    for r in &runs {
+                        dir.remove(&run::file_name(r.seq()))?;
+                    }
+                    Some(l1)
+                };
+                drop(batch);
+                if let Some(l1) = &level1 {
+                    write_members(&dir, l1.seq(), &index.inner.members.read())?;
+                }
+                let fingerprint = match &index.inner.fingerprint {
+                    Some(f) if !dir.is_temporary() => f(self.count)?,
+                    _ => 0,
+                };
+                let set = RunSet {
+                    level1: level1.map(Arc::new),
+                    level0: Vec::new(),
+                };
+                let sb = Superblock {
+                    identity: index.inner.config.identity,
+                    covered: self.count,
+                    fingerprint,
+                    max_new: self.max_new,
+                    next_seq: seq,
+                    level1: set.level1.as_ref().map(|r| r.seq()),
+                    level0: Vec::new(),
+                };
+                if !dir.is_temporary() {
+                    write_super(&dir, &sb)?;
+                }
+                let mut t = index.inner.tables.write();
+                t.covered = self.count;
+                t.max_new = self.max_new;
+                t.runs = Arc::new(set);
+                drop(t);
+                index.inner.checkpoint.lock().next_seq = seq;
+                IndexState::Rebuilt { reason }
+            }
+        };
+        *index.inner.state.lock() = state;
+        Ok(index)
+    }
+}
+
+fn write_sorted(dir: &IndexDir, seq: u64, batch: &mut Vec<Exception>) -> Result<Run> {
+    batch.sort_unstable_by_key(|e| e.old.0);
+    let mut w = RunWriter::create(dir, seq, None)?;
+    for e in batch.drain(..) {
+        w.push(e)?;
+    }
+    w.finish()
+}
+
+/// The sidecar's superblock, runs and members, or why they cannot be used.
+fn open_sidecar(
+    index: &ExceptionIndex,
+) -> std::result::Result<(Superblock, RunSet, ChunkSet), String> {
+    let inner = &index.inner;
+    let dir = inner.dir().map_err(|e| e.to_string())?;
+    if dir.is_temporary() {
+        return Err("the index is temporary".into());
+    }
+    let where_ = dir.path().join(superblock::NAME).display().to_string();
+    let bytes = dir
+        .read(superblock::NAME, SUPER_LIMIT)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "there is no index yet".to_string())?;
+    let sb = Superblock::decode(&bytes, &where_).map_err(|e| e.to_string())?;
+    if sb.identity != inner.config.identity {
+        return Err("the index belongs to another COW (its identity differs)".into());
+    }
+    if let Some(f) = &inner.fingerprint {
+        let now = f(sb.covered).map_err(|e| {
+            format!(
+                "the COW no longer holds the {} entries the index covers: {e}",
+                sb.covered
+            )
+        })?;
+        if now != sb.fingerprint {
+            return Err(format!(
+                "the COW changed since the index was written (its first {} entries differ)",
+                sb.covered
+            ));
+        }
+    }
+    let open = |seq: u64| Run::open(dir, seq).map(Arc::new).map_err(|e| e.to_string());
+    let level1 = sb.level1.map(open).transpose()?;
+    let level0 = sb
+        .level0
+        .iter()
+        .map(|&s| open(s))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut members = match &level1 {
+        Some(l1) => {
+            let name = members_name(l1.seq());
+            let b = dir
+                .read(&name, MEMBERS_LIMIT)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("the members file {name} is missing"))?;
+            decode_members(&b).map_err(|e| format!("{name}: {e}"))?
+        }
+        None => ChunkSet::new(),
+    };
+    let in_runs: u64 = level1
+        .iter()
+        .chain(level0.iter())
+        .map(|r| r.entries())
+        .sum();
+    if members.len() != level1.as_ref().map_or(0, |r| r.entries()) {
+        return Err("the members file does not match the level-1 run".into());
+    }
+    for r in &level0 {
+        let mut scan = r.scan();
+        while let Some(e) = scan.next_exception().map_err(|e| e.to_string())? {
+            if !members.insert(e.old.0) {
+                return Err(format!("chunk {} is indexed twice", e.old));
+            }
+        }
+    }
+    if in_runs != sb.covered {
+        return Err(format!(
+            "the runs hold {in_runs} entries, the superblock says {}",
+            sb.covered
+        ));
+    }
+    let named: Vec<String> = sb
+        .runs()
+        .map(run::file_name)
+        .chain(sb.level1.map(members_name))
+        .chain([superblock::NAME.to_string()])
+        .collect();
+    for name in dir.list().map_err(|e| e.to_string())? {
+        if !named.contains(&name) {
+            // Left by a checkpoint a crash interrupted: never named by a superblock.
+            dir.remove(&name).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok((sb, RunSet { level1, level0 }, members))
+}
