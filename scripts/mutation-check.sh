@@ -32,6 +32,7 @@ mutations=(
   "format-before-commit@cowsnap@control_crash@a_live_format_adoption_killed_at_any_step_leaves_no_valid_cow_outside_the_pool"
   "batcher-commit-before-write@cowsnap-core@crash@crash_at_every_boundary_of_random_workloads"
   "nbd-export-looked-up-again@cowsnap-nbd@bad_input@a_client_told_yes_is_served_though_its_export_went_away_during_the_handshake"
+  "index-run-not-synced@cowsnap-core@index@a_crash_at_every_step_of_a_checkpoint_leaves_an_index_equal_to_a_full_scan"
 )
 
 target_args() { # PACKAGE TARGET

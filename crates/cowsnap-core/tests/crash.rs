@@ -22,8 +22,9 @@ use std::sync::Arc;
 
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, CrashDevice, Fua, PowerDomain};
+use cowsnap_core::exception::index::{IndexConfig, PageCache, Tuning};
 use cowsnap_core::exception::persistent::format::Geometry;
-use cowsnap_core::exception::{ExceptionStore, PersistentStore};
+use cowsnap_core::exception::{ExceptionStore, ExceptionTable, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
 use cowsnap_core::units::ChunkSize;
 use rand::rngs::StdRng;
@@ -110,6 +111,9 @@ struct Machine {
     power: Arc<PowerDomain>,
     origin: Arc<CrashDevice>,
     cow: Arc<CrashDevice>,
+    /// The snapshot's exception index: it survives the crash like a file would (its
+    /// writes before the cut stay), so every reopen resumes from what it covered.
+    index: cowsnap_core::testkit::Scratch,
 }
 
 impl Machine {
@@ -121,14 +125,31 @@ impl Machine {
             "origin",
         ));
         let cow = Arc::new(CrashDevice::in_domain(cow_bytes, power.clone(), "cow"));
-        Machine { power, origin, cow }
+        Machine {
+            power,
+            origin,
+            cow,
+            index: cowsnap_core::testkit::scratch("crash-index"),
+        }
     }
 
     fn open(&self) -> cowsnap_core::Result<(Arc<Origin>, Arc<Snapshot>, Arc<PersistentStore>)> {
         let origin = Origin::new(self.origin.clone(), Arc::new(Copier::default()));
         let cs = ChunkSize::from_sectors(CHUNK_SECTORS).unwrap();
         let store = Arc::new(PersistentStore::open(self.cow.clone(), Some(cs), false)?);
-        let snap = Snapshot::load(&origin, store.clone())?;
+        let config = IndexConfig {
+            dir: Some(self.index.path().to_path_buf()),
+            cache: PageCache::new(2 * 4096),
+            // Checkpoints every few exceptions, on the background thread, racing the cut.
+            tuning: Tuning {
+                flush_at: 4,
+                level0_runs: 3,
+                rebuild_batch: 8,
+            },
+            identity: 1,
+            fault: None,
+        };
+        let snap = Snapshot::load_with(&origin, store.clone(), config)?;
         origin.activate(&snap)?;
         Ok((origin, snap, store))
     }
@@ -225,6 +246,24 @@ fn check_after_crash(m: &Machine, ops: &[Op], outcomes: &[Outcome], tag_base: us
     // Nothing leaked: entry j of area k records the j-th data chunk after area k.
     let geo = Geometry::new(store.chunk_size());
     let table = snap.exceptions().table().unwrap();
+    let mut scan = ExceptionTable::new();
+    cowsnap_core::exception::persistent::read::load_exceptions(
+        &*m.cow,
+        &geo,
+        None,
+        Default::default(),
+        &mut |_, e| {
+            scan.insert(e).unwrap();
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        table,
+        scan,
+        "{ctx}: the index ({:?}) differs from a full scan",
+        snap.exceptions().index().status().state
+    );
     let mut news: Vec<u64> = table.iter().map(|e| e.new.0).collect();
     news.sort_unstable();
     let mut want = Vec::new();

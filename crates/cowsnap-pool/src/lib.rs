@@ -714,6 +714,7 @@ impl Pool {
             cache: self.cache.clone(),
             tuning: Tuning::from_env(),
             identity: index_identity(entry.id),
+            fault: None,
         }
     }
 

@@ -53,6 +53,52 @@ pub struct IndexDir {
     hook: Option<FaultHook>,
     /// Removed with its contents when the last handle goes (transient stores).
     temporary: Option<Arc<TempDir>>,
+    /// This process's claim on the directory, released when the last handle goes.
+    _claim: Option<Arc<Claim>>,
+}
+
+/// Directories held by an index of this process: one index per directory at a time.
+static CLAIMED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+static RELEASED: std::sync::Condvar = std::sync::Condvar::new();
+/// How long opening a directory waits for the index that holds it to finish (its final
+/// checkpoint runs when its snapshot is dropped, possibly on another thread).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Debug)]
+struct Claim(PathBuf);
+
+impl Claim {
+    fn take(path: &Path) -> Result<Claim> {
+        let deadline = std::time::Instant::now() + CLAIM_WAIT;
+        let mut held = CLAIMED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while held.iter().any(|p| p == path) {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::InUse(format!(
+                    "the exception index {} is still held by another snapshot of this process",
+                    path.display()
+                )));
+            }
+            held = RELEASED
+                .wait_timeout(held, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        held.push(path.to_path_buf());
+        Ok(Claim(path.to_path_buf()))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = CLAIMED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.retain(|p| *p != self.0);
+        RELEASED.notify_all();
+    }
 }
 
 impl std::fmt::Debug for IndexDir {
@@ -77,13 +123,17 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Er
 }
 
 impl IndexDir {
-    /// The directory at `path`, created (with its parents) when missing.
+    /// The directory at `path`, created (with its parents) when missing. Waits while
+    /// another index of this process holds it.
     pub fn open(path: &Path) -> Result<IndexDir> {
         fs::create_dir_all(path).map_err(io("mkdir", path))?;
+        let path = fs::canonicalize(path).map_err(io("realpath", path))?;
+        let claim = Claim::take(&path)?;
         Ok(IndexDir {
-            path: path.to_path_buf(),
+            path,
             hook: None,
             temporary: None,
+            _claim: Some(Arc::new(claim)),
         })
     }
 
@@ -102,6 +152,7 @@ impl IndexDir {
                         temporary: Some(Arc::new(TempDir(path.clone()))),
                         path,
                         hook: None,
+                        _claim: None,
                     })
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

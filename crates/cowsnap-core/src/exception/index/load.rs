@@ -14,6 +14,7 @@
 //! covered entry's `new` without the index being able to tell (it is keyed by `old`); the
 //! loader then refuses the resume ([`Loader::refused`]) and the caller rebuilds.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::run::{self, Run, RunWriter};
@@ -65,10 +66,13 @@ impl Loader {
         durable: bool,
         fingerprint: Option<Fingerprinter>,
     ) -> Result<Loader> {
-        let dir = match &config.dir {
+        let mut dir = match &config.dir {
             Some(p) => IndexDir::open(p)?,
             None => IndexDir::temporary()?,
         };
+        if let Some(hook) = &config.fault {
+            dir = dir.with_hook(hook.clone());
+        }
         let index = ExceptionIndex::from_parts(config, Some(dir), true, fingerprint);
         if !durable {
             return Ok(Loader::new(index, Resume::default(), Mode::Fresh));
@@ -181,6 +185,13 @@ impl Loader {
                 let mut t = self.index.inner.tables.write();
                 t.recent.insert(e.old.0, e.new.0);
                 t.log.push(e);
+                let due = t.log.len() >= self.index.inner.config.tuning.flush_at;
+                drop(t);
+                if due {
+                    // A long tail is checkpointed as it is read, so memory stays bounded;
+                    // a failure leaves the entries in memory (and in status).
+                    let _ = self.index.inner.checkpoint(false);
+                }
                 Ok(())
             }
             Mode::Rebuild {
@@ -241,25 +252,34 @@ impl Loader {
                 if let Some(l1) = &level1 {
                     write_members(&dir, l1.seq(), &index.inner.members.read())?;
                 }
-                let fingerprint = match &index.inner.fingerprint {
-                    Some(f) if !dir.is_temporary() => f(self.count)?,
-                    _ => 0,
-                };
                 let set = RunSet {
                     level1: level1.map(Arc::new),
                     level0: Vec::new(),
                 };
-                let sb = Superblock {
-                    identity: index.inner.config.identity,
-                    covered: self.count,
-                    fingerprint,
-                    max_new: self.max_new,
-                    next_seq: seq,
-                    level1: set.level1.as_ref().map(|r| r.seq()),
-                    level0: Vec::new(),
-                };
                 if !dir.is_temporary() {
-                    write_super(&dir, &sb)?;
+                    // Best effort: without a superblock the next activation rebuilds again.
+                    let written = index
+                        .inner
+                        .fingerprint
+                        .as_ref()
+                        .map_or(Ok(0), |f| f(self.count))
+                        .and_then(|fingerprint| {
+                            write_super(
+                                &dir,
+                                &Superblock {
+                                    identity: index.inner.config.identity,
+                                    covered: self.count,
+                                    fingerprint,
+                                    max_new: self.max_new,
+                                    next_seq: seq,
+                                    level1: set.level1.as_ref().map(|r| r.seq()),
+                                    level0: Vec::new(),
+                                },
+                            )
+                        });
+                    if let Err(e) = written {
+                        index.inner.checkpoint.lock().error = Some(e.to_string());
+                    }
                 }
                 let mut t = index.inner.tables.write();
                 t.covered = self.count;
@@ -271,6 +291,7 @@ impl Loader {
             }
         };
         *index.inner.state.lock() = state;
+        index.inner.loaded.store(true, Ordering::SeqCst);
         Ok(index)
     }
 }

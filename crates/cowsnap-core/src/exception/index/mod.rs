@@ -94,7 +94,7 @@ impl Tuning {
 }
 
 /// Where and how a snapshot's index lives.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IndexConfig {
     /// The sidecar directory; `None`: a private temporary one (not reused at the next
     /// activation; what a transient store and a snapshot outside a pool get).
@@ -106,6 +106,19 @@ pub struct IndexConfig {
     /// Who owns the index (the pool gives the COW file's device and inode); a superblock
     /// with another identity is not used.
     pub identity: u64,
+    /// Called before every change to the sidecar (crash tests fail it); `None` in use.
+    pub fault: Option<dir::FaultHook>,
+}
+
+impl std::fmt::Debug for IndexConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexConfig")
+            .field("dir", &self.dir)
+            .field("cache", &self.cache)
+            .field("tuning", &self.tuning)
+            .field("identity", &self.identity)
+            .finish()
+    }
 }
 
 /// The default budget of the page cache: 64 MiB.
@@ -131,6 +144,7 @@ impl IndexConfig {
             cache,
             tuning,
             identity: 0,
+            fault: None,
         }
     }
 }
@@ -229,6 +243,8 @@ struct IndexInner {
     tables: RwLock<Tables>,
     checkpoint: Mutex<Checkpoints>,
     requested: AtomicBool,
+    /// Set when the load finished: only a loaded index checkpoints.
+    loaded: AtomicBool,
     state: Mutex<IndexState>,
 }
 
@@ -284,6 +300,7 @@ impl ExceptionIndex {
                     error: None,
                 }),
                 requested: AtomicBool::new(false),
+                loaded: AtomicBool::new(false),
                 state: Mutex::new(IndexState::Memory),
             }),
         }
@@ -607,8 +624,11 @@ fn decode_members(b: &[u8]) -> std::result::Result<ChunkSet, String> {
 
 impl Drop for IndexInner {
     fn drop(&mut self) {
-        // A clean deactivation leaves nothing to replay. A failure only costs a replay.
-        if !self.dir.as_ref().is_some_and(IndexDir::is_temporary) {
+        // A clean deactivation leaves nothing to replay. A failure only costs a replay. An
+        // index whose load failed writes nothing.
+        if self.loaded.load(Ordering::SeqCst)
+            && !self.dir.as_ref().is_some_and(IndexDir::is_temporary)
+        {
             let _ = self.checkpoint(true);
         }
     }

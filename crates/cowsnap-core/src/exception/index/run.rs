@@ -167,7 +167,9 @@ impl RunWriter {
         header[44..48].copy_from_slice(&hcrc.to_le_bytes());
         self.file.write_at(&meta, (1 + pages) * PAGE_BYTES as u64)?;
         self.file.write_at(&header, 0)?;
-        self.file.sync()?;
+        if !crate::mutation::active("index-run-not-synced") {
+            self.file.sync()?;
+        }
         let table = decode_table(&meta[..mem_usize(table_len)]);
         Ok(Run {
             id: next_id(),
