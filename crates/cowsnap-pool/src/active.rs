@@ -28,6 +28,7 @@ use super::{crash_point, Pool, SnapshotRequest};
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileDevice, FileId};
 use cowsnap_core::error::{Error, Result};
+use cowsnap_core::exception::index::{CacheStats, IndexState, IndexStatus, NO_INDEX_YET};
 use cowsnap_core::exception::persistent::PersistentStore;
 use cowsnap_core::exception::Usage;
 use cowsnap_core::mutation;
@@ -81,6 +82,13 @@ pub struct VolumeInfo {
     /// Why an origin is served read-only (a snapshot of it failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<String>,
+    /// A loaded snapshot's exception index: how it was loaded, what it covers, its memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexStatus>,
+    /// The page cache of the pool's exception indexes (shared by its snapshots; the same
+    /// numbers on each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStats>,
 }
 
 /// Space use in sectors, with the kernel's meanings.
@@ -121,6 +129,8 @@ impl VolumeInfo {
             invalid_reason: None,
             error: None,
             read_only: None,
+            index: None,
+            cache: None,
         }
     }
 
@@ -140,6 +150,8 @@ impl VolumeInfo {
             invalid_reason: None,
             error: Some(f.reason.clone()),
             read_only: None,
+            index: None,
+            cache: None,
         }
     }
 
@@ -180,6 +192,8 @@ impl VolumeInfo {
             invalid_reason,
             error: None,
             read_only: None,
+            index: None,
+            cache: None,
         }
     }
 
@@ -191,7 +205,11 @@ impl VolumeInfo {
             snap.exceptions().completed_count(),
             snap.invalid_reason(),
         );
-        VolumeInfo::snapshot(entry, snap.size(), path, Some(numbers))
+        let mut info = VolumeInfo::snapshot(entry, snap.size(), path, Some(numbers));
+        let index = snap.exceptions().index();
+        info.index = Some(index.status());
+        info.cache = Some(index.cache().stats());
+        info
     }
 }
 
@@ -428,6 +446,15 @@ impl ActivePool {
             };
             match opened {
                 Ok((snap, id)) => {
+                    if let IndexState::Rebuilt { reason } = snap.exceptions().index().status().state
+                    {
+                        if reason != NO_INDEX_YET {
+                            warnings.push(format!(
+                                "snapshot {:?}: its exception index was rebuilt from the COW: {reason}",
+                                s.name
+                            ));
+                        }
+                    }
                     ids.insert(s.name.clone(), id);
                     snapshots.insert(
                         s.name.clone(),
@@ -714,6 +741,22 @@ impl ActivePool {
             }
         }
         Ok(())
+    }
+
+    /// Writes every snapshot's recent exceptions into its index (a stop does this, so the
+    /// next activation replays nothing). Returns one warning per index that failed: it
+    /// costs only a replay at the next activation.
+    pub fn checkpoint_indexes(&self) -> Vec<String> {
+        let inner = self.inner.lock();
+        let mut warnings = Vec::new();
+        for (name, s) in &inner.snapshots {
+            if let Err(e) = s.snap.exceptions().index().checkpoint() {
+                warnings.push(format!(
+                    "snapshot {name:?}: could not write its exception index ({e}); the next start reads the rest from the COW"
+                ));
+            }
+        }
+        warnings
     }
 }
 

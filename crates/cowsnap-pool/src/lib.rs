@@ -692,8 +692,14 @@ impl Pool {
 
     /// Sets the budget of the exception indexes' page cache (`serve --cache-size`), before
     /// activation.
+    /// Under the tests' stress tuning (`COWSNAP_INDEX_STRESS`) the cache stays at most
+    /// four pages, so that every test of a running daemon evicts.
     pub fn set_cache_bytes(&mut self, bytes: u64) {
-        self.cache = PageCache::new(bytes);
+        self.cache = if Tuning::from_env() == Tuning::STRESS {
+            default_cache()
+        } else {
+            PageCache::new(bytes)
+        };
     }
 
     /// The exception indexes' page cache.

@@ -1,8 +1,9 @@
 //! `cowsnap cow ...`: tools for persistent COW devices, thin wrappers over
 //! `cowsnap_core::exception::persistent::inspect`.
 //!
-//! * `check COW [--json]`: exit 0 when clean, 1 with findings (listed), 2 when the file
-//!   cannot be read at all;
+//! * `check COW [--index DIR] [--json]`: exit 0 when clean, 1 with findings (listed), 2
+//!   when the file cannot be read at all; with `--index`, the exception index kept for the
+//!   COW too;
 //! * `dump COW [--json]`: header, areas and exceptions;
 //! * `export --origin ORIGIN --cow COW --output IMAGE`: the snapshot's view as a raw image,
 //!   with a progress line when stderr is a terminal.
@@ -14,11 +15,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use cowsnap_core::dev::{BlockDevice, FileDevice};
-use cowsnap_core::exception::persistent::format::SNAP_MAGIC;
+use cowsnap_core::exception::index::check::{self as index_check, SidecarState};
+use cowsnap_core::exception::index::Fingerprinter;
+use cowsnap_core::exception::persistent::format::{self, Geometry, HeaderState, SNAP_MAGIC};
 use cowsnap_core::exception::persistent::inspect::{self, CheckReport, Dump};
+use cowsnap_core::exception::persistent::read;
+use cowsnap_core::exception::Resume;
 use serde::Serialize;
 
 /// Subcommands of `cowsnap cow`.
@@ -28,6 +33,12 @@ pub enum CowCommand {
     Check {
         /// The COW file or block device.
         cow: PathBuf,
+        /// Also check the exception index kept for this COW in DIR (a pool keeps it in
+        /// POOL/index/SNAPSHOT): every page, and every exception against the COW. A
+        /// missing or stale index is only reported (the next activation rebuilds it); one
+        /// that activation would use but that differs from the COW is a finding.
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -57,7 +68,7 @@ pub enum CowCommand {
 /// Runs one `cow` subcommand.
 pub fn run(cmd: CowCommand) -> Result<ExitCode> {
     match cmd {
-        CowCommand::Check { cow, json } => check(&cow, json),
+        CowCommand::Check { cow, index, json } => check(&cow, index.as_deref(), json),
         CowCommand::Dump { cow, json } => dump(&cow, json),
         CowCommand::Export {
             origin,
@@ -76,16 +87,48 @@ struct CheckJson<'a> {
     clean: bool,
     #[serde(flatten)]
     report: &'a CheckReport,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<&'a SidecarState>,
 }
 
-fn check(path: &Path, json: bool) -> Result<ExitCode> {
+/// The sidecar in `dir` checked against the COW `dev` (whose header is valid).
+fn check_index(dev: &FileDevice, path: &Path, dir: &Path) -> Result<SidecarState> {
+    let raw = read::read_raw_header(dev)?;
+    let HeaderState::Formatted {
+        valid: true,
+        chunk_size,
+    } = format::check_header(&raw, &dev.describe())?
+    else {
+        bail!("the COW has no valid header: its index cannot be checked");
+    };
+    let geo = Geometry::new(chunk_size);
+    let mut entries = Vec::new();
+    read::load_exceptions(dev, &geo, None, Resume::default(), &mut |_, e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    let cow: Arc<dyn BlockDevice> = Arc::new(open_ro(path)?);
+    let fingerprint: Fingerprinter = Arc::new(move |n| read::fingerprint(&*cow, &geo, n));
+    Ok(index_check::check(dir, &fingerprint, &entries))
+}
+
+fn check(path: &Path, index: Option<&Path>, json: bool) -> Result<ExitCode> {
     let dev = open_ro(path)?;
     let report = inspect::check(&dev);
+    let sidecar = match index {
+        Some(dir) if !report.has_errors() => Some(check_index(&dev, path, dir)?),
+        Some(_) => Some(SidecarState::Stale {
+            reason: "the COW has errors: its index is not used".into(),
+        }),
+        None => None,
+    };
+    let clean = report.is_clean() && !sidecar.as_ref().is_some_and(SidecarState::is_defect);
     let mut out = std::io::stdout().lock();
     if json {
         let j = CheckJson {
-            clean: report.is_clean(),
+            clean,
             report: &report,
+            index: sidecar.as_ref(),
         };
         writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
@@ -110,8 +153,21 @@ fn check(path: &Path, json: bool) -> Result<ExitCode> {
                 writeln!(out, "  {f}")?;
             }
         }
+        if let Some(s) = &sidecar {
+            let line = match s {
+                SidecarState::Missing => "none yet (the next activation builds it)".to_string(),
+                SidecarState::Stale { reason } => {
+                    format!("stale, the next activation rebuilds it: {reason}")
+                }
+                SidecarState::Valid { covered, tail } => format!(
+                    "valid: holds the first {covered} exceptions; activation replays the {tail} after them"
+                ),
+                SidecarState::Corrupt { problem } => format!("CORRUPT: {problem}"),
+            };
+            writeln!(out, "index: {line}")?;
+        }
     }
-    Ok(if report.is_clean() {
+    Ok(if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

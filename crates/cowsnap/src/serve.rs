@@ -61,9 +61,26 @@ pub struct ServeArgs {
     /// `losetup` can attach: `losetup -f --show DIR/NAME`.
     #[arg(long, value_name = "DIR")]
     pub fuse: Option<PathBuf>,
+    /// Memory for the snapshots' exception indexes, shared by the whole pool (K/M/G
+    /// suffixes): the pages of their on-disk indexes kept in memory. Each snapshot holds
+    /// besides about one bit per origin chunk (which chunks are remapped) and up to 32 Ki
+    /// recent exceptions; the rest of its exceptions stays on disk under POOL/index/,
+    /// however many there are. A lookup that misses costs one 4 KiB read.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = cache_size_arg)]
+    pub cache_size: u64,
     /// TLS for TCP listeners.
     #[command(flatten)]
     pub tls: crate::tcp::TlsArgs,
+}
+
+fn cache_size_arg(s: &str) -> Result<u64, String> {
+    let bytes = cowsnap_core::units::parse_size(s)?;
+    if bytes < 64 * 1024 {
+        return Err(format!(
+            "{s} is too small: the index cache needs at least 64K (16 pages of 4 KiB)"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The pool's volumes as FUSE files.
@@ -393,13 +410,17 @@ fn print_tls_clients(tls: &crate::tcp::TlsArgs) {
     );
 }
 
-/// Stops serving: closes the connections, flushes every export and the pool, removes the
-/// sockets, and names the invalid snapshots, which were not flushed.
+/// Stops serving: closes the connections, flushes every export and the pool, checkpoints
+/// the exception indexes, removes the sockets, and names the invalid snapshots, which were
+/// not flushed.
 fn stop(server: &Server, active: &ActivePool, sockets: &[PathBuf]) -> Result<()> {
     // An invalid snapshot has nothing to flush; its export's flush must not fail the stop.
     STOPPING.store(true, Ordering::SeqCst);
     let flushed = server.shutdown();
     let flushed_all = active.flush_all();
+    for w in active.checkpoint_indexes() {
+        eprintln!("cowsnap: warning: {w}");
+    }
     for s in sockets {
         let _ = std::fs::remove_file(s);
     }
@@ -443,6 +464,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let _lock = PoolLock::acquire(dir)?;
     let mut pool = Pool::open(dir)?;
     pool.set_direct(args.direct);
+    pool.set_cache_bytes(args.cache_size);
     let (active, warnings) = ActivePool::activate(pool, Arc::new(Copier::default()))?;
     let active = Arc::new(active);
     for w in &warnings {

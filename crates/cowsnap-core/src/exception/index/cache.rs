@@ -39,7 +39,7 @@ struct Clock {
 }
 
 /// What the cache did so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     /// The budget, in bytes.
     pub budget_bytes: u64,

@@ -137,6 +137,17 @@ impl IndexDir {
         })
     }
 
+    /// The directory at `path` as it is, for reading it without taking it (`cow check`):
+    /// another index of this process, or a daemon, may be using it.
+    pub fn unclaimed(path: &Path) -> IndexDir {
+        IndexDir {
+            path: path.to_path_buf(),
+            hook: None,
+            temporary: None,
+            _claim: None,
+        }
+    }
+
     /// A new private directory under the system's temporary directory, removed when the
     /// last handle on it goes.
     pub fn temporary() -> Result<IndexDir> {

@@ -27,6 +27,9 @@ use crate::error::{Error, Result};
 use crate::exception::store::Resume;
 use crate::exception::Exception;
 
+/// The reason [`IndexState::Rebuilt`] gives when there was no sidecar (a first activation).
+pub const NO_INDEX_YET: &str = "there is no index yet";
+
 /// Largest superblock read (it names at most a few thousand runs).
 const SUPER_LIMIT: u64 = 1 << 20;
 /// Largest members file read: a set of 2^40 chunks at one bit each.
@@ -318,7 +321,7 @@ fn open_sidecar(
     let bytes = dir
         .read(superblock::NAME, SUPER_LIMIT)
         .map_err(|e| e.to_string())?
-        .ok_or_else(|| "there is no index yet".to_string())?;
+        .ok_or_else(|| NO_INDEX_YET.to_string())?;
     let sb = Superblock::decode(&bytes, &where_).map_err(|e| e.to_string())?;
     if sb.identity != inner.config.identity {
         return Err("the index belongs to another COW (its identity differs)".into());

@@ -28,6 +28,7 @@
 
 pub mod bloom;
 pub mod cache;
+pub mod check;
 pub mod chunkset;
 pub mod dir;
 mod load;
@@ -43,7 +44,7 @@ use parking_lot::{Mutex, RwLock};
 pub use cache::{CacheStats, PageCache};
 pub use chunkset::ChunkSet;
 pub use dir::IndexDir;
-pub use load::Loader;
+pub use load::{Loader, NO_INDEX_YET};
 
 use self::run::{Run, RunWriter};
 use self::superblock::Superblock;
@@ -150,7 +151,7 @@ impl IndexConfig {
 }
 
 /// How the index came to be, for status.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum IndexState {
     /// A new store: nothing to load.
@@ -170,7 +171,7 @@ pub enum IndexState {
 }
 
 /// What status reports of an index.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IndexStatus {
     /// Completed exceptions.
     pub exceptions: u64,
