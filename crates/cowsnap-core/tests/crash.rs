@@ -139,6 +139,7 @@ impl Machine {
         let store = Arc::new(PersistentStore::open(self.cow.clone(), Some(cs), false)?);
         let config = IndexConfig {
             dir: Some(self.index.path().to_path_buf()),
+            temporary_in: None,
             cache: PageCache::new(2 * 4096),
             // Checkpoints every few exceptions, on the background thread, racing the cut.
             tuning: Tuning {

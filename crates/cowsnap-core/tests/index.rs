@@ -59,6 +59,7 @@ impl Rig {
     fn config(dir: &Path, fault: Option<FaultHook>) -> IndexConfig {
         IndexConfig {
             dir: Some(dir.to_path_buf()),
+            temporary_in: None,
             cache: PageCache::new(2 * 4096),
             tuning: TUNING,
             identity: 42,
@@ -163,12 +164,18 @@ fn a_valid_sidecar_is_resumed_without_a_scan_and_a_tail_is_replayed() {
     dead.store(true, Ordering::SeqCst);
     rig.close(snap);
 
-    let snap = rig.load(Rig::config(dir.path(), None)).unwrap();
+    // A tail longer than the checkpoint threshold is checkpointed as it is replayed: the
+    // memory held stays bounded by the threshold.
+    let mut config = Rig::config(dir.path(), None);
+    config.tuning.flush_at = 64;
+    let snap = rig.load(config).unwrap();
     assert_eq!(
         state(&snap),
         IndexState::Loaded { replayed: 300 },
         "seed {s}"
     );
+    let st = snap.exceptions().index().status();
+    assert!(st.recent < 64 && st.checkpoints >= 4, "{st:?}");
     assert_eq!(snap.exceptions().table().unwrap(), rig.scan());
     assert_eq!(snap.exceptions().completed_count(), 600);
     assert_view(&rig, &snap);

@@ -198,6 +198,7 @@ impl Pool {
             cache: default_cache(),
         };
         pool.notes = staging::recover(dir, &pool.manifest)?;
+        pool.remove_stale_indexes();
         // A removal that cannot finish now stays marked: its snapshot is never activated,
         // and the next open (or a `snapshot remove`) tries again.
         let removing: Vec<String> = pool
@@ -717,10 +718,36 @@ impl Pool {
     pub fn index_config(&self, entry: &SnapshotEntry) -> IndexConfig {
         IndexConfig {
             dir: (entry.store != "N").then(|| self.index_dir(&entry.name)),
+            temporary_in: Some(self.dir.join(INDEX_DIR)),
             cache: self.cache.clone(),
             tuning: Tuning::from_env(),
             identity: index_identity(entry.id),
             fault: None,
+        }
+    }
+
+    /// Deletes what no snapshot of the manifest uses under `index/`: the temporary indexes
+    /// of transient snapshots a killed daemon left, and indexes of snapshots whose removal
+    /// finished but whose index could not be deleted. A failure is a note.
+    fn remove_stale_indexes(&mut self) {
+        let Ok(entries) = fs::read_dir(self.dir.join(INDEX_DIR)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let used = self
+                .manifest
+                .snapshots
+                .iter()
+                .any(|s| s.name == name && s.store != "N");
+            if !used {
+                if let Err(err) = fs::remove_dir_all(e.path()) {
+                    self.notes.push(format!(
+                        "could not delete the unused index {}: {err}",
+                        e.path().display()
+                    ));
+                }
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 use super::*;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::Fua;
+use cowsnap_core::exception::index::IndexState;
 
 /// A pool directory `SCRATCH/pool`, not yet created; files a test puts beside it stay in
 /// the scratch directory, which goes away with it (also when the test fails).
@@ -139,14 +140,26 @@ fn offline_pool_lifecycle_and_restart() {
     again.remove_snapshot("live").unwrap();
     assert!(!dir.join("live.cow").exists(), "owned COW deleted");
     assert!(again.volume("live").is_none());
-    drop(again);
-    // Offline status agrees with the live one.
+    drop((again, live_dev, snap));
+    // Offline status agrees with the live one (the index through the sidecar the live
+    // pool checkpointed; the cache's counters are the process's own).
     let offline = Pool::open(&dir)
         .unwrap()
         .list_offline(Arc::new(Copier::default()), None)
         .unwrap();
-    let live_s1 = before_remove.iter().find(|v| v.name == "s1").unwrap();
-    assert_eq!(offline.iter().find(|v| v.name == "s1").unwrap(), live_s1);
+    let mut live_s1 = before_remove
+        .iter()
+        .find(|v| v.name == "s1")
+        .unwrap()
+        .clone();
+    let mut off_s1 = offline.iter().find(|v| v.name == "s1").unwrap().clone();
+    let index = off_s1.index.take().unwrap();
+    assert_eq!(index.state, IndexState::Loaded { replayed: 0 });
+    assert_eq!((index.exceptions, index.covered, index.recent), (2, 2, 0));
+    live_s1.index = None;
+    live_s1.cache = None;
+    off_s1.cache = None;
+    assert_eq!(off_s1, live_s1);
     assert_eq!(offline.len(), 2);
     fs::remove_dir_all(&dir).unwrap();
 }

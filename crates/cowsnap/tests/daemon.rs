@@ -1049,3 +1049,104 @@ fn max_connections_refuses_the_extra_clients_with_one_log_line() {
     assert_eq!(lines.len(), 1, "{out:?}");
     assert!(lines[0].contains("--max-connections"), "{out:?}");
 }
+
+fn status_json(pool: &TestPool, name: &str) -> serde_json::Value {
+    serde_json::from_str(&stdout(&run(pool.cmd().args(["status", name, "--json"])))).unwrap()
+}
+
+/// The exception index through the daemon: 40 Ki exceptions (past one checkpoint) with a
+/// 64 KiB cache, a clean restart that replays nothing, a SIGKILL that replays the tail, a
+/// damaged superblock that is rebuilt with a warning; the snapshot reads the same through all.
+#[test]
+fn the_exception_index_survives_restarts_crashes_and_damage() {
+    if !require_tools(&["qemu-io", "nbdcopy"]) {
+        return;
+    }
+    let pool = TestPool::with_origin("index", "disk", "192M");
+    let small = ["--cache-size", "64K"];
+    let d = Daemon::start(&pool, &small);
+    run(pool.cmd().args([
+        "snapshot",
+        "create",
+        "snap",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "200M",
+    ]));
+    qemu_io(&pool.uri("disk"), "write -P 0x33 0 160M");
+    let reference = pool.path("reference.img");
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), reference.to_str().unwrap()]));
+    let want = sha256_of(&reference);
+    let s = status_json(&pool, "snap");
+    assert_eq!(s["index"]["exceptions"], 40960, "{s}");
+    assert_eq!(s["cache"]["budget_bytes"], 65536, "{s}");
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+    let cow = pool.path("snap.cow");
+    let index = pool.path("index/snap");
+    let check = |expect: &str| {
+        let o = run(pool.cmd().args([
+            "cow",
+            "check",
+            cow.to_str().unwrap(),
+            "--index",
+            index.to_str().unwrap(),
+        ]));
+        let text = stdout(&o);
+        assert!(text.contains(expect), "{text}");
+    };
+    check("index: valid: holds the first 40960 exceptions; activation replays the 0");
+
+    // A clean restart reads nothing of the COW past the index; lookups go through the
+    // 64 KiB cache.
+    let d = Daemon::start(&pool, &small);
+    let s = status_json(&pool, "snap");
+    assert_eq!(s["index"]["state"], "loaded", "{s}");
+    assert_eq!(s["index"]["replayed"], 0, "{s}");
+    assert_eq!(s["index"]["covered"], 40960, "{s}");
+    let after = pool.path("after.img");
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
+    assert_eq!(sha256_of(&after), want);
+    let s = status_json(&pool, "snap");
+    assert!(s["cache"]["misses"].as_u64().unwrap() >= 160, "{s}");
+    assert!(
+        s["cache"]["resident_bytes"].as_u64().unwrap() <= 65536,
+        "{s}"
+    );
+
+    // More exceptions, then SIGKILL: no final checkpoint. The next start replays them.
+    qemu_io(&pool.uri("disk"), "write -P 0x44 160M 8M");
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), reference.to_str().unwrap()]));
+    let want = sha256_of(&reference);
+    run(Command::new("kill").args(["-9", &d.pid().to_string()]));
+    d.wait_crash();
+    let d = Daemon::start(&pool, &small);
+    let s = status_json(&pool, "snap");
+    assert_eq!(s["index"]["state"], "loaded", "{s}");
+    assert_eq!(s["index"]["replayed"], 2048, "{s}");
+    assert_eq!(s["index"]["exceptions"], 43008, "{s}");
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
+    assert_eq!(sha256_of(&after), want);
+    let (st, _) = d.stop();
+    assert!(st.success());
+
+    // A damaged superblock: rebuilt from the COW, with a warning naming why.
+    let sb = index.join("super");
+    let mut bytes = std::fs::read(&sb).unwrap();
+    bytes[12] ^= 0xff;
+    std::fs::write(&sb, &bytes).unwrap();
+    check("index: stale, the next activation rebuilds it");
+    let d = Daemon::start(&pool, &small);
+    cowsnap_core::testkit::wait_for("the warning that the index was rebuilt", || {
+        d.output().iter().any(|l| {
+            l.contains("snapshot \"snap\": its exception index was rebuilt from the COW")
+                && l.contains("checksum")
+        })
+    });
+    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
+    assert_eq!(sha256_of(&after), want);
+    let (st, _) = d.stop();
+    assert!(st.success());
+    check("index: valid: holds the first 43008 exceptions");
+}

@@ -92,6 +92,9 @@ pub struct Resume {
     pub entries: u64,
     /// The largest `new` chunk among them (the store allocates above it).
     pub max_new: Option<u64>,
+    /// The caller finds entries that repeat an `old` chunk itself (the index does, across
+    /// the covered entries too), so the store need not keep a set of them.
+    pub olds_checked: bool,
 }
 
 /// Where exceptions are kept.

@@ -100,6 +100,20 @@ impl fmt::Display for SnapshotStatus {
     }
 }
 
+/// An error the index found in the COW's entries, named after the COW `device`.
+fn on_cow(err: Error, device: &str) -> Error {
+    match err {
+        Error::Corrupt {
+            device: d, reason, ..
+        } if d == "the COW" => Error::Corrupt {
+            device: device.to_string(),
+            offset: 0,
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// A snapshot of an origin.
 pub struct Snapshot {
     origin_dev: Arc<dyn BlockDevice>,
@@ -152,14 +166,7 @@ impl Snapshot {
                 if let Some(finding) = validate::check_bounds(e, bounds) {
                     return Err(finding.into_error(&device));
                 }
-                loader.push(pos, e).map_err(|err| match err {
-                    Error::Corrupt { reason, .. } => Error::Corrupt {
-                        device: device.clone(),
-                        offset: 0,
-                        reason,
-                    },
-                    other => other,
-                })
+                loader.push(pos, e).map_err(|err| on_cow(err, &device))
             })
         };
         let outcome = match load(&mut loader) {
@@ -169,7 +176,7 @@ impl Snapshot {
             }
             other => other?,
         };
-        let index = loader.finish()?;
+        let index = loader.finish().map_err(|err| on_cow(err, &device))?;
         store.attach(index.clone());
         let table = index;
         let state = if outcome == LoadOutcome::Invalid {

@@ -152,6 +152,54 @@ impl Container {
         self.insert(m)
     }
 
+    /// Adds the strictly increasing `members`; returns the first already present (the
+    /// members after it are not added).
+    fn merge_sorted(&mut self, members: &[u16]) -> Option<u16> {
+        if let Container::Sparse(v) = self {
+            if v.len() + members.len() <= SPARSE_MAX {
+                let mut out = Vec::with_capacity(v.len() + members.len());
+                let (mut a, mut b) = (v.iter().peekable(), members.iter().peekable());
+                let mut dup = None;
+                loop {
+                    match (a.peek(), b.peek()) {
+                        (Some(&&x), Some(&&y)) if x == y => {
+                            dup = Some(y);
+                            break;
+                        }
+                        (Some(&&x), Some(&&y)) if x < y => {
+                            out.push(x);
+                            a.next();
+                        }
+                        (_, Some(&&y)) => {
+                            out.push(y);
+                            b.next();
+                        }
+                        (Some(&&x), None) => {
+                            out.push(x);
+                            a.next();
+                        }
+                        (None, None) => break,
+                    }
+                }
+                if dup.is_some() {
+                    // Keep what was merged before the duplicate, and the rest of the list.
+                    out.extend(a.copied());
+                    out.sort_unstable();
+                    out.dedup();
+                }
+                *v = out;
+                return dup;
+            }
+            *self = self.to_dense();
+        }
+        for &m in members {
+            if !self.insert(m) {
+                return Some(m);
+            }
+        }
+        None
+    }
+
     /// Removes `m`; true when it was present. A dense container that falls below
     /// [`DENSE_MIN`] turns sparse.
     fn remove(&mut self, m: u16) -> bool {
@@ -319,6 +367,49 @@ impl ChunkSet {
             self.len += 1;
         }
         added
+    }
+
+    /// Adds `keys`, which must be strictly increasing, container by container: a merge
+    /// of sorted lists (or bits set), linear in the members touched, where one
+    /// [`insert`](Self::insert) each would shift a sorted list per key. Returns the first
+    /// key already present (the keys after it are not added), or the first key that does
+    /// not follow its predecessor.
+    pub fn insert_sorted(&mut self, keys: &[u64]) -> Result<(), u64> {
+        let mut rest = keys;
+        let mut prev: Option<u64> = None;
+        while let Some(&first) = rest.first() {
+            let (key, _) = split(first);
+            let n = rest.partition_point(|&c| split(c).0 == key);
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            let mut members = Vec::with_capacity(group.len());
+            for &c in group {
+                if prev.is_some_and(|p| c <= p) {
+                    return Err(c);
+                }
+                prev = Some(c);
+                members.push(split(c).1);
+            }
+            let i = match self.find(key) {
+                Ok(i) => i,
+                Err(i) => {
+                    self.containers
+                        .insert(i, (key, Container::Sparse(Vec::new())));
+                    i
+                }
+            };
+            let container = &mut self.containers[i].1;
+            let before = container.len();
+            let dup = container.merge_sorted(&members);
+            self.len += u64::from(container.len() - before);
+            if container.len() == 0 {
+                self.containers.remove(i);
+            }
+            if let Some(m) = dup {
+                return Err((key << 16) | u64::from(m));
+            }
+        }
+        Ok(())
     }
 
     /// True when chunk `c` is in the set.
@@ -1107,6 +1198,35 @@ mod tests {
                 }
                 s
             })
+    }
+
+    #[test]
+    fn sorted_inserts_equal_single_inserts_and_report_the_first_duplicate() {
+        let mut r = 0x1234_5678_u64;
+        let mut next = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r
+        };
+        let mut one = ChunkSet::new();
+        let mut bulk = ChunkSet::new();
+        for round in 0..6 {
+            let mut keys: Vec<u64> = (0..3000).map(|_| next() % 300_000).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.retain(|&k| !one.contains(k));
+            for &k in &keys {
+                assert!(one.insert(k));
+            }
+            assert_eq!(bulk.insert_sorted(&keys), Ok(()), "round {round}");
+            assert_eq!(bulk, one);
+            assert_eq!(bulk.len(), one.len());
+        }
+        let present = one.iter().nth(100).unwrap();
+        assert_eq!(bulk.insert_sorted(&[present]), Err(present));
+        assert_eq!(bulk.insert_sorted(&[5, 5]), Err(5));
+        assert_eq!(bulk.insert_sorted(&[9_000_000, 8_000_000]), Err(8_000_000));
     }
 
     proptest! {

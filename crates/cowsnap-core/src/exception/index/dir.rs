@@ -43,6 +43,10 @@ pub enum Op {
     Remove(String),
 }
 
+/// How the names of temporary index directories begin (a pool deletes those a killed
+/// daemon left).
+pub const TEMPORARY_PREFIX: &str = ".transient-";
+
 /// Called before each operation; an error fails it (and stands for a crash in tests).
 pub type FaultHook = Arc<dyn Fn(&Op) -> Result<()> + Send + Sync>;
 
@@ -62,7 +66,7 @@ static CLAIMED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new(
 static RELEASED: std::sync::Condvar = std::sync::Condvar::new();
 /// How long opening a directory waits for the index that holds it to finish (its final
 /// checkpoint runs when its snapshot is dropped, possibly on another thread).
-const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Claim(PathBuf);
@@ -148,15 +152,16 @@ impl IndexDir {
         }
     }
 
-    /// A new private directory under the system's temporary directory, removed when the
-    /// last handle on it goes.
-    pub fn temporary() -> Result<IndexDir> {
+    /// A new private directory `TEMPORARY_PREFIX...` in `base` (the system's temporary
+    /// directory when `None`), removed when the last handle on it goes.
+    pub fn temporary(base: Option<&Path>) -> Result<IndexDir> {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir();
+        let base = base.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        fs::create_dir_all(&base).map_err(io("mkdir", &base))?;
         for _ in 0..100 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let path = base.join(format!("cowsnap-index-{}-{n}", std::process::id()));
+            let path = base.join(format!("{TEMPORARY_PREFIX}{}-{n}", std::process::id()));
             match fs::create_dir(&path) {
                 Ok(()) => {
                     return Ok(IndexDir {

@@ -71,7 +71,7 @@ impl Loader {
     ) -> Result<Loader> {
         let mut dir = match &config.dir {
             Some(p) => IndexDir::open(p)?,
-            None => IndexDir::temporary()?,
+            None => IndexDir::temporary(config.temporary_in.as_deref())?,
         };
         if let Some(hook) = &config.fault {
             dir = dir.with_hook(hook.clone());
@@ -93,6 +93,7 @@ impl Loader {
                 let resume = Resume {
                     entries: sb.covered,
                     max_new: sb.max_new,
+                    olds_checked: true,
                 };
                 Ok(Loader::new(index, resume, Mode::Replay { replayed: 0 }))
             }
@@ -100,7 +101,10 @@ impl Loader {
         }
     }
 
-    fn new(index: ExceptionIndex, resume: Resume, mode: Mode) -> Loader {
+    fn new(index: ExceptionIndex, mut resume: Resume, mode: Mode) -> Loader {
+        // Repeated `old` chunks are found here: by the members in a replay, by the sort
+        // in a rebuild.
+        resume.olds_checked = true;
         Loader {
             index,
             count: resume.entries,
@@ -168,15 +172,10 @@ impl Loader {
                 return Err(Error::Invalid("resume refused".into()));
             }
         }
-        if !self.index.inner.members.write().insert(e.old.0) {
-            return Err(Error::Corrupt {
-                device: "the COW".into(),
-                offset: 0,
-                reason: format!(
-                    "entry {pos}: origin chunk {} already has an exception in an earlier entry",
-                    e.old
-                ),
-            });
+        if matches!(self.mode, Mode::Replay { .. })
+            && !self.index.inner.members.write().insert(e.old.0)
+        {
+            return Err(repeated(e.old.0));
         }
         self.count += 1;
         self.max_new = self.max_new.max(Some(e.new.0));
@@ -206,7 +205,7 @@ impl Loader {
                 batch.push(e);
                 if batch.len() >= flush_at {
                     let dir = self.index.inner.dir()?;
-                    runs.push(write_sorted(dir, *next_seq, batch)?);
+                    runs.push(write_sorted(dir, *next_seq, batch, None)?);
                     *next_seq += 1;
                 }
                 Ok(())
@@ -229,32 +228,48 @@ impl Loader {
             } => {
                 let dir = index.inner.dir()?.clone();
                 let mut seq = next_seq;
-                let level1 = if runs.is_empty() {
-                    if batch.is_empty() {
-                        None
-                    } else {
-                        seq += 1;
-                        Some(write_sorted(&dir, seq - 1, &mut batch)?)
-                    }
+                let mut members = ChunkSet::new();
+                let level1 = if runs.is_empty() && batch.is_empty() {
+                    None
+                } else if runs.is_empty() {
+                    seq += 1;
+                    Some(write_sorted(&dir, seq - 1, &mut batch, Some(&mut members))?)
                 } else {
                     if !batch.is_empty() {
-                        runs.push(write_sorted(&dir, seq, &mut batch)?);
+                        runs.push(write_sorted(&dir, seq, &mut batch, None)?);
                         seq += 1;
                     }
-                    let mut w = RunWriter::create(&dir, seq, None)?;
-                    seq += 1;
-                    let all: Vec<&Run> = runs.iter().collect();
-                    run::merge(&all, &mut |e| w.push(e))?;
-                    let l1 = w.finish()?;
-                    for r in &runs {
-                        dir.remove(&run::file_name(r.seq()))?;
+                    drop(batch);
+                    if runs.len() == 1 {
+                        let only = runs.remove(0);
+                        add_keys(&mut members, &only)?;
+                        Some(only)
+                    } else {
+                        let mut w = RunWriter::create(&dir, seq, None)?;
+                        seq += 1;
+                        let mut keys = Vec::with_capacity(KEY_BATCH);
+                        let all: Vec<&Run> = runs.iter().collect();
+                        run::merge(&all, &mut |e| {
+                            keys.push(e.old.0);
+                            if keys.len() == KEY_BATCH {
+                                members.insert_sorted(&keys).map_err(repeated)?;
+                                keys.clear();
+                            }
+                            w.push(e)
+                        })
+                        .map_err(corrupt_cow)?;
+                        members.insert_sorted(&keys).map_err(repeated)?;
+                        let l1 = w.finish()?;
+                        for r in &runs {
+                            dir.remove(&run::file_name(r.seq()))?;
+                        }
+                        Some(l1)
                     }
-                    Some(l1)
                 };
-                drop(batch);
                 if let Some(l1) = &level1 {
-                    write_members(&dir, l1.seq(), &index.inner.members.read())?;
+                    write_members(&dir, l1.seq(), &members)?;
                 }
+                *index.inner.members.write() = members;
                 let set = RunSet {
                     level1: level1.map(Arc::new),
                     level0: Vec::new(),
@@ -299,13 +314,65 @@ impl Loader {
     }
 }
 
-fn write_sorted(dir: &IndexDir, seq: u64, batch: &mut Vec<Exception>) -> Result<Run> {
+/// Keys handed to [`ChunkSet::insert_sorted`] at a time while merging.
+const KEY_BATCH: usize = 64 * 1024;
+
+/// Sorts `batch` and writes it as run `seq`, adding its keys to `members` when given. Two
+/// entries of one `old` chunk are the COW's corruption.
+fn write_sorted(
+    dir: &IndexDir,
+    seq: u64,
+    batch: &mut Vec<Exception>,
+    members: Option<&mut ChunkSet>,
+) -> Result<Run> {
     batch.sort_unstable_by_key(|e| e.old.0);
+    if let Some(w) = batch.windows(2).find(|w| w[0].old == w[1].old) {
+        return Err(repeated(w[0].old.0));
+    }
+    if let Some(m) = members {
+        let keys: Vec<u64> = batch.iter().map(|e| e.old.0).collect();
+        m.insert_sorted(&keys).map_err(repeated)?;
+    }
     let mut w = RunWriter::create(dir, seq, None)?;
     for e in batch.drain(..) {
         w.push(e)?;
     }
     w.finish()
+}
+
+/// Adds every key of `run` to `members`.
+fn add_keys(members: &mut ChunkSet, run: &Run) -> Result<()> {
+    let mut scan = run.scan();
+    let mut keys = Vec::with_capacity(KEY_BATCH);
+    while let Some(e) = scan.next_exception()? {
+        keys.push(e.old.0);
+        if keys.len() == KEY_BATCH {
+            members.insert_sorted(&keys).map_err(repeated)?;
+            keys.clear();
+        }
+    }
+    members.insert_sorted(&keys).map_err(repeated)
+}
+
+/// The COW's corruption: two entries remap origin chunk `old`.
+fn repeated(old: u64) -> Error {
+    Error::Corrupt {
+        device: "the COW".into(),
+        offset: 0,
+        reason: format!("two entries remap origin chunk {old}"),
+    }
+}
+
+/// A duplicate found by a merge of rebuild runs is the COW's corruption.
+fn corrupt_cow(e: Error) -> Error {
+    match e {
+        Error::Corrupt { reason, .. } if reason.contains("indexed twice") => Error::Corrupt {
+            device: "the COW".into(),
+            offset: 0,
+            reason: reason.replace("is indexed twice", "is remapped by two entries"),
+        },
+        other => other,
+    }
 }
 
 /// The sidecar's superblock, runs and members, or why they cannot be used.
@@ -367,12 +434,10 @@ fn open_sidecar(
         return Err("the members file does not match the level-1 run".into());
     }
     for r in &level0 {
-        let mut scan = r.scan();
-        while let Some(e) = scan.next_exception().map_err(|e| e.to_string())? {
-            if !members.insert(e.old.0) {
-                return Err(format!("chunk {} is indexed twice", e.old));
-            }
-        }
+        add_keys(&mut members, r).map_err(|e| match e {
+            Error::Corrupt { reason, .. } => format!("{}: {reason}", run::file_name(r.seq())),
+            other => other.to_string(),
+        })?;
     }
     if in_runs != sb.covered {
         return Err(format!(

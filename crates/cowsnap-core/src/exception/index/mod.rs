@@ -100,6 +100,9 @@ pub struct IndexConfig {
     /// The sidecar directory; `None`: a private temporary one (not reused at the next
     /// activation; what a transient store and a snapshot outside a pool get).
     pub dir: Option<std::path::PathBuf>,
+    /// Where a temporary directory is made: the system's temporary directory when `None`
+    /// (a pool gives its `index/`, so a transient snapshot's runs do not land in a tmpfs).
+    pub temporary_in: Option<std::path::PathBuf>,
     /// The page cache, shared by the snapshots of a pool.
     pub cache: Arc<PageCache>,
     /// Thresholds.
@@ -142,6 +145,7 @@ impl IndexConfig {
             .clone();
         IndexConfig {
             dir: None,
+            temporary_in: None,
             cache,
             tuning,
             identity: 0,

@@ -105,6 +105,9 @@ pub fn load_exceptions(
             origin_chunks,
         },
     );
+    if from.olds_checked {
+        validator = validator.without_old_duplicates();
+    }
     let mut loaded = Loaded::default();
     let epa = geo.exceptions_per_area();
     let (start, skip) = (from.entries / epa, from.entries % epa);

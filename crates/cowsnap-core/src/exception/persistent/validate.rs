@@ -135,7 +135,8 @@ pub type EntryFindings = std::iter::Flatten<std::array::IntoIter<Option<Finding>
 pub struct Validator {
     geo: Geometry,
     bounds: Bounds,
-    olds: ChunkSet,
+    /// `None` when the caller checks repeated `old` chunks itself.
+    olds: Option<ChunkSet>,
     news: ChunkSet,
 }
 
@@ -145,9 +146,16 @@ impl Validator {
         Validator {
             geo,
             bounds,
-            olds: ChunkSet::new(),
+            olds: Some(ChunkSet::new()),
             news: ChunkSet::new(),
         }
+    }
+
+    /// The same validator without the check for repeated `old` chunks, for a caller that
+    /// makes it (the exception index); saves a set the size of the origin's.
+    pub fn without_old_duplicates(mut self) -> Self {
+        self.olds = None;
+        self
     }
 
     /// Checks `entry`, found at `slot`, the next entry in on-disk order. Every rule is
@@ -164,7 +172,7 @@ impl Validator {
             None
         };
         let origin = origin_problem(entry, self.bounds).and_then(at);
-        let dup_old = (!self.olds.insert(entry.old.0))
+        let dup_old = (!self.olds.as_mut().is_none_or(|o| o.insert(entry.old.0)))
             .then_some(Problem::DuplicateOrigin)
             .and_then(at);
         let dup_new = (!self.news.insert(entry.new.0))
