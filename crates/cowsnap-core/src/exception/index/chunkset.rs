@@ -192,12 +192,7 @@ impl Container {
             }
             *self = self.to_dense();
         }
-        for &m in members {
-            if !self.insert(m) {
-                return Some(m);
-            }
-        }
-        None
+        members.iter().find(|&&m| !self.insert(m)).copied()
     }
 
     /// Removes `m`; true when it was present. A dense container that falls below
