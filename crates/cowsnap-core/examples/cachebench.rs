@@ -1,12 +1,19 @@
-//! Memory and activation time of the exception table, measured on large kernel-format COWs.
+//! Memory and activation time of the exception index, measured on large kernel-format COWs.
 //!
 //! It writes persistent COW files in the kernel's format (header and metadata areas only,
 //! the data chunks left as holes) holding millions of exceptions with random, distinct
 //! `old` chunks and the dense `new` layout, then activates a snapshot on them in a fresh
-//! process and reports the time and the growth of `VmRSS`/`VmHWM`. It is the baseline for
-//! the bounded exception cache with its on-disk sidecar index: the step being replaced is
-//! [`activate`], one small function, so switching to the new API is a one-place change.
-//! Results and exact commands: `bench/experiments/cache-baseline.md`.
+//! process and reports the time, the growth of `VmRSS`/`VmHWM`, the index's status and its
+//! page cache's statistics. The index lives in a sidecar directory (`--index DIR`, by
+//! default `FILE.cxi`): without a valid one, activation rebuilds it from a full scan of
+//! the COW (`--fresh-index` deletes it first to force that); with one, it replays only the
+//! entries after it. Results and exact commands: `bench/experiments/cache-index.md` (the
+//! old in-memory table: `bench/experiments/cache-baseline.md`).
+//!
+//! `mkcow`'s `old` chunks are prefix-stable: with the same seed and origin, the first K
+//! exceptions of a COW of N are those of a COW of K (a partial Fisher-Yates shuffle fixes
+//! position i at step i). Writing a COW of N over one of K thus models a crash after the
+//! index covered K entries: the sidecar stays valid and activation replays N - K.
 //!
 //! Build and run (release, from the workspace):
 //!
@@ -14,13 +21,15 @@
 //! cargo build --release -p cowsnap-core --example cachebench
 //! B=target/release/examples/cachebench
 //! $B mkcow /tmp/c.cow --chunk-sectors 8 --exceptions 1048576 --origin-chunks 16777216
-//! $B activate /tmp/c.cow --repeat 3 [--cold]
+//! $B activate /tmp/c.cow --fresh-index [--cold]        # rebuild
+//! $B activate /tmp/c.cow --repeat 3 [--cold]           # with the sidecar
 //! $B seqread /tmp/c.cow [--cold]
-//! $B lookup /tmp/c.cow --n 1000000
+//! $B lookup /tmp/c.cow --n 1000000 --cache-mib 8
 //! ```
 //!
 //! Every subcommand prints one JSON line per measurement on stdout. `--cold` drops the
-//! COW's pages from the page cache (`fdatasync` + `POSIX_FADV_DONTNEED`) before measuring.
+//! COW's and the sidecar's pages from the page cache (`fdatasync` +
+//! `POSIX_FADV_DONTNEED`) before measuring.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -32,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileDevice};
+use cowsnap_core::exception::index::{IndexConfig, PageCache, Tuning};
 use cowsnap_core::exception::persistent::format::{self, Geometry, HeaderState, ENTRY_BYTES};
 use cowsnap_core::exception::{Exception, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
@@ -43,12 +53,16 @@ const USAGE: &str = "usage:
   cachebench mkcow FILE --chunk-sectors S --exceptions N --origin-chunks M [--seed X]
       write a kernel-format COW (FILE) with N random exceptions over an origin of M chunks,
       and the sparse origin FILE.origin
-  cachebench activate FILE [--repeat K] [--cold]
-      activate a snapshot on FILE K times (default 1), each in a fresh child process
+      (the olds are prefix-stable: the first K of N are the olds of K, same seed and M)
+  cachebench activate FILE [--index DIR] [--cache-mib C] [--fresh-index] [--repeat K] [--cold]
+      activate a snapshot on FILE K times (default 1), each in a fresh child process, with
+      its index in DIR (default FILE.cxi) and a page cache of C MiB (default 64);
+      --fresh-index deletes DIR first (a rebuild)
   cachebench seqread FILE [--cold]
       read every metadata area of FILE in order, one chunk-sized buffered read each
-  cachebench lookup FILE --n N [--seed X]
-      after activation, time N random hit and N random miss lookups (best of 5 rounds)";
+  cachebench lookup FILE --n N [--index DIR] [--cache-mib C] [--seed X]
+      after activation, time N random hits, N hits on a hot set of 4096, and N misses
+      (best of 5 rounds each)";
 
 /// Lookup rounds; the best is reported.
 const ROUNDS: usize = 5;
@@ -88,20 +102,33 @@ fn run(args: &[String]) -> Res<()> {
             )
         }
         "activate" => {
-            let a = Args::parse(rest, &["--repeat"], &["--cold"])?;
-            activate_repeat(&a.file, a.num_or("--repeat", 1)?, a.has("--cold"))
+            let a = Args::parse(
+                rest,
+                &["--repeat", "--index", "--cache-mib"],
+                &["--cold", "--fresh-index"],
+            )?;
+            activate_repeat(&a, a.num_or("--repeat", 1)?)
         }
         "activate-once" => {
-            let a = Args::parse(rest, &[], &["--cold"])?;
-            activate_once(&a.file, a.has("--cold"))
+            let a = Args::parse(
+                rest,
+                &["--index", "--cache-mib"],
+                &["--cold", "--fresh-index"],
+            )?;
+            activate_once(&a.file, &a.index_opts()?, a.has("--cold"))
         }
         "seqread" => {
             let a = Args::parse(rest, &[], &["--cold"])?;
             seqread(&a.file, a.has("--cold"))
         }
         "lookup" => {
-            let a = Args::parse(rest, &["--n", "--seed"], &[])?;
-            lookup(&a.file, a.num("--n")?, a.num_or("--seed", DEFAULT_SEED)?)
+            let a = Args::parse(rest, &["--n", "--seed", "--index", "--cache-mib"], &[])?;
+            lookup(
+                &a.file,
+                &a.index_opts()?,
+                a.num("--n")?,
+                a.num_or("--seed", DEFAULT_SEED)?,
+            )
         }
         other => Err(format!("unknown subcommand {other:?}")),
     }
@@ -153,6 +180,67 @@ impl Args {
 
     fn has(&self, flag: &str) -> bool {
         self.values.contains_key(flag)
+    }
+
+    /// `--index`, `--cache-mib` and `--fresh-index`.
+    fn index_opts(&self) -> Res<IndexOpts> {
+        Ok(IndexOpts {
+            dir: self
+                .values
+                .get("--index")
+                .cloned()
+                .unwrap_or_else(|| format!("{}.cxi", self.file)),
+            cache_mib: self.num_or("--cache-mib", DEFAULT_CACHE_MIB)?,
+            fresh: self.has("--fresh-index"),
+        })
+    }
+}
+
+/// Default page cache budget of `activate` and `lookup`, in MiB.
+const DEFAULT_CACHE_MIB: u64 = 64;
+
+/// Where the index lives and how much page cache it gets.
+struct IndexOpts {
+    dir: String,
+    cache_mib: u64,
+    /// Delete `dir` before loading (forces a rebuild).
+    fresh: bool,
+}
+
+impl IndexOpts {
+    fn config(&self) -> IndexConfig {
+        IndexConfig {
+            dir: Some(self.dir.clone().into()),
+            cache: PageCache::new(self.cache_mib << 20),
+            tuning: Tuning::DEFAULT,
+            identity: 0,
+        }
+    }
+
+    /// The arguments that give these options to a child.
+    fn args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--index".to_string(),
+            self.dir.clone(),
+            "--cache-mib".to_string(),
+            self.cache_mib.to_string(),
+        ];
+        if self.fresh {
+            v.push("--fresh-index".into());
+        }
+        v
+    }
+
+    /// Deletes the sidecar directory when asked to.
+    fn prepare(&self) -> Res<()> {
+        if self.fresh {
+            match std::fs::remove_dir_all(&self.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("{}: {e}", self.dir)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -258,12 +346,11 @@ fn mkcow(file: &str, chunk_sectors: u64, n: u64, m: u64, seed: u64) -> Res<()> {
     Ok(())
 }
 
-/// THE STEP UNDER TEST. Today: `Snapshot::load` reads every area and builds the whole
-/// in-memory `ExceptionTable`, then the origin starts routing writes to the snapshot.
-/// For the bounded cache with its sidecar index, replace the body (e.g. the new load call
-/// taking a cache budget and the sidecar's path); everything around it stays.
-fn activate(origin: &Origin, store: PersistentStore) -> Res<Arc<Snapshot>> {
-    let snap = Snapshot::load(origin, Arc::new(store)).map_err(|e| e.to_string())?;
+/// THE STEP UNDER TEST: `Snapshot::load_with` opens the index in its sidecar (replaying
+/// the entries after it) or rebuilds it from a full scan, then the origin starts routing
+/// writes to the snapshot.
+fn activate(origin: &Origin, store: PersistentStore, cfg: IndexConfig) -> Res<Arc<Snapshot>> {
+    let snap = Snapshot::load_with(origin, Arc::new(store), cfg).map_err(|e| e.to_string())?;
     origin.activate(&snap).map_err(|e| e.to_string())?;
     Ok(snap)
 }
@@ -306,6 +393,31 @@ fn evict(path: &str) -> Res<()> {
         .map_err(|e| format!("{path}: fadvise: {e}"))
 }
 
+/// [`evict`]s every file of the directory `dir`, if it exists.
+fn evict_dir(dir: &str) -> Res<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{dir}: {e}")),
+    };
+    for e in entries {
+        let path = e.map_err(err(dir))?.path();
+        if path.is_file() {
+            evict(&path.display().to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// The index's status and its cache's statistics, as JSON.
+fn index_json(snap: &Snapshot) -> Res<(String, String)> {
+    let index = snap.exceptions().index();
+    Ok((
+        serde_json::to_string(&index.status()).map_err(|e| e.to_string())?,
+        serde_json::to_string(&index.cache().stats()).map_err(|e| e.to_string())?,
+    ))
+}
+
 fn diff(after: u64, before: u64) -> i128 {
     i128::from(after) - i128::from(before)
 }
@@ -321,28 +433,39 @@ fn per(bytes: i128, n: u64) -> f64 {
     }
 }
 
-/// One activation in this process: one JSON line.
-fn activate_once(file: &str, cold: bool) -> Res<()> {
+/// One activation in this process: one JSON line. The snapshot is then deactivated and
+/// dropped, which writes the index's final checkpoint (`drop_ms`).
+fn activate_once(file: &str, opts: &IndexOpts, cold: bool) -> Res<()> {
+    opts.prepare()?;
     if cold {
         evict(file)?;
+        evict_dir(&opts.dir)?;
     }
     let t0 = Instant::now();
     let (origin, store) = open(file)?;
     let opened = t0.elapsed();
     let (rss0, hwm0) = mem_status()?;
     let t1 = Instant::now();
-    let snap = activate(&origin, store)?;
+    let snap = activate(&origin, store, opts.config())?;
     let took = t1.elapsed();
     let (rss1, hwm1) = mem_status()?;
     let n = snap.exceptions().completed_count();
-    let runs = snap
-        .exceptions()
-        .with_table(cowsnap_core::exception::ExceptionTable::runs);
+    let (status, cache) = index_json(&snap)?;
+    let t2 = Instant::now();
+    origin.deactivate(&snap).map_err(|e| e.to_string())?;
+    drop(snap);
+    drop(origin);
+    let dropped = t2.elapsed();
+    let (_, hwm2) = mem_status()?;
     let (drss, dhwm) = (diff(rss1, rss0), diff(hwm1, hwm0));
     println!(
-        "{{\"cmd\":\"activate\",\"file\":{file:?},\"cold\":{cold},\"exceptions\":{n},\"runs\":{runs},\"open_ms\":{:.1},\"activate_ms\":{:.1},\"rss_before\":{rss0},\"rss_after\":{rss1},\"hwm_before\":{hwm0},\"hwm_after\":{hwm1},\"rss_growth\":{drss},\"hwm_growth\":{dhwm},\"rss_per_exc\":{:.1},\"hwm_per_exc\":{:.1}}}",
+        "{{\"cmd\":\"activate\",\"file\":{file:?},\"cold\":{cold},\"fresh_index\":{},\"cache_mib\":{},\"exceptions\":{n},\"open_ms\":{:.1},\"activate_ms\":{:.1},\"drop_ms\":{:.1},\"rss_before\":{rss0},\"rss_after\":{rss1},\"hwm_before\":{hwm0},\"hwm_after\":{hwm1},\"hwm_after_drop\":{hwm2},\"rss_growth\":{drss},\"hwm_growth\":{dhwm},\"hwm_growth_with_drop\":{},\"rss_per_exc\":{:.2},\"hwm_per_exc\":{:.2},\"index\":{status},\"cache\":{cache}}}",
+        opts.fresh,
+        opts.cache_mib,
         ms(opened),
         ms(took),
+        ms(dropped),
+        diff(hwm2, hwm0),
         per(drss, n),
         per(dhwm, n),
     );
@@ -351,13 +474,14 @@ fn activate_once(file: &str, cold: bool) -> Res<()> {
 
 /// `k` activations, each in a fresh child process (`activate-once`); prints each child's
 /// line, and the best and median activation time on stderr.
-fn activate_repeat(file: &str, k: u64, cold: bool) -> Res<()> {
+fn activate_repeat(a: &Args, k: u64) -> Res<()> {
     let exe = std::env::current_exe().map_err(err("current_exe"))?;
+    let opts = a.index_opts()?;
     let mut times = Vec::new();
     for _ in 0..k {
         let mut cmd = Command::new(&exe);
-        cmd.arg("activate-once").arg(file);
-        if cold {
+        cmd.arg("activate-once").arg(&a.file).args(opts.args());
+        if a.has("--cold") {
             cmd.arg("--cold");
         }
         let out = cmd.output().map_err(err("spawning activate-once"))?;
@@ -445,32 +569,75 @@ fn seqread(file: &str, cold: bool) -> Res<()> {
     Ok(())
 }
 
-/// Best of [`ROUNDS`] timings of one lookup of each key; returns (ns per lookup, hits).
-fn time_lookups(snap: &Snapshot, keys: &[Chunk]) -> (f64, u64) {
+/// One lookup phase: the best of [`ROUNDS`] timings of one lookup of each key, the keys
+/// found, and the page cache's hits and misses over all rounds.
+struct Phase {
+    ns: f64,
+    first_ns: f64,
+    found: u64,
+    cache_hits: u64,
+    cache_misses: u64,
+}
+
+fn time_lookups(snap: &Snapshot, keys: &[Chunk]) -> Res<Phase> {
+    let cache = snap.exceptions().index().cache();
+    let before = cache.stats();
     let mut best = Duration::MAX;
+    let mut first = None;
     let mut found = 0;
     for _ in 0..ROUNDS {
         let t = Instant::now();
         found = 0u64;
         for &k in keys {
-            found += u64::from(black_box(snap.exceptions().lookup(black_box(k))).is_some());
+            let r = snap
+                .exceptions()
+                .lookup(black_box(k))
+                .map_err(|e| format!("lookup {k}: {e}"))?;
+            found += u64::from(black_box(r).is_some());
         }
-        best = best.min(t.elapsed());
+        let took = t.elapsed();
+        first.get_or_insert(took);
+        best = best.min(took);
     }
-    (
+    let after = cache.stats();
+    let ns = |d: Duration| {
         per(
-            i128::try_from(best.as_nanos()).unwrap_or(i128::MAX),
+            i128::try_from(d.as_nanos()).unwrap_or(i128::MAX),
             keys.len() as u64,
-        ),
+        )
+    };
+    Ok(Phase {
+        ns: ns(best),
+        first_ns: ns(first.unwrap_or_default()),
         found,
-    )
+        cache_hits: after.hits - before.hits,
+        cache_misses: after.misses - before.misses,
+    })
 }
 
-/// Random hit and miss lookups after activation.
-fn lookup(file: &str, n: u64, seed: u64) -> Res<()> {
+impl Phase {
+    /// `"name":{...}` for the output line, `null` when there were no keys.
+    fn json(&self, name: &str, keys: usize) -> String {
+        if keys == 0 {
+            return format!("\"{name}\":null");
+        }
+        format!(
+            "\"{name}\":{{\"keys\":{keys},\"ns\":{:.1},\"first_round_ns\":{:.1},\"cache_hits\":{},\"cache_misses\":{}}}",
+            self.ns, self.first_ns, self.cache_hits, self.cache_misses
+        )
+    }
+}
+
+/// Keys in the hot set of `lookup`.
+const HOT_KEYS: usize = 4096;
+
+/// Random hits, hits on a hot set, and misses, after activation.
+fn lookup(file: &str, opts: &IndexOpts, n: u64, seed: u64) -> Res<()> {
+    opts.prepare()?;
     let (origin, store) = open(file)?;
     let cs = store.geometry().chunk_size();
-    let snap = activate(&origin, store)?;
+    let snap = activate(&origin, store, opts.config())?;
+    let (status, _) = index_json(&snap)?;
     let f = File::open(file).map_err(err(file))?;
     let geo = geometry_of(&f, file)?;
     let mut olds = Vec::new();
@@ -478,42 +645,49 @@ fn lookup(file: &str, n: u64, seed: u64) -> Res<()> {
     let origin_chunks = cs.chunks_covering(origin.device().size());
     let mut rng = SplitMix64(seed ^ 0x100C_0F00);
     let mut hits = Vec::with_capacity(mem_usize(n));
+    let mut hot = Vec::with_capacity(mem_usize(n));
     if !olds.is_empty() {
         for _ in 0..n {
             hits.push(Chunk(olds[mem_usize(rng.below(olds.len() as u64))]));
         }
+        let set: Vec<Chunk> = (0..HOT_KEYS)
+            .map(|_| Chunk(olds[mem_usize(rng.below(olds.len() as u64))]))
+            .collect();
+        hot.extend((0..mem_usize(n)).map(|i| set[i % HOT_KEYS]));
     }
     let mut misses = Vec::with_capacity(mem_usize(n));
     if (olds.len() as u64) < origin_chunks {
         while (misses.len() as u64) < n {
             let c = Chunk(rng.below(origin_chunks));
-            if snap.exceptions().lookup(c).is_none() {
+            if !snap.exceptions().index().contains(c) {
                 misses.push(c);
             }
         }
     }
-    let (hit_ns, hit_found) = time_lookups(&snap, &hits);
-    let (miss_ns, miss_found) = time_lookups(&snap, &misses);
-    if hit_found != hits.len() as u64 || miss_found != 0 {
+    let (rss0, _) = mem_status()?;
+    let hit = time_lookups(&snap, &hits)?;
+    let hot_hit = time_lookups(&snap, &hot)?;
+    let miss = time_lookups(&snap, &misses)?;
+    if hit.found != hits.len() as u64 || hot_hit.found != hot.len() as u64 || miss.found != 0 {
         return Err(format!(
-            "wrong lookups: {hit_found} of {} hits found, {miss_found} misses found",
-            hits.len()
+            "wrong lookups: {} of {} hits found, {} of {} hot hits, {} misses found",
+            hit.found,
+            hits.len(),
+            hot_hit.found,
+            hot.len(),
+            miss.found
         ));
     }
-    let json_ns = |ns: f64, keys: &[Chunk]| {
-        if keys.is_empty() {
-            "null".to_string()
-        } else {
-            format!("{ns:.1}")
-        }
-    };
+    let (rss1, _) = mem_status()?;
+    let (_, cache) = index_json(&snap)?;
     println!(
-        "{{\"cmd\":\"lookup\",\"file\":{file:?},\"exceptions\":{},\"hits\":{},\"misses\":{},\"hit_ns\":{},\"miss_ns\":{},\"rounds\":{ROUNDS}}}",
+        "{{\"cmd\":\"lookup\",\"file\":{file:?},\"exceptions\":{},\"rounds\":{ROUNDS},\"cache_mib\":{},\"rss_growth_during_lookups\":{},{},{},{},\"index\":{status},\"cache\":{cache}}}",
         olds.len(),
-        hits.len(),
-        misses.len(),
-        json_ns(hit_ns, &hits),
-        json_ns(miss_ns, &misses),
+        opts.cache_mib,
+        diff(rss1, rss0),
+        hit.json("random_hit", hits.len()),
+        hot_hit.json("hot_hit", hot.len()),
+        miss.json("miss", misses.len()),
     );
     Ok(())
 }
