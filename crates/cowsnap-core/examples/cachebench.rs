@@ -214,6 +214,8 @@ impl IndexOpts {
             cache: PageCache::new(self.cache_mib << 20),
             tuning: Tuning::DEFAULT,
             identity: 0,
+            temporary_in: None,
+            fault: None,
         }
     }
 

@@ -351,7 +351,15 @@ impl ChunkSet {
     /// Adds chunk `c`; true when it was not in the set yet.
     pub fn insert(&mut self, c: u64) -> bool {
         let (key, m) = split(c);
-        let added = match self.find(key) {
+        // Chunks often come in increasing order (a COW's `new` chunks): the last container
+        // first, without a search.
+        let last = self.containers.len().checked_sub(1);
+        let found = match last {
+            Some(i) if self.containers[i].0 == key => Ok(i),
+            Some(i) if self.containers[i].0 < key => Err(i + 1),
+            _ => self.find(key),
+        };
+        let added = match found {
             Ok(i) => self.containers[i].1.insert(m),
             Err(i) => {
                 self.containers.insert(i, (key, Container::Sparse(vec![m])));

@@ -220,7 +220,7 @@ impl RunSet {
 #[derive(Debug, Default)]
 struct Tables {
     /// Durable entries not yet in a run, by chunk.
-    recent: HashMap<u64, u64>,
+    recent: HashMap<u64, u64, cache::IntHash>,
     /// The same entries, in log order: position `covered + i`.
     log: Vec<Exception>,
     covered: u64,
