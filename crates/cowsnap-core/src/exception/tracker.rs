@@ -128,9 +128,9 @@ pub enum ReadRoute {
 pub enum WriteRoute {
     /// The chunk has a completed exception. `reads_in_flight` tells whether reads routed to
     /// the old chunk before it completed may still be running.
+    /// Where it lives is not looked up (an origin write does not need it, and the lookup
+    /// may read an index page): [`ExceptionTracker::lookup`] gives it.
     Remapped {
-        /// The new chunk.
-        new: Chunk,
         /// Reads of the old location may still be in flight.
         reads_in_flight: bool,
     },
@@ -262,12 +262,9 @@ impl ExceptionTracker {
         let shard = shard_of(old);
         let mut st = self.inner.shards[shard].state.lock();
         if self.inner.index.contains(old) {
-            let reads_in_flight =
-                st.tracked.contains_key(&old) && !mutation::active("s4-remapped-ignores-reads");
-            drop(st);
             return Ok(WriteRoute::Remapped {
-                new: self.inner.index.lookup_member(old)?,
-                reads_in_flight,
+                reads_in_flight: st.tracked.contains_key(&old)
+                    && !mutation::active("s4-remapped-ignores-reads"),
             });
         }
         if let Some(p) = st.pending.get(&old) {
@@ -387,10 +384,10 @@ mod tests {
         assert!(matches!(
             t.route_write(c, |_| panic!()).unwrap(),
             WriteRoute::Remapped {
-                new: Chunk(2),
                 reads_in_flight: false
             }
         ));
+        assert_eq!(t.lookup(c).unwrap(), Some(Chunk(2)));
         assert_eq!(t.pending_count(), 0);
     }
 

@@ -353,7 +353,16 @@ impl Snapshot {
                 .route_write(piece.chunk, |old| self.store.prepare(old));
             match route {
                 Ok(WriteRoute::Own(o)) => plan.own(piece, self.own(o)),
-                Ok(WriteRoute::Remapped { new, .. }) => plan.later.push((piece, Later::At(new))),
+                Ok(WriteRoute::Remapped { .. }) => {
+                    // Completed: its place never changes, so it is looked up unlocked.
+                    match self.exceptions.index().lookup_member(piece.chunk) {
+                        Ok(new) => plan.later.push((piece, Later::At(new))),
+                        Err(e) => {
+                            plan.stopped = Some(e);
+                            break;
+                        }
+                    }
+                }
                 Ok(WriteRoute::Wait(p)) => plan.later.push((piece, Later::Pending(p))),
                 Err(e) => {
                     plan.stopped = Some(e);
@@ -445,7 +454,7 @@ impl Snapshot {
 
 /// What a snapshot write does, decided by routing each of its pieces: the runs of chunks
 /// it owns, the pieces whose exception exists or is being made by another request, and the
-/// allocation error that stopped routing, if any.
+/// error that stopped routing (an allocation's, or an index lookup's), if any.
 #[derive(Default)]
 struct WritePlan {
     runs: Vec<SnapWriteRun>,
