@@ -1080,7 +1080,11 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
     let want = sha256_of(&reference);
     let s = status_json(&pool, "snap");
     assert_eq!(s["index"]["exceptions"], 40960, "{s}");
-    assert_eq!(s["cache"]["budget_bytes"], 65536, "{s}");
+    // Under COWSNAP_INDEX_STRESS (CI's second run) the cache is 4 pages and checkpoints
+    // come every 8 exceptions.
+    let stress = std::env::var_os("COWSNAP_INDEX_STRESS").is_some();
+    let budget = if stress { 16384 } else { 65536 };
+    assert_eq!(s["cache"]["budget_bytes"], budget, "{s}");
     let (st, out) = d.stop();
     assert!(st.success(), "{out:?}");
     let cow = pool.path("snap.cow");
@@ -1111,7 +1115,7 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
     let s = status_json(&pool, "snap");
     assert!(s["cache"]["misses"].as_u64().unwrap() >= 160, "{s}");
     assert!(
-        s["cache"]["resident_bytes"].as_u64().unwrap() <= 65536,
+        s["cache"]["resident_bytes"].as_u64().unwrap() <= budget,
         "{s}"
     );
 
@@ -1124,7 +1128,17 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
     let d = Daemon::start(&pool, &small);
     let s = status_json(&pool, "snap");
     assert_eq!(s["index"]["state"], "loaded", "{s}");
-    assert_eq!(s["index"]["replayed"], 2048, "{s}");
+    // 2,048 exceptions made after the last checkpoint (under stress, some of them were
+    // checkpointed in the background before the kill).
+    let replayed = s["index"]["replayed"].as_u64().unwrap();
+    assert!(
+        if stress {
+            replayed <= 2048
+        } else {
+            replayed == 2048
+        },
+        "{s}"
+    );
     assert_eq!(s["index"]["exceptions"], 43008, "{s}");
     run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
     assert_eq!(sha256_of(&after), want);
