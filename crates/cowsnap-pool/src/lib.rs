@@ -720,7 +720,7 @@ impl Pool {
             dir: (entry.store != "N").then(|| self.index_dir(&entry.name)),
             temporary_in: Some(self.dir.join(INDEX_DIR)),
             cache: self.cache.clone(),
-            tuning: Tuning::from_env(),
+            tuning: self.index_tuning(),
             identity: index_identity(entry.id),
             fault: None,
         }
@@ -749,6 +749,18 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// The indexes' thresholds: a rebuild sorts half the cache's budget at a time (16
+    /// bytes an entry), between 64 Ki and 1 Mi entries, so that `--cache-size` bounds a
+    /// rebuild's memory too.
+    fn index_tuning(&self) -> Tuning {
+        let mut t = Tuning::from_env();
+        if t != Tuning::STRESS {
+            let entries = usize::try_from(self.cache.budget_bytes() / 32).unwrap_or(usize::MAX);
+            t.rebuild_batch = entries.clamp(64 * 1024, Tuning::DEFAULT.rebuild_batch);
+        }
+        t
     }
 
     /// Deletes snapshot `name`'s index (derived data: it is rebuilt from the COW when

@@ -46,6 +46,9 @@ enum Mode {
         batch: Vec<Exception>,
         runs: Vec<Run>,
         next_seq: u64,
+        /// The previous batch, being sorted and written on a second thread while the scan
+        /// goes on (so at most two batches are held).
+        sorting: Option<std::thread::JoinHandle<Result<Run>>>,
     },
 }
 
@@ -131,6 +134,7 @@ impl Loader {
                 batch,
                 runs: Vec::new(),
                 next_seq: 1,
+                sorting: None,
             },
         ))
     }
@@ -200,13 +204,21 @@ impl Loader {
                 batch,
                 runs,
                 next_seq,
+                sorting,
                 ..
             } => {
                 batch.push(e);
                 if batch.len() >= flush_at {
-                    let dir = self.index.inner.dir()?;
-                    runs.push(write_sorted(dir, *next_seq, batch, None)?);
+                    let mut full = std::mem::replace(batch, Vec::with_capacity(flush_at));
+                    if let Some(h) = sorting.take() {
+                        runs.push(joined(h)?);
+                    }
+                    let dir = self.index.inner.dir()?.clone();
+                    let seq = *next_seq;
                     *next_seq += 1;
+                    *sorting = Some(std::thread::spawn(move || {
+                        write_sorted(&dir, seq, &mut full, None)
+                    }));
                 }
                 Ok(())
             }
@@ -225,7 +237,11 @@ impl Loader {
                 mut batch,
                 mut runs,
                 next_seq,
+                sorting,
             } => {
+                if let Some(h) = sorting {
+                    runs.push(joined(h)?);
+                }
                 let dir = index.inner.dir()?.clone();
                 let mut seq = next_seq;
                 let mut members = ChunkSet::new();
@@ -338,6 +354,12 @@ fn write_sorted(
         w.push(e)?;
     }
     w.finish()
+}
+
+/// The run a sorting thread wrote.
+fn joined(h: std::thread::JoinHandle<Result<Run>>) -> Result<Run> {
+    h.join()
+        .map_err(|_| Error::Invalid("the rebuild's sorting thread panicked".into()))?
 }
 
 /// Adds every key of `run` to `members`.
