@@ -461,12 +461,10 @@ mod tests {
             let i = at.index(bytes.len());
             bytes[i] ^= xor;
             // A flipped bit in the words is another valid filter, which re-encodes to the
-            // same bytes; a flipped header field is an error.
+            // same bytes; so may be a flipped probe count (another count in 1..=16). Only
+            // a header field can make it an error.
             match Bloom::decode(&bytes) {
-                Ok(back) => {
-                    prop_assert!(i >= 20);
-                    prop_assert_eq!(back.encode(), bytes);
-                }
+                Ok(back) => prop_assert_eq!(back.encode(), bytes),
                 Err(_) => prop_assert!(i < 20),
             }
         }
