@@ -45,6 +45,7 @@ use cowsnap_core::exception::index::{IndexConfig, PageCache, Tuning};
 use cowsnap_core::exception::persistent::format::{self, Geometry, HeaderState, ENTRY_BYTES};
 use cowsnap_core::exception::{Exception, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
+use cowsnap_core::testkit::SplitMix;
 use cowsnap_core::units::{mem_usize, Chunk, ChunkSize};
 
 type Res<T> = Result<T, String>;
@@ -246,24 +247,6 @@ impl IndexOpts {
     }
 }
 
-/// SplitMix64 (Steele, Lea, Flood 2014): small, fast, and the same on every machine.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`n > 0`; the modulo bias is negligible for `n` far below 2^64).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn origin_path(file: &str) -> String {
     format!("{file}.origin")
 }
@@ -290,7 +273,7 @@ fn mkcow(file: &str, chunk_sectors: u64, n: u64, m: u64, seed: u64) -> Res<()> {
     let t0 = Instant::now();
     // A partial Fisher-Yates shuffle of 0..m: its first n values are random and distinct.
     let mut olds: Vec<u64> = (0..m).collect();
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix(seed);
     for i in 0..n {
         let j = i + rng.below(m - i);
         olds.swap(mem_usize(i), mem_usize(j));
@@ -645,7 +628,7 @@ fn lookup(file: &str, opts: &IndexOpts, n: u64, seed: u64) -> Res<()> {
     let mut olds = Vec::new();
     scan_areas(&f, file, &geo, &mut |o| olds.push(o))?;
     let origin_chunks = cs.chunks_covering(origin.device().size());
-    let mut rng = SplitMix64(seed ^ 0x100C_0F00);
+    let mut rng = SplitMix(seed ^ 0x100C_0F00);
     let mut hits = Vec::with_capacity(mem_usize(n));
     let mut hot = Vec::with_capacity(mem_usize(n));
     if !olds.is_empty() {

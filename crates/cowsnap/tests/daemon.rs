@@ -1064,6 +1064,12 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
     }
     let pool = TestPool::with_origin("index", "disk", "192M");
     let small = ["--cache-size", "64K"];
+    // The snapshot's view, read by nbdcopy, as a hash.
+    let view = pool.path("view.img");
+    let snap_sha = || {
+        run(Command::new("nbdcopy").args([&pool.uri("snap"), view.to_str().unwrap()]));
+        sha256_of(&view)
+    };
     let d = Daemon::start(&pool, &small);
     run(pool.cmd().args([
         "snapshot",
@@ -1075,9 +1081,7 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
         "200M",
     ]));
     qemu_io(&pool.uri("disk"), "write -P 0x33 0 160M");
-    let reference = pool.path("reference.img");
-    run(Command::new("nbdcopy").args([&pool.uri("snap"), reference.to_str().unwrap()]));
-    let want = sha256_of(&reference);
+    let want = snap_sha();
     let s = status_json(&pool, "snap");
     assert_eq!(s["index"]["exceptions"], 40960, "{s}");
     // Under COWSNAP_INDEX_STRESS (CI's second run) the cache is 4 pages and checkpoints
@@ -1109,9 +1113,7 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
     assert_eq!(s["index"]["state"], "loaded", "{s}");
     assert_eq!(s["index"]["replayed"], 0, "{s}");
     assert_eq!(s["index"]["covered"], 40960, "{s}");
-    let after = pool.path("after.img");
-    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
-    assert_eq!(sha256_of(&after), want);
+    assert_eq!(snap_sha(), want);
     let s = status_json(&pool, "snap");
     assert!(s["cache"]["misses"].as_u64().unwrap() >= 160, "{s}");
     assert!(
@@ -1121,8 +1123,7 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
 
     // More exceptions, then SIGKILL: no final checkpoint. The next start replays them.
     qemu_io(&pool.uri("disk"), "write -P 0x44 160M 8M");
-    run(Command::new("nbdcopy").args([&pool.uri("snap"), reference.to_str().unwrap()]));
-    let want = sha256_of(&reference);
+    let want = snap_sha();
     run(Command::new("kill").args(["-9", &d.pid().to_string()]));
     d.wait_crash();
     let d = Daemon::start(&pool, &small);
@@ -1140,8 +1141,7 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
         "{s}"
     );
     assert_eq!(s["index"]["exceptions"], 43008, "{s}");
-    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
-    assert_eq!(sha256_of(&after), want);
+    assert_eq!(snap_sha(), want);
     let (st, _) = d.stop();
     assert!(st.success());
 
@@ -1158,8 +1158,7 @@ fn the_exception_index_survives_restarts_crashes_and_damage() {
                 && l.contains("checksum")
         })
     });
-    run(Command::new("nbdcopy").args([&pool.uri("snap"), after.to_str().unwrap()]));
-    assert_eq!(sha256_of(&after), want);
+    assert_eq!(snap_sha(), want);
     let (st, _) = d.stop();
     assert!(st.success());
     check("index: valid: holds the first 43008 exceptions");

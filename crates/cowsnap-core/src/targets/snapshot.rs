@@ -100,20 +100,6 @@ impl fmt::Display for SnapshotStatus {
     }
 }
 
-/// An error the index found in the COW's entries, named after the COW `device`.
-fn on_cow(err: Error, device: &str) -> Error {
-    match err {
-        Error::Corrupt {
-            device: d, reason, ..
-        } if d == "the COW" => Error::Corrupt {
-            device: device.to_string(),
-            offset: 0,
-            reason,
-        },
-        other => other,
-    }
-}
-
 /// A snapshot of an origin.
 pub struct Snapshot {
     origin_dev: Arc<dyn BlockDevice>,
@@ -155,18 +141,18 @@ impl Snapshot {
         index: IndexConfig,
     ) -> Result<Arc<Snapshot>> {
         let durable = store.kind() != StoreKind::Transient;
-        let mut loader = Loader::open(index, durable, store.fingerprinter())?;
+        let device = store.cow().describe();
+        let mut loader = Loader::open(index, durable, store.fingerprinter(), device.clone())?;
         let bounds = Bounds {
             cow_chunks: store.chunk_size().whole_chunks(store.cow().size()),
             origin_chunks: Some(store.chunk_size().chunks_covering(origin.size())),
         };
-        let device = store.cow().describe();
         let load = |loader: &mut Loader| {
             store.load(loader.resume(), &mut |pos, e| {
                 if let Some(finding) = validate::check_bounds(e, bounds) {
                     return Err(finding.into_error(&device));
                 }
-                loader.push(pos, e).map_err(|err| on_cow(err, &device))
+                loader.push(pos, e)
             })
         };
         let outcome = match load(&mut loader) {
@@ -176,9 +162,8 @@ impl Snapshot {
             }
             other => other?,
         };
-        let index = loader.finish().map_err(|err| on_cow(err, &device))?;
+        let index = loader.finish()?;
         store.attach(index.clone());
-        let table = index;
         let state = if outcome == LoadOutcome::Invalid {
             State::Invalid
         } else {
@@ -189,7 +174,7 @@ impl Snapshot {
             cow: store.cow().clone(),
             chunk_size: store.chunk_size(),
             store,
-            exceptions: ExceptionTracker::new(table),
+            exceptions: ExceptionTracker::new(index),
             copier: origin.copier().clone(),
             state: AtomicState::new(state),
             invalid_reason: Mutex::new(

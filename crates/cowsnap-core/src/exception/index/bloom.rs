@@ -269,15 +269,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A small deterministic generator (splitmix64), so the measured rates repeat.
-    struct SplitMix(u64);
-
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(GOLDEN);
-            mix(self.0)
-        }
-    }
+    // A deterministic generator, so the measurements repeat.
+    use crate::testkit::SplitMix;
 
     /// False positives among `probes` keys never inserted, after inserting `keys`.
     fn fp_rate(keys: &[u64], absent: impl Iterator<Item = u64>) -> f64 {
@@ -324,8 +317,8 @@ mod tests {
     #[test]
     fn false_positive_rate_at_10_bits_per_key() {
         let mut rng = SplitMix(7);
-        let keys: Vec<u64> = (0..100_000).map(|_| rng.next()).collect();
-        let random = fp_rate(&keys, (0..1_000_000).map(|_| rng.next()));
+        let keys: Vec<u64> = (0..100_000).map(|_| rng.next_u64()).collect();
+        let random = fp_rate(&keys, (0..1_000_000).map(|_| rng.next_u64()));
         let seq: Vec<u64> = (0..100_000).collect();
         let sequential = fp_rate(&seq, 100_000..1_100_000);
         // Strided keys, like chunk numbers of one device region every 4 KiB out of 1 MiB.

@@ -756,18 +756,8 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
-    /// A small deterministic generator (splitmix64), so the size measurements repeat.
-    struct SplitMix(u64);
-
-    impl SplitMix {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
+    // A deterministic generator, so the measurements repeat.
+    use crate::testkit::SplitMix;
 
     /// Checks every invariant of the representation.
     fn assert_invariants(s: &ChunkSet) {
@@ -946,7 +936,7 @@ mod tests {
         let mut rng = SplitMix(1);
         let mut s = ChunkSet::new();
         while s.len() < 1_000_000 {
-            s.insert(rng.next() % (1 << 24));
+            s.insert(rng.next_u64() % (1 << 24));
         }
         assert_invariants(&s);
         let bytes = s.heap_bytes();
@@ -967,7 +957,7 @@ mod tests {
         let mut rng = SplitMix(2);
         let mut s = ChunkSet::new();
         while s.len() < 1000 {
-            s.insert(rng.next() % (1 << 40));
+            s.insert(rng.next_u64() % (1 << 40));
         }
         let bytes = s.heap_bytes();
         eprintln!("1000 random members of 0..2^40: heap_bytes {bytes}");
@@ -1205,13 +1195,8 @@ mod tests {
 
     #[test]
     fn sorted_inserts_equal_single_inserts_and_report_the_first_duplicate() {
-        let mut r = 0x1234_5678_u64;
-        let mut next = || {
-            r ^= r << 13;
-            r ^= r >> 7;
-            r ^= r << 17;
-            r
-        };
+        let mut rng = SplitMix(0x1234_5678);
+        let mut next = || rng.next_u64();
         let mut one = ChunkSet::new();
         let mut bulk = ChunkSet::new();
         for round in 0..6 {

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use super::run::{self, Run, RunWriter};
 use super::superblock::{self, Superblock};
 use super::{
-    decode_members, members_name, write_members, write_super, ChunkSet, ExceptionIndex,
-    Fingerprinter, IndexConfig, IndexDir, IndexState, RunSet, Tables,
+    decode_members, members_name, write_members, ChunkSet, ExceptionIndex, Fingerprinter,
+    IndexConfig, IndexDir, IndexState, RunSet, Tables,
 };
 use crate::error::{Error, Result};
 use crate::exception::store::Resume;
@@ -60,17 +60,20 @@ pub struct Loader {
     count: u64,
     max_new: Option<u64>,
     refused: Option<String>,
+    /// The COW, as errors about its entries name it.
+    device: String,
 }
 
 impl Loader {
-    /// Opens the index for a store. `durable` says whether the store keeps its exceptions
-    /// (a transient store's index starts empty and is never reused). Returns the loader;
-    /// pass [`resume`](Self::resume) to the store's load and every entry to
-    /// [`push`](Self::push).
+    /// Opens the index for a store whose COW is `device`. `durable` says whether the store
+    /// keeps its exceptions (a transient store's index starts empty and is never reused).
+    /// Returns the loader; pass [`resume`](Self::resume) to the store's load and every
+    /// entry to [`push`](Self::push).
     pub fn open(
         config: IndexConfig,
         durable: bool,
         fingerprint: Option<Fingerprinter>,
+        device: String,
     ) -> Result<Loader> {
         let mut dir = match &config.dir {
             Some(p) => IndexDir::open(p)?,
@@ -81,7 +84,7 @@ impl Loader {
         }
         let index = ExceptionIndex::from_parts(config, Some(dir), true, fingerprint);
         if !durable {
-            return Ok(Loader::new(index, Resume::default(), Mode::Fresh));
+            return Ok(Loader::new(index, Resume::default(), Mode::Fresh, device));
         }
         match open_sidecar(&index) {
             Ok((sb, runs, members)) => {
@@ -96,15 +99,20 @@ impl Loader {
                 let resume = Resume {
                     entries: sb.covered,
                     max_new: sb.max_new,
-                    olds_checked: true,
+                    ..Resume::default()
                 };
-                Ok(Loader::new(index, resume, Mode::Replay { replayed: 0 }))
+                Ok(Loader::new(
+                    index,
+                    resume,
+                    Mode::Replay { replayed: 0 },
+                    device,
+                ))
             }
-            Err(reason) => Loader::rebuild(index, reason),
+            Err(reason) => Loader::rebuild(index, reason, device),
         }
     }
 
-    fn new(index: ExceptionIndex, mut resume: Resume, mode: Mode) -> Loader {
+    fn new(index: ExceptionIndex, mut resume: Resume, mode: Mode, device: String) -> Loader {
         // Repeated `old` chunks are found here: by the members in a replay, by the sort
         // in a rebuild.
         resume.olds_checked = true;
@@ -115,10 +123,11 @@ impl Loader {
             resume,
             mode,
             refused: None,
+            device,
         }
     }
 
-    fn rebuild(index: ExceptionIndex, reason: String) -> Result<Loader> {
+    fn rebuild(index: ExceptionIndex, reason: String, device: String) -> Result<Loader> {
         let dir = index.inner.dir()?.clone();
         for name in dir.list()? {
             dir.remove(&name)?;
@@ -136,6 +145,7 @@ impl Loader {
                 next_seq: 1,
                 sorting: None,
             },
+            device,
         ))
     }
 
@@ -144,7 +154,7 @@ impl Loader {
         let reason = self
             .refused
             .unwrap_or_else(|| "the replay was abandoned".into());
-        Loader::rebuild(self.index, reason)
+        Loader::rebuild(self.index, reason, self.device)
     }
 
     /// Where the store's load starts.
@@ -179,7 +189,7 @@ impl Loader {
         if matches!(self.mode, Mode::Replay { .. })
             && !self.index.inner.members.write().insert(e.old.0)
         {
-            return Err(repeated(e.old.0));
+            return Err(repeated(&self.device, e.old.0));
         }
         self.count += 1;
         self.max_new = self.max_new.max(Some(e.new.0));
@@ -214,10 +224,11 @@ impl Loader {
                         runs.push(joined(h)?);
                     }
                     let dir = self.index.inner.dir()?.clone();
+                    let device = self.device.clone();
                     let seq = *next_seq;
                     *next_seq += 1;
                     *sorting = Some(std::thread::spawn(move || {
-                        write_sorted(&dir, seq, &mut full, None)
+                        write_sorted(&dir, seq, &mut full, None, &device)
                     }));
                 }
                 Ok(())
@@ -249,32 +260,49 @@ impl Loader {
                     None
                 } else if runs.is_empty() {
                     seq += 1;
-                    Some(write_sorted(&dir, seq - 1, &mut batch, Some(&mut members))?)
+                    Some(write_sorted(
+                        &dir,
+                        seq - 1,
+                        &mut batch,
+                        Some(&mut members),
+                        &self.device,
+                    )?)
                 } else {
                     if !batch.is_empty() {
-                        runs.push(write_sorted(&dir, seq, &mut batch, None)?);
+                        runs.push(write_sorted(&dir, seq, &mut batch, None, &self.device)?);
                         seq += 1;
                     }
                     drop(batch);
                     if runs.len() == 1 {
                         let only = runs.remove(0);
-                        add_keys(&mut members, &only)?;
+                        if let Some(old) = add_keys(&mut members, &only)? {
+                            return Err(repeated(&self.device, old));
+                        }
                         Some(only)
                     } else {
                         let mut w = RunWriter::create(&dir, seq, None)?;
                         seq += 1;
                         let mut keys = Vec::with_capacity(KEY_BATCH);
                         let all: Vec<&Run> = runs.iter().collect();
+                        let device = &self.device;
+                        let mut last = None;
                         run::merge(&all, &mut |e| {
+                            // Two batches holding one chunk meet here, in a row.
+                            if last.replace(e.old.0) == Some(e.old.0) {
+                                return Err(repeated(device, e.old.0));
+                            }
                             keys.push(e.old.0);
                             if keys.len() == KEY_BATCH {
-                                members.insert_sorted(&keys).map_err(repeated)?;
+                                members
+                                    .insert_sorted(&keys)
+                                    .map_err(|old| repeated(device, old))?;
                                 keys.clear();
                             }
                             w.push(e)
-                        })
-                        .map_err(corrupt_cow)?;
-                        members.insert_sorted(&keys).map_err(repeated)?;
+                        })?;
+                        members
+                            .insert_sorted(&keys)
+                            .map_err(|old| repeated(device, old))?;
                         let l1 = w.finish()?;
                         for r in &runs {
                             dir.remove(&run::file_name(r.seq()))?;
@@ -290,30 +318,9 @@ impl Loader {
                     level1: level1.map(Arc::new),
                     level0: Vec::new(),
                 };
-                if !dir.is_temporary() {
-                    // Best effort: without a superblock the next activation rebuilds again.
-                    let written = index
-                        .inner
-                        .fingerprint
-                        .as_ref()
-                        .map_or(Ok(0), |f| f(self.count))
-                        .and_then(|fingerprint| {
-                            write_super(
-                                &dir,
-                                &Superblock {
-                                    identity: index.inner.config.identity,
-                                    covered: self.count,
-                                    fingerprint,
-                                    max_new: self.max_new,
-                                    next_seq: seq,
-                                    level1: set.level1.as_ref().map(|r| r.seq()),
-                                    level0: Vec::new(),
-                                },
-                            )
-                        });
-                    if let Err(e) = written {
-                        index.inner.checkpoint.lock().error = Some(e.to_string());
-                    }
+                // Best effort: without a superblock the next activation rebuilds again.
+                if let Err(e) = index.inner.write_super(seq, self.count, self.max_new, &set) {
+                    index.inner.checkpoint.lock().error = Some(e.to_string());
                 }
                 let mut t = index.inner.tables.write();
                 t.covered = self.count;
@@ -334,20 +341,22 @@ impl Loader {
 const KEY_BATCH: usize = 64 * 1024;
 
 /// Sorts `batch` and writes it as run `seq`, adding its keys to `members` when given. Two
-/// entries of one `old` chunk are the COW's corruption.
+/// entries of one `old` chunk are the corruption of the COW `device`.
 fn write_sorted(
     dir: &IndexDir,
     seq: u64,
     batch: &mut Vec<Exception>,
     members: Option<&mut ChunkSet>,
+    device: &str,
 ) -> Result<Run> {
     batch.sort_unstable_by_key(|e| e.old.0);
     if let Some(w) = batch.windows(2).find(|w| w[0].old == w[1].old) {
-        return Err(repeated(w[0].old.0));
+        return Err(repeated(device, w[0].old.0));
     }
     if let Some(m) = members {
         let keys: Vec<u64> = batch.iter().map(|e| e.old.0).collect();
-        m.insert_sorted(&keys).map_err(repeated)?;
+        m.insert_sorted(&keys)
+            .map_err(|old| repeated(device, old))?;
     }
     let mut w = RunWriter::create(dir, seq, None)?;
     for e in batch.drain(..) {
@@ -362,38 +371,28 @@ fn joined(h: std::thread::JoinHandle<Result<Run>>) -> Result<Run> {
         .map_err(|_| Error::Invalid("the rebuild's sorting thread panicked".into()))?
 }
 
-/// Adds every key of `run` to `members`.
-fn add_keys(members: &mut ChunkSet, run: &Run) -> Result<()> {
+/// Adds every key of `run` to `members`; `Some(chunk)`: the first already there.
+fn add_keys(members: &mut ChunkSet, run: &Run) -> Result<Option<u64>> {
     let mut scan = run.scan();
     let mut keys = Vec::with_capacity(KEY_BATCH);
     while let Some(e) = scan.next_exception()? {
         keys.push(e.old.0);
         if keys.len() == KEY_BATCH {
-            members.insert_sorted(&keys).map_err(repeated)?;
+            if let Err(old) = members.insert_sorted(&keys) {
+                return Ok(Some(old));
+            }
             keys.clear();
         }
     }
-    members.insert_sorted(&keys).map_err(repeated)
+    Ok(members.insert_sorted(&keys).err())
 }
 
-/// The COW's corruption: two entries remap origin chunk `old`.
-fn repeated(old: u64) -> Error {
+/// The COW `device`'s corruption: two entries remap origin chunk `old`.
+fn repeated(device: &str, old: u64) -> Error {
     Error::Corrupt {
-        device: "the COW".into(),
+        device: device.to_string(),
         offset: 0,
         reason: format!("two entries remap origin chunk {old}"),
-    }
-}
-
-/// A duplicate found by a merge of rebuild runs is the COW's corruption.
-fn corrupt_cow(e: Error) -> Error {
-    match e {
-        Error::Corrupt { reason, .. } if reason.contains("indexed twice") => Error::Corrupt {
-            device: "the COW".into(),
-            offset: 0,
-            reason: reason.replace("is indexed twice", "is remapped by two entries"),
-        },
-        other => other,
     }
 }
 
@@ -456,10 +455,9 @@ fn open_sidecar(
         return Err("the members file does not match the level-1 run".into());
     }
     for r in &level0 {
-        add_keys(&mut members, r).map_err(|e| match e {
-            Error::Corrupt { reason, .. } => format!("{}: {reason}", run::file_name(r.seq())),
-            other => other.to_string(),
-        })?;
+        if let Some(old) = add_keys(&mut members, r).map_err(|e| e.to_string())? {
+            return Err(format!("chunk {old} is indexed twice"));
+        }
     }
     if in_runs != sb.covered {
         return Err(format!(

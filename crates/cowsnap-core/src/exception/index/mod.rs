@@ -275,16 +275,6 @@ impl ExceptionIndex {
         ExceptionIndex::from_parts(IndexConfig::temporary(), None, false, None)
     }
 
-    /// An index in memory holding `table`.
-    pub fn from_table(table: &ExceptionTable) -> ExceptionIndex {
-        let idx = ExceptionIndex::in_memory();
-        for e in table.iter() {
-            // A table has no duplicates.
-            let _ = idx.complete(e);
-        }
-        idx
-    }
-
     fn from_parts(
         config: IndexConfig,
         dir: Option<IndexDir>,
@@ -321,16 +311,12 @@ impl ExceptionIndex {
         if !self.contains(old) {
             return Ok(None);
         }
-        self.locate(old).map(Some)
+        self.lookup_member(old).map(Some)
     }
 
-    /// Where a chunk [`contains`](Self::contains) said is remapped lives.
+    /// Where a chunk [`contains`](Self::contains) said is remapped lives: memory, or one
+    /// page of a run (through the cache).
     pub fn lookup_member(&self, old: Chunk) -> Result<Chunk> {
-        self.locate(old)
-    }
-
-    /// The `new` chunk of a member.
-    fn locate(&self, old: Chunk) -> Result<Chunk> {
         let runs = {
             let t = self.inner.tables.read();
             if let Some(&new) = t.recent.get(&old.0) {
@@ -355,7 +341,7 @@ impl ExceptionIndex {
         let mut members = self.inner.members.write();
         if !members.insert(e.old.0) {
             drop(members);
-            let existing = self.locate(e.old).unwrap_or(Chunk(u64::MAX));
+            let existing = self.lookup_member(e.old).unwrap_or(Chunk(u64::MAX));
             return Err(AlreadyMapped {
                 old: e.old,
                 existing,
@@ -511,7 +497,7 @@ impl IndexInner {
             level1: runs.level1.clone(),
             level0,
         };
-        self.write_super(ck, covered + n, new_max, &set)?;
+        self.write_super(ck.next_seq, covered + n, new_max, &set)?;
         let mut t = self.tables.write();
         let t = &mut *t;
         for e in t.log.drain(..batch.len()) {
@@ -549,7 +535,7 @@ impl IndexInner {
             level1: Some(level1),
             level0: Vec::new(),
         };
-        self.write_super(ck, covered, max_new, &set)?;
+        self.write_super(ck.next_seq, covered, max_new, &set)?;
         self.tables.write().runs = Arc::new(set);
         for r in runs.level1.iter().chain(runs.level0.iter()) {
             dir.remove(&run::file_name(r.seq()))?;
@@ -560,9 +546,11 @@ impl IndexInner {
         Ok(())
     }
 
+    /// Writes and installs the superblock naming `set` as holding the first `covered`
+    /// entries (nothing for a temporary directory, which is never reused).
     fn write_super(
         &self,
-        ck: &Checkpoints,
+        next_seq: u64,
         covered: u64,
         max_new: Option<u64>,
         set: &RunSet,
@@ -572,31 +560,24 @@ impl IndexInner {
             // Never reused: its runs only bound memory.
             return Ok(());
         }
-        let fingerprint = match &self.fingerprint {
-            Some(f) => f(covered)?,
-            None => 0,
-        };
+        let fingerprint = self.fingerprint.as_ref().map_or(Ok(0), |f| f(covered))?;
         let sb = Superblock {
             identity: self.config.identity,
             covered,
             fingerprint,
             max_new,
-            next_seq: ck.next_seq,
+            next_seq,
             level1: set.level1.as_ref().map(|r| r.seq()),
             level0: set.level0.iter().map(|r| r.seq()).collect(),
         };
-        write_super(dir, &sb)
+        // Write, sync, rename, sync the directory: the old superblock or the new one.
+        let f = dir.create(superblock::NEW_NAME)?;
+        f.write_at(&sb.encode(), 0)?;
+        f.sync()?;
+        drop(f);
+        dir.rename(superblock::NEW_NAME, superblock::NAME)?;
+        dir.sync()
     }
-}
-
-/// Writes and installs a superblock (write, sync, rename, sync the directory).
-fn write_super(dir: &IndexDir, sb: &Superblock) -> Result<()> {
-    let f = dir.create(superblock::NEW_NAME)?;
-    f.write_at(&sb.encode(), 0)?;
-    f.sync()?;
-    drop(f);
-    dir.rename(superblock::NEW_NAME, superblock::NAME)?;
-    dir.sync()
 }
 
 fn members_name(seq: u64) -> String {
@@ -652,7 +633,8 @@ mod checkpointer {
     pub(super) fn request(index: Weak<IndexInner>) {
         let queue = QUEUE.get_or_init(|| {
             let (tx, rx) = channel::<Weak<IndexInner>>();
-            let spawned = std::thread::Builder::new()
+            // Without the thread (it could not start), checkpoints happen only at stop.
+            let _ = std::thread::Builder::new()
                 .name("cowsnap-checkpoint".into())
                 .spawn(move || {
                     for w in rx {
@@ -662,9 +644,6 @@ mod checkpointer {
                         }
                     }
                 });
-            if spawned.is_err() {
-                // No thread: checkpoints then happen only at deactivation.
-            }
             Mutex::new(tx)
         });
         if let Ok(tx) = queue.lock() {

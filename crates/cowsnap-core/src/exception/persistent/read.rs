@@ -67,15 +67,19 @@ pub fn walk_areas(
         };
         Err(format::corrupt(&device, geo.area_offset(area), why))
     };
+    // Decodes area `area`'s bytes and hands it on; true when the walk goes on.
+    let mut visit = |area: u64, bytes: &[u8]| -> Result<bool> {
+        let contents = format::decode_area(bytes, geo, area, &device)?;
+        f(area, &contents)?;
+        Ok(contents.full)
+    };
     let mut buf = vec![0u8; cs.bytes_usize()];
     let mut area = start;
     // One by one first.
     while area < start + READ_AHEAD_AFTER {
         in_cow(area)?;
         cow.read_at(&mut buf, geo.area_offset(area))?;
-        let contents = format::decode_area(&buf, geo, area, &device)?;
-        f(area, &contents)?;
-        if !contents.full {
+        if !visit(area, &buf)? {
             return Ok(area);
         }
         area += 1;
@@ -105,9 +109,7 @@ pub fn walk_areas(
                     "the area reader stopped".into(),
                 )
             })??;
-            let contents = format::decode_area(&bytes, geo, area, &device)?;
-            f(area, &contents)?;
-            if !contents.full {
+            if !visit(area, &bytes)? {
                 return Ok(area);
             }
             area += 1;
