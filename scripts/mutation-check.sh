@@ -33,6 +33,9 @@ mutations=(
   "batcher-commit-before-write@cowsnap-core@crash@crash_at_every_boundary_of_random_workloads"
   "nbd-export-looked-up-again@cowsnap-nbd@bad_input@a_client_told_yes_is_served_though_its_export_went_away_during_the_handshake"
   "index-run-not-synced@cowsnap-core@index@a_crash_at_every_step_of_a_checkpoint_leaves_an_index_equal_to_a_full_scan"
+  "merge-origin-not-flushed@cowsnap-core@merge@a_merge_survives_a_crash_at_every_write_and_flush"
+  "merge-window-not-waited@cowsnap-core@merge@a_view_write_into_the_merging_window_waits_for_the_commit"
+  "merge-skips-copy-out@cowsnap-core@merge@a_merge_rolls_the_origin_back_while_the_view_and_other_snapshots_take_writes"
 )
 
 target_args() { # PACKAGE TARGET

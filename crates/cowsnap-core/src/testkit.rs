@@ -481,3 +481,43 @@ mod tests {
         assert!(a.below(10) < 10);
     }
 }
+
+/// Tagged sectors, for crash tests that must tell which write a sector holds: every
+/// 16-byte record of a sector is an 8-byte tag (the write's) and the sector's number, so a
+/// torn or misplaced sector is seen too.
+pub mod tagged {
+    /// The tag of write number `i`: `W` and seven digits.
+    pub fn tag(i: usize) -> [u8; 8] {
+        let s = format!("W{:07}", i % 10_000_000);
+        let mut t = [0u8; 8];
+        t.copy_from_slice(s.as_bytes());
+        t
+    }
+
+    /// Sectors `start..start+count` stamped with `tag`.
+    pub fn sectors(tag: &[u8; 8], start: u64, count: u64) -> Vec<u8> {
+        let mut v = Vec::with_capacity(crate::units::mem_usize(count * 512));
+        for s in start..start + count {
+            for _ in 0..32 {
+                v.extend_from_slice(tag);
+                v.extend_from_slice(&s.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    /// The tag one sector's bytes hold, checking that they are one whole record of `sector`.
+    pub fn sector_tag(data: &[u8], sector: u64) -> Result<[u8; 8], String> {
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&data[..8]);
+        for rec in data.chunks(16) {
+            if rec[..8] != t || rec[8..] != sector.to_le_bytes() {
+                return Err(format!(
+                    "sector {sector} is not one whole record: starts {:?}",
+                    String::from_utf8_lossy(&data[..16])
+                ));
+            }
+        }
+        Ok(t)
+    }
+}

@@ -26,6 +26,7 @@ use cowsnap_core::exception::index::{IndexConfig, PageCache, Tuning};
 use cowsnap_core::exception::persistent::format::Geometry;
 use cowsnap_core::exception::{ExceptionStore, ExceptionTable, PersistentStore};
 use cowsnap_core::targets::{Origin, Snapshot};
+use cowsnap_core::testkit::tagged::{self, sector_tag, tag};
 use cowsnap_core::units::ChunkSize;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -48,39 +49,6 @@ enum Op {
         fua: bool,
     },
     Flush(Target),
-}
-
-fn tag(i: usize) -> [u8; 8] {
-    let s = format!("W{i:07}");
-    let mut t = [0u8; 8];
-    t.copy_from_slice(s.as_bytes());
-    t
-}
-
-fn pattern(tag: &[u8; 8], start: u64, count: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(count as usize * 512);
-    for s in start..start + count {
-        for _ in 0..32 {
-            v.extend_from_slice(tag);
-            v.extend_from_slice(&s.to_le_bytes());
-        }
-    }
-    v
-}
-
-/// The tag a sector holds, checking that it is one whole record for `sector`.
-fn sector_tag(data: &[u8], sector: u64) -> Result<[u8; 8], String> {
-    let mut t = [0u8; 8];
-    t.copy_from_slice(&data[..8]);
-    for rec in data.chunks(16) {
-        if rec[..8] != t || rec[8..] != sector.to_le_bytes() {
-            return Err(format!(
-                "sector {sector} is not one whole record: starts {:?}",
-                String::from_utf8_lossy(&data[..16])
-            ));
-        }
-    }
-    Ok(t)
 }
 
 fn workload(seed: u64, sectors: u64, n: usize, chunk_range: Option<(u64, u64)>) -> Vec<Op> {
@@ -120,7 +88,7 @@ impl Machine {
     fn new(origin_sectors: u64, cow_bytes: u64) -> Machine {
         let power = PowerDomain::new();
         let origin = Arc::new(CrashDevice::from_bytes(
-            &pattern(BASE, 0, origin_sectors),
+            &tagged::sectors(BASE, 0, origin_sectors),
             power.clone(),
             "origin",
         ));
@@ -174,7 +142,7 @@ fn run(origin: &Origin, snap: &Snapshot, ops: &[Op], tag_base: usize) -> Vec<Out
                 count,
                 fua,
             } => {
-                let data = pattern(&tag(tag_base + i), *start, *count);
+                let data = tagged::sectors(&tag(tag_base + i), *start, *count);
                 let fua = Fua::from(*fua);
                 match target {
                     Target::Origin => origin.write_at(&data, start * 512, fua),

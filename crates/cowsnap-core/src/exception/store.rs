@@ -31,6 +31,12 @@ pub enum StoreKind {
 }
 
 impl StoreKind {
+    /// True for the persistent stores, which can merge (the kernel's transient store has
+    /// no `prepare_merge`).
+    pub fn can_merge(self) -> bool {
+        matches!(self, StoreKind::Persistent { .. })
+    }
+
     /// True for `PO`.
     pub fn overflow_allowed(self) -> bool {
         matches!(self, StoreKind::Persistent { overflow: true })
@@ -63,7 +69,7 @@ impl FromStr for StoreKind {
 }
 
 /// Space use of a store, in sectors, with the kernel's meanings.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Sectors in use on the COW device, header and metadata included.
     pub allocated_sectors: u64,
@@ -166,4 +172,34 @@ pub trait ExceptionStore: Send + Sync + fmt::Debug {
 
     /// Space use, in the kernel's numbers.
     fn usage(&self) -> Usage;
+
+    /// Merge (the kernel's `snapshot-merge`): from now on the store allocates nothing.
+    /// Waits until every exception prepared before is committed or aborted. Stores that
+    /// keep nothing on disk cannot merge (the kernel's transient store has no
+    /// `prepare_merge` either).
+    fn begin_merge(&self) -> Result<()> {
+        Err(Error::InvalidArgument(format!(
+            "a {} store cannot merge: its exceptions live only in memory",
+            self.kind()
+        )))
+    }
+
+    /// The next merge batch: the last at most `max` entries of the table, in table order
+    /// (the newest last), all from one metadata area. Empty when the table is empty: the
+    /// merge is done. May read metadata.
+    fn prepare_merge(&self, _max: usize) -> Result<Vec<Exception>> {
+        self.begin_merge().map(|()| Vec::new())
+    }
+
+    /// Removes the last `n` entries of the table (the batch [`prepare_merge`](Self::prepare_merge)
+    /// gave), durably, when their data is on the origin and the origin is flushed. On error
+    /// the table is unchanged in memory and the call may be repeated.
+    fn commit_merge(&self, _n: usize) -> Result<()> {
+        self.begin_merge()
+    }
+
+    /// Entries left in the table while merging.
+    fn merge_remaining(&self) -> u64 {
+        0
+    }
 }

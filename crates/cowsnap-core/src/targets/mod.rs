@@ -6,8 +6,10 @@
 //! `copy_out` is the origin write's plan, kept apart from its execution.
 
 mod copy_out;
+mod merge;
 mod origin;
 mod snapshot;
 
+pub use merge::{Merge, MergeSettings, MergeState, MergeStatus};
 pub use origin::Origin;
 pub use snapshot::{Snapshot, SnapshotStatus};

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use super::copy_out::{self, CopyOutPlan, CopyRun, Group, Path, Routed};
+use super::merge::{Merge, MergeSettings, WriteOp};
 use super::snapshot::Snapshot;
 use crate::copy::{BatcherStats, Copier, CopyDest, CopyOutBatcher, CowWrite, Reservation};
 use crate::dev::{check_request, AlignedBuf, BlockDevice, Fua};
@@ -55,6 +56,8 @@ impl fmt::Debug for Origin {
 struct Active {
     list: Vec<Arc<Snapshot>>,
     groups: Vec<Group>,
+    /// The snapshot merging into this origin: origin I/O goes through its view.
+    merge: Option<Arc<Merge>>,
 }
 
 impl Active {
@@ -162,6 +165,114 @@ impl Origin {
         active.regroup();
         snap.set_active(false);
         Ok(())
+    }
+
+    /// Switches the origin to `snap`'s content and starts merging it back (the kernel's
+    /// `snapshot-merge` replacing the origin's table): with the snapshot list held
+    /// exclusively (origin writes in flight finish first), the snapshot leaves the list (it
+    /// takes no more copy-outs and serves no I/O of its own), its store stops allocating
+    /// and finishes the commits under way, and origin I/O goes through the merge view.
+    /// The caller records the merge durably *before* this call: the merger overwrites the
+    /// origin from the first batch on. The index's sidecar is dropped first (the table
+    /// will shrink). Refused for an invalid snapshot, another origin's, a store that
+    /// cannot merge, or an origin already merging.
+    pub fn start_merge(
+        self: &Arc<Self>,
+        snap: &Arc<Snapshot>,
+        settings: MergeSettings,
+    ) -> Result<Arc<Merge>> {
+        if !Arc::ptr_eq(snap.origin_device(), &self.dev) {
+            return Err(Error::InvalidArgument(
+                "the snapshot was loaded for another origin".into(),
+            ));
+        }
+        if !snap.is_valid() {
+            return Err(Error::Invalid(format!(
+                "unable to merge an invalid snapshot: {}",
+                snap.invalid_reason().unwrap_or_else(|| "invalid".into())
+            )));
+        }
+        if !snap.store().kind().can_merge() {
+            return Err(Error::InvalidArgument(format!(
+                "a {} (transient) snapshot cannot merge: its exceptions live only in memory",
+                snap.store().kind()
+            )));
+        }
+        if self.snapshots.read().merge.is_some() {
+            return Err(Error::WrongState(
+                "the origin is already merging a snapshot".into(),
+            ));
+        }
+        snap.exceptions().index().forget_sidecar()?;
+        let mut active = self.snapshots.write();
+        if active.merge.is_some() {
+            return Err(Error::WrongState(
+                "the origin is already merging a snapshot".into(),
+            ));
+        }
+        let was_active = active.list.iter().any(|s| Arc::ptr_eq(s, snap));
+        active.list.retain(|s| !Arc::ptr_eq(s, snap));
+        active.regroup();
+        snap.set_active(false);
+        if let Err(e) = snap.store().begin_merge() {
+            if was_active {
+                active.list.push(snap.clone());
+                active.regroup();
+                snap.set_active(true);
+            }
+            return Err(e);
+        }
+        let merge = Arc::new(Merge::new(snap.clone(), settings));
+        active.merge = Some(merge.clone());
+        drop(active);
+        if !settings.paused {
+            merge.spawn(self)?;
+        }
+        Ok(merge)
+    }
+
+    /// The merge in progress, if any.
+    pub fn merge(&self) -> Option<Arc<Merge>> {
+        self.snapshots.read().merge.clone()
+    }
+
+    /// Ends a finished merge: origin I/O goes straight to the device again. Returns the
+    /// merge (its snapshot's table is empty). Refused while entries remain.
+    pub fn end_merge(&self) -> Result<Arc<Merge>> {
+        let mut active = self.snapshots.write();
+        match &active.merge {
+            None => Err(Error::WrongState("the origin is not merging".into())),
+            Some(m) if !m.is_done() => Err(Error::WrongState("the merge has not finished".into())),
+            Some(_) => Ok(active.merge.take().expect("checked above")),
+        }
+    }
+
+    /// The merger's overwrite of an origin range with a merged chunk's data: the normal
+    /// origin write path (copy-outs to every other snapshot, drains), never the view.
+    pub(super) fn merge_write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_request(self.size(), offset, buf.len() as u64)?;
+        let active = self.snapshots.read();
+        if !mutation::active("merge-skips-copy-out") {
+            self.copy_out(&active, offset, buf.len() as u64);
+        }
+        self.dev.write_at(buf, offset, Fua::No)
+    }
+
+    /// An origin write (`op` over `offset..offset+len`), through the merge view while a
+    /// snapshot merges.
+    fn write_op(&self, op: WriteOp<'_>, offset: u64, len: u64) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        let active = self.snapshots.read();
+        if let Some(merge) = active.merge.clone() {
+            return merge.write(op, offset, len, &mut |at, range| {
+                self.copy_out(&active, at, (range.end - range.start) as u64);
+                op.apply(&*self.dev, at, range)
+            });
+        }
+        drop(active);
+        self.write_through(offset, len, || {
+            op.apply(&*self.dev, offset, 0..mem_usize(len))
+        })
     }
 
     /// Runs an origin write of `offset..offset+len`: steps 1 to 4 under the snapshot
@@ -462,25 +573,38 @@ impl BlockDevice for Origin {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.dev.read_at(buf, offset)
+        match self.merge() {
+            Some(m) => {
+                check_request(self.size(), offset, buf.len() as u64)?;
+                m.read(&*self.dev, buf, offset)
+            }
+            None => self.dev.read_at(buf, offset),
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
-        self.write_through(offset, buf.len() as u64, || {
-            self.dev.write_at(buf, offset, fua)
-        })
+        self.write_op(WriteOp::Write(buf, fua), offset, buf.len() as u64)
     }
 
+    /// Flushes the origin, and the merging snapshot's COW while one merges.
     fn flush(&self) -> Result<()> {
-        self.dev.flush()
+        self.dev.flush()?;
+        match self.merge() {
+            Some(m) => m.flush_cow(),
+            None => Ok(()),
+        }
     }
 
+    /// While a snapshot merges, a discard does nothing (as the kernel's merge target).
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.merge().is_some() {
+            return check_request(self.size(), offset, len);
+        }
         self.write_through(offset, len, || self.dev.discard(offset, len))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: Fua) -> Result<()> {
-        self.write_through(offset, len, || self.dev.write_zeroes(offset, len, fua))
+        self.write_op(WriteOp::Zeroes(fua), offset, len)
     }
 
     fn describe(&self) -> String {

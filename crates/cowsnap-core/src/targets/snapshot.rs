@@ -83,6 +83,8 @@ pub enum SnapshotStatus {
     Overflow,
     /// Valid, with its space use.
     Usage(Usage),
+    /// A merge into the origin stopped on an error; I/O goes on.
+    MergeFailed,
 }
 
 impl fmt::Display for SnapshotStatus {
@@ -91,6 +93,7 @@ impl fmt::Display for SnapshotStatus {
         match self {
             SnapshotStatus::Invalid => f.write_str("Invalid"),
             SnapshotStatus::Overflow => f.write_str("Overflow"),
+            SnapshotStatus::MergeFailed => f.write_str("Merge failed"),
             SnapshotStatus::Usage(u) => write!(
                 f,
                 "{}/{} {}",

@@ -374,6 +374,30 @@ impl ExceptionIndex {
         }
     }
 
+    /// A merge moved `old` back to the origin: it is no longer remapped. Its entry stays
+    /// in the runs, unreachable (lookups ask the members first); the sidecar was given up
+    /// when the merge began ([`forget_sidecar`](Self::forget_sidecar)).
+    pub fn remove(&self, old: Chunk) -> bool {
+        self.inner.members.write().remove(old.0)
+    }
+
+    /// The store's table is about to shrink (a merge removes entries from its tail), which
+    /// no superblock can describe: stop checkpointing and delete the superblock, so the
+    /// next activation rebuilds the index from the shorter table. Done before the first
+    /// entry is removed.
+    pub fn forget_sidecar(&self) -> Result<()> {
+        self.inner.tables.write().broken =
+            Some("merging: the table shrinks, the index is rebuilt at the next activation".into());
+        let _ck = self.inner.checkpoint.lock();
+        match &self.inner.dir {
+            Some(dir) if !dir.is_temporary() => {
+                dir.remove(superblock::NAME)?;
+                dir.sync()
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Completed exceptions.
     pub fn len(&self) -> u64 {
         self.inner.members.read().len()

@@ -180,27 +180,16 @@ impl Planner {
             let first = self.area.len();
             self.area.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
-            // Whole sectors from the one holding the first new entry to the one holding
-            // the last (or to the chunk's end when the tail on disk is not clean). The
-            // sectors after them already read as zeros: the terminator is there.
-            let start = (first * format::ENTRY_BYTES) as u64 / SECTOR_SIZE * SECTOR_SIZE;
-            let end = if self.rewrite_tail {
-                cs.bytes()
-            } else {
-                ((self.area.len() * format::ENTRY_BYTES) as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE
-            };
+            // The sectors after the last new entry already read as zeros: the terminator is
+            // there.
+            writes.push(area_write(
+                &self.geo,
+                self.current_area,
+                &self.area,
+                first..self.area.len(),
+                self.rewrite_tail,
+            ));
             self.rewrite_tail = false;
-            // Only those bytes are encoded: entries from the sector's first, zeros after.
-            // Both within one chunk (at most 1 GiB).
-            let mut buf = vec![0u8; mem_usize(end - start)];
-            let from = mem_usize(start) / format::ENTRY_BYTES;
-            format::encode_entries(&mut buf, self.area.get(from..).unwrap_or_default());
-            writes.push(MetaStep::Write {
-                offset: self.geo.area_offset(self.current_area) + start,
-                data: buf,
-                fua: true,
-                area: true,
-            });
             if self.area.len() == epa {
                 self.current_area += 1;
                 self.area.clear();
@@ -217,6 +206,120 @@ impl Planner {
         steps.push(MetaStep::Flush);
         steps.extend(writes);
         steps
+    }
+}
+
+impl Planner {
+    /// Merge, step 1 (the kernel's `prepare_merge`): when the current area holds no entry
+    /// the table goes on backwards in the area before it, which is full: the area to read
+    /// and give to [`step_back`](Self::step_back) before the next batch. `None` when the
+    /// current area has entries, or when it is area 0 (then an empty area means the merge
+    /// is done).
+    pub fn merge_needs_area(&self) -> Option<u64> {
+        (self.area.is_empty() && self.current_area > 0).then(|| self.current_area - 1)
+    }
+
+    /// Moves the current area one back, to the full area `entries` were read from (see
+    /// [`merge_needs_area`](Self::merge_needs_area)).
+    pub fn step_back(&mut self, entries: Vec<Exception>) -> Result<()> {
+        let epa = self.geo.exceptions_per_area();
+        if !self.area.is_empty() || self.current_area == 0 || entries.len() as u64 != epa {
+            return Err(Error::Invalid(format!(
+                "merge: cannot step back from area {} ({} entries) to an area of {} entries",
+                self.current_area,
+                self.area.len(),
+                entries.len()
+            )));
+        }
+        self.current_area -= 1;
+        self.area = entries;
+        self.rewrite_tail = false;
+        Ok(())
+    }
+
+    /// The next merge batch: the last `max` entries of the current area (at least one, at
+    /// most what it holds), in table order. Empty when the table is empty or the area before
+    /// must be read first.
+    pub fn merge_batch(&self, max: usize) -> &[Exception] {
+        let n = self.area.len().min(max.max(1));
+        &self.area[self.area.len() - n..]
+    }
+
+    /// Entries left in the table, counted from the area layout: every area before the
+    /// current one is full.
+    pub fn merge_remaining(&self) -> u64 {
+        self.current_area
+            .saturating_mul(self.geo.exceptions_per_area())
+            .saturating_add(self.area.len() as u64)
+    }
+
+    /// Merge, step 2 (the kernel's `commit_merge`): the last `n` entries of the current area
+    /// are on the origin now. Returns the planner without them and the steps that remove
+    /// them from the table: flush (the origin was flushed by the caller; this makes earlier
+    /// COW writes durable too, as the kernel's `REQ_PREFLUSH`), then the area's sectors from
+    /// the one holding the first removed entry to the one holding the last (or to the end of
+    /// the chunk when the tail on disk is not clean) with both fields of each removed entry
+    /// zero, FUA. A torn write leaves a shorter table whose every dropped entry is merged.
+    /// `next_free` becomes what the kernel's would be had every entry been committed in
+    /// order: right after the last entry left in the area. `self` is unchanged, so a failed
+    /// write can be retried.
+    pub fn commit_merge(&self, n: usize) -> Result<(Planner, Vec<MetaStep>)> {
+        if n == 0 || n > self.area.len() {
+            return Err(Error::Invalid(format!(
+                "merge: cannot remove {n} entries from an area holding {}",
+                self.area.len()
+            )));
+        }
+        let mut next = self.clone();
+        let keep = self.area.len() - n;
+        next.area.truncate(keep);
+        next.next_free = self
+            .geo
+            .area_location(self.current_area)
+            .0
+            .saturating_add(keep as u64)
+            .saturating_add(1);
+        next.rewrite_tail = false;
+        let steps = vec![
+            MetaStep::Flush,
+            area_write(
+                &self.geo,
+                self.current_area,
+                &next.area,
+                keep..self.area.len(),
+                self.rewrite_tail,
+            ),
+        ];
+        Ok((next, steps))
+    }
+}
+
+/// The FUA write of area `area`, holding `entries` as they are after a change to the entry
+/// slots `slots`: whole sectors from the one holding the first changed slot to the one
+/// holding the last (to the chunk's end when `whole_tail`: the tail on disk is not clean),
+/// encoding the entries from that sector's first slot on and zeros after them. Within one
+/// chunk (at most 1 GiB).
+fn area_write(
+    geo: &Geometry,
+    area: u64,
+    entries: &[Exception],
+    slots: std::ops::Range<usize>,
+    whole_tail: bool,
+) -> MetaStep {
+    let start = (slots.start * format::ENTRY_BYTES) as u64 / SECTOR_SIZE * SECTOR_SIZE;
+    let end = if whole_tail {
+        geo.chunk_size().bytes()
+    } else {
+        ((slots.end * format::ENTRY_BYTES) as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE
+    };
+    let mut buf = vec![0u8; mem_usize(end - start)];
+    let from = mem_usize(start) / format::ENTRY_BYTES;
+    format::encode_entries(&mut buf, entries.get(from..).unwrap_or_default());
+    MetaStep::Write {
+        offset: geo.area_offset(area) + start,
+        data: buf,
+        fua: true,
+        area: true,
     }
 }
 
@@ -376,6 +479,87 @@ mod tests {
             }
             s => panic!("{s:?}"),
         }
+    }
+
+    /// A dense table of `n` entries at 4 KiB chunks, committed in order.
+    fn dense(n: u64) -> Planner {
+        let mut p = Planner::fresh(cs8());
+        let es: Vec<Exception> = (0..n)
+            .map(|i| Exception {
+                old: Chunk(1000 + i),
+                new: p.allocate(100_000).unwrap(),
+            })
+            .collect();
+        p.commit(&es);
+        p
+    }
+
+    #[test]
+    fn merge_zeroes_the_tail_and_sets_next_free_as_the_kernel() {
+        let p = dense(300);
+        assert_eq!((p.current_area(), p.current_entries().len()), (1, 44));
+        assert_eq!(p.merge_remaining(), 300);
+        let batch = p.merge_batch(10).to_vec();
+        assert_eq!(batch.len(), 10);
+        assert_eq!(batch[9].old, Chunk(1299), "the newest entry is last");
+        let (q, steps) = p.commit_merge(10).unwrap();
+        assert_eq!(steps[0], MetaStep::Flush);
+        match &steps[1] {
+            MetaStep::Write {
+                offset, data, fua, ..
+            } => {
+                // Entries 34..44 of area 1: bytes 544..704, sectors 512..1024.
+                assert_eq!(*offset, 258 * 4096 + 512);
+                assert_eq!(data.len(), 512);
+                assert!(*fua);
+                // Entries 32 and 33 stay, the rest of the sector is zero.
+                assert_eq!(&data[..8], &1288u64.to_le_bytes());
+                assert!(data[32..].iter().all(|&b| b == 0));
+            }
+            s => panic!("{s:?}"),
+        }
+        assert_eq!(q.current_entries().len(), 34);
+        // area_location(1) = 258, plus 34 entries, plus 1.
+        assert_eq!(q.next_free(), 258 + 34 + 1);
+        assert_eq!(q.allocated_sectors(), (258 + 35) * 8);
+        assert_eq!(q.metadata_sectors(), 24);
+        assert_eq!(
+            p.current_entries().len(),
+            44,
+            "the planner itself is unchanged"
+        );
+    }
+
+    #[test]
+    fn merge_steps_back_through_full_areas_to_done() {
+        let p = dense(256 + 3);
+        let (q, _) = p.commit_merge(3).unwrap();
+        assert_eq!(q.merge_needs_area(), Some(0));
+        assert!(q.merge_batch(8).is_empty());
+        assert_eq!(
+            q.next_free(),
+            258 + 1,
+            "the kernel's value before stepping back"
+        );
+        let mut r = q.clone();
+        assert!(r.step_back(vec![Exception::new(1, 2)]).is_err(), "not full");
+        let area0: Vec<Exception> = (0..256).map(|i| Exception::new(1000 + i, 2 + i)).collect();
+        r.step_back(area0).unwrap();
+        assert_eq!((r.current_area(), r.merge_remaining()), (0, 256));
+        assert_eq!(r.metadata_sectors(), 16);
+        let (s, steps) = r.commit_merge(256).unwrap();
+        match &steps[1] {
+            MetaStep::Write { offset, data, .. } => {
+                assert_eq!((*offset, data.len()), (4096, 4096));
+                assert!(data.iter().all(|&b| b == 0));
+            }
+            st => panic!("{st:?}"),
+        }
+        assert_eq!(s.merge_needs_area(), None);
+        assert_eq!(s.merge_remaining(), 0);
+        // Done: a == m, as the kernel's status shows it.
+        assert_eq!(s.allocated_sectors(), s.metadata_sectors());
+        assert!(s.commit_merge(1).is_err());
     }
 
     #[test]

@@ -61,6 +61,8 @@ struct State {
     /// `commit` yet; an entry whose slot is gone was made durable by another request's
     /// group commit, and the owner's `commit` then returns at once.
     marked: HashSet<u64>,
+    /// Merging: nothing is allocated, the table only shrinks from its tail.
+    merging: bool,
 }
 
 impl State {
@@ -154,6 +156,7 @@ impl PersistentStore {
                 entries: 0,
                 index: None,
                 marked: HashSet::new(),
+                merging: false,
             }),
             ready: Condvar::new(),
             counters: Counters::default(),
@@ -280,6 +283,32 @@ impl PersistentStore {
         !std::mem::replace(&mut st.header_invalid, true)
     }
 
+    /// Reads area `area`, which the table says is full (a merge steps back into it), and
+    /// checks that it is: every entry's `new` a data chunk inside the COW.
+    fn read_full_area(&self, area: u64) -> Result<Vec<Exception>> {
+        let device = self.cow.describe();
+        let cs = self.geo.chunk_size();
+        let mut buf = vec![0u8; cs.bytes_usize()];
+        self.cow.read_at(&mut buf, self.geo.area_offset(area))?;
+        let contents = format::decode_area(&buf, &self.geo, area, &device)?;
+        let cow_chunks = cs.whole_chunks(self.cow.size());
+        let bad = contents
+            .entries
+            .iter()
+            .position(|e| !self.geo.is_data_chunk(e.new) || e.new.0 >= cow_chunks);
+        if !contents.full || bad.is_some() {
+            let why = match bad {
+                Some(j) => format!("merge: entry {j} of metadata area {area} points outside the COW's data chunks"),
+                None => format!(
+                    "merge: metadata area {area} should be full (the table goes on after it) but holds {} entries",
+                    contents.entries.len()
+                ),
+            };
+            return Err(format::corrupt(&device, self.geo.area_offset(area), why));
+        }
+        Ok(contents.entries)
+    }
+
     fn write_invalid_header(&self) -> Result<()> {
         self.run(&plan::invalidate_steps(self.geo.chunk_size()))
     }
@@ -369,6 +398,11 @@ impl ExceptionStore for PersistentStore {
         }
         if !st.loaded {
             return Err(Error::WrongState("the store is not loaded".into()));
+        }
+        if st.merging {
+            return Err(Error::WrongState(
+                "the snapshot is merging into its origin: it takes no new exceptions".into(),
+            ));
         }
         let cow_chunks = self.geo.chunk_size().whole_chunks(self.cow.size());
         let new = st.planner.allocate(cow_chunks)?;
@@ -474,6 +508,61 @@ impl ExceptionStore for PersistentStore {
             self.write_invalid_header()?;
         }
         Ok(())
+    }
+
+    fn begin_merge(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        if !st.loaded {
+            return Err(Error::WrongState("the store is not loaded".into()));
+        }
+        st.merging = true;
+        // Exceptions prepared before the merge began are committed (or the store fails).
+        loop {
+            if let Some(why) = &st.failed {
+                return Err(Error::Invalid(why.clone()));
+            }
+            if st.slots.is_empty() {
+                return Ok(());
+            }
+            self.ready.wait(&mut st);
+        }
+    }
+
+    fn prepare_merge(&self, max: usize) -> Result<Vec<Exception>> {
+        let mut st = self.state.lock();
+        if !st.merging {
+            return Err(Error::WrongState("the store is not merging".into()));
+        }
+        if let Some(why) = &st.failed {
+            return Err(Error::Invalid(why.clone()));
+        }
+        if let Some(area) = st.planner.merge_needs_area() {
+            drop(st);
+            let entries = self.read_full_area(area)?;
+            st = self.state.lock();
+            st.planner.step_back(entries)?;
+        }
+        Ok(st.planner.merge_batch(max).to_vec())
+    }
+
+    fn commit_merge(&self, n: usize) -> Result<()> {
+        let st = self.state.lock();
+        if !st.merging {
+            return Err(Error::WrongState("the store is not merging".into()));
+        }
+        let (next, steps) = st.planner.commit_merge(n)?;
+        drop(st);
+        // Only the merger changes the planner while merging: installing `next` after the
+        // I/O cannot lose another change.
+        self.run(&steps)?;
+        let mut st = self.state.lock();
+        st.planner = next;
+        st.entries = st.entries.saturating_sub(n as u64);
+        Ok(())
+    }
+
+    fn merge_remaining(&self) -> u64 {
+        self.state.lock().planner.merge_remaining()
     }
 
     fn usage(&self) -> Usage {
