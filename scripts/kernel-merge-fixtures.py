@@ -305,6 +305,8 @@ def cmd_finish(work, fix):
             c[off:off + 16] = bytes(16)
         return bytes(o), bytes(c)
 
+    full_o, full_c = model_after(-1)   # complete merge: origin = snapshot view, every entry zeroed
+    chk("model complete merge origin", sha(full_o), sha(snap_view))
     for case in CASES:
         k, pos = case["name"], case["pos"]
         oimg = open(os.path.join(work, f"o-{k}.img"), "rb").read()
@@ -355,6 +357,7 @@ def cmd_finish(work, fix):
                 "origin_sha256": sha(oimg),
                 "cow_sha256": sha(cimg),
                 "origin_before_merge_sha256": sha(origin_final),
+                "cow_sha256_after_complete_merge": sha(full_c),
             },
         }
         mf.write_json(os.path.join(d, "manifest.json"), man)
@@ -368,6 +371,7 @@ def cmd_finish(work, fix):
         chk(f"{k} reload sha", res.get(f"{k}.sha.reload"), sha(snap_view))
         if p == "none":
             chk(f"{k} merged origin", res.get(f"{k}.sha.raw.origin"), sha(snap_view))
+            chk(f"{k} merged cow == base COW with every entry zeroed", res.get(f"{k}.sha.raw.cow"), sha(full_c))
             chk(f"{k} merge done status", status_numbers(res[f"{k}.status.merge.stopped"])[0],
                 status_numbers(res[f"{k}.status.merge.stopped"])[2])
         else:
