@@ -18,12 +18,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{OriginEntry, SnapshotEntry, MANIFEST};
+use super::manifest::{MergeRecord, OriginEntry, SnapshotEntry, MANIFEST};
 use super::{crash_point, Pool, SnapshotRequest};
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileDevice, FileId};
@@ -32,7 +32,7 @@ use cowsnap_core::exception::index::{CacheStats, IndexState, IndexStatus, NO_IND
 use cowsnap_core::exception::persistent::PersistentStore;
 use cowsnap_core::exception::Usage;
 use cowsnap_core::mutation;
-use cowsnap_core::targets::{Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::targets::{Merge, MergeSettings, MergeState, Origin, Snapshot, SnapshotStatus};
 
 /// What a volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,7 +45,7 @@ pub enum VolumeKind {
 }
 
 /// Status of one volume, as `cowsnap list` and `cowsnap status --json` print it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VolumeInfo {
     /// Volume name (and NBD export name).
     pub name: String,
@@ -89,6 +89,36 @@ pub struct VolumeInfo {
     /// numbers on each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStats>,
+    /// A snapshot's merge into its origin, asked for or running; on an origin, the merge
+    /// into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeInfo>,
+}
+
+/// A merge as status shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MergeInfo {
+    /// The snapshot merging.
+    pub snapshot: String,
+    /// The origin it merges into.
+    pub origin: String,
+    /// `running`, `paused`, `stopped`, `failed`, `done`, or `next_activation` (asked for
+    /// while the origin was in use: it starts when the pool is next activated).
+    pub state: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Percent done, from the allocation when it was asked for to `a == m`.
+    pub percent: f64,
+    /// Table entries left to merge.
+    pub remaining: u64,
+    /// The COW's allocation when the merge was asked for (sectors).
+    pub initial_allocated_sectors: u64,
+    /// Bytes moved by this process.
+    pub merged_bytes: u64,
+    /// Rate limit, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
 }
 
 /// Space use in sectors, with the kernel's meanings.
@@ -131,6 +161,7 @@ impl VolumeInfo {
             read_only: None,
             index: None,
             cache: None,
+            merge: None,
         }
     }
 
@@ -152,6 +183,7 @@ impl VolumeInfo {
             read_only: None,
             index: None,
             cache: None,
+            merge: None,
         }
     }
 
@@ -194,6 +226,7 @@ impl VolumeInfo {
             read_only: None,
             index: None,
             cache: None,
+            merge: None,
         }
     }
 
@@ -216,6 +249,99 @@ impl VolumeInfo {
 struct ActiveSnapshot {
     entry: SnapshotEntry,
     snap: Arc<Snapshot>,
+}
+
+/// A snapshot merging into its origin: not served; its origin shows its content.
+struct ActiveMerge {
+    entry: SnapshotEntry,
+    snap: Arc<Snapshot>,
+    origin: Arc<Origin>,
+    merge: Arc<Merge>,
+    /// Why the merger may not run: a snapshot of the origin failed to open, so the
+    /// merge's origin writes could not be copied out to it.
+    held: Option<String>,
+}
+
+/// What `merge pause|resume|rate` asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action", content = "rate")]
+pub enum MergeAction {
+    /// Stop moving data after the batch under way (the origin keeps showing the snapshot).
+    Pause,
+    /// Go on (also after a failure, once its cause is repaired).
+    Resume,
+    /// Limit the rate, bytes per second (`None`: no limit).
+    Rate(Option<u64>),
+}
+
+impl MergeAction {
+    /// What the action changes in the merge's record (a pause or a rate survives restarts).
+    pub fn record(self, m: &mut MergeRecord) {
+        match self {
+            MergeAction::Pause => m.paused = true,
+            MergeAction::Resume => m.paused = false,
+            MergeAction::Rate(r) => m.rate = r,
+        }
+    }
+}
+
+/// Percent done of a merge: `100 (i - a) / (i - m)`, with `i` the allocation when it was
+/// asked for, `a` the allocation now and `m` the metadata (done at `a == m`).
+fn merge_percent(i: u64, a: u64, m: u64) -> f64 {
+    if i <= m {
+        return 100.0;
+    }
+    (100.0 * i.saturating_sub(a) as f64 / (i - m) as f64).clamp(0.0, 100.0)
+}
+
+/// The merge status of a snapshot whose merge was asked for but is not running here.
+fn recorded_merge(entry: &SnapshotEntry, record: &MergeRecord, usage: Option<Usage>) -> MergeInfo {
+    let state = if record.on_activation {
+        "next_activation"
+    } else {
+        "stopped"
+    };
+    MergeInfo {
+        snapshot: entry.name.clone(),
+        origin: entry.origin.clone(),
+        state: state.into(),
+        reason: None,
+        percent: usage.map_or(0.0, |u| {
+            merge_percent(
+                record.initial_allocated_sectors,
+                u.allocated_sectors,
+                u.metadata_sectors,
+            )
+        }),
+        remaining: 0,
+        initial_allocated_sectors: record.initial_allocated_sectors,
+        merged_bytes: 0,
+        rate: record.rate,
+    }
+}
+
+impl ActiveMerge {
+    fn info(&self) -> MergeInfo {
+        let st = self.merge.status();
+        let (state, reason) = match st.state {
+            MergeState::Running => ("running", None),
+            MergeState::Paused => ("paused", self.held.clone()),
+            MergeState::Stopped => ("stopped", None),
+            MergeState::Failed(why) => ("failed", Some(why)),
+            MergeState::Done => ("done", None),
+        };
+        MergeInfo {
+            snapshot: self.entry.name.clone(),
+            origin: self.entry.origin.clone(),
+            state: state.into(),
+            reason,
+            percent: st.percent,
+            remaining: st.remaining,
+            initial_allocated_sectors: st.initial_allocated_sectors,
+            merged_bytes: st.merged_bytes,
+            rate: st.rate,
+        }
+    }
 }
 
 /// A volume of the manifest that could not be opened.
@@ -256,6 +382,7 @@ struct Inner {
     pool: Pool,
     origins: BTreeMap<String, Arc<Origin>>,
     snapshots: BTreeMap<String, ActiveSnapshot>,
+    merges: BTreeMap<String, ActiveMerge>,
     failed: BTreeMap<String, Failed>,
 }
 
@@ -404,6 +531,119 @@ fn record_ids(pool: &mut Pool, ids: &HashMap<String, FileId>) -> Result<()> {
     Ok(())
 }
 
+/// A merging snapshot opened at activation (not activated: its origin will merge it).
+type Merging = Vec<(SnapshotEntry, Arc<Snapshot>, Arc<Origin>)>;
+
+/// Opens the merging snapshots, before any other: an origin whose merging snapshot cannot
+/// be opened is half merged, so it fails too and is not served at all.
+fn open_merging(
+    pool: &Pool,
+    origins: &mut BTreeMap<String, Arc<Origin>>,
+    failed: &mut BTreeMap<String, Failed>,
+    seen: &mut Seen,
+    ids: &mut HashMap<String, FileId>,
+) -> Merging {
+    let mut merging = Vec::new();
+    for s in pool
+        .manifest()
+        .snapshots
+        .iter()
+        .filter(|s| s.merging.is_some() && !s.removing)
+    {
+        let Some(origin) = origins.get(&s.origin).cloned() else {
+            failed.insert(
+                s.name.clone(),
+                Failed::snapshot(
+                    pool,
+                    s,
+                    format!("its origin {:?} is not available", s.origin),
+                ),
+            );
+            continue;
+        };
+        match open_snapshot(pool, &origin, s, seen) {
+            Ok((snap, id)) => {
+                ids.insert(s.name.clone(), id);
+                merging.push((s.clone(), snap, origin));
+            }
+            Err(e) => {
+                let why = format!(
+                    "its merging snapshot {:?} failed to open ({e}): the origin is half merged and is not served until the snapshot is repaired",
+                    s.name
+                );
+                failed.insert(s.name.clone(), Failed::snapshot(pool, s, e.to_string()));
+                if let Some(o) = pool.manifest().origin(&s.origin) {
+                    failed.insert(s.origin.clone(), Failed::origin(pool, o, why));
+                }
+                origins.remove(&s.origin);
+            }
+        }
+    }
+    merging
+}
+
+/// Switches the origin of every merging snapshot to its merge view, paused until
+/// [`ActivePool::start_merges`]. A merge that cannot start fails its origin (it is half
+/// merged) and its snapshot.
+fn switch_merges(inner: &mut Inner, merging: Merging, warnings: &mut Vec<String>) {
+    for (entry, snap, origin) in merging {
+        let record = entry.merging.unwrap_or(MergeRecord {
+            initial_allocated_sectors: 0,
+            on_activation: false,
+            paused: false,
+            rate: None,
+        });
+        let settings = MergeSettings {
+            paused: true,
+            rate: record.rate,
+            initial_allocated_sectors: Some(record.initial_allocated_sectors),
+            ..MergeSettings::default()
+        };
+        match origin.start_merge(&snap, settings) {
+            Ok(merge) => {
+                let held = inner.read_only_reason(&entry.origin);
+                if let Some(why) = &held {
+                    warnings.push(format!(
+                        "the merge of snapshot {:?} into {:?} is held: {why}",
+                        entry.name, entry.origin
+                    ));
+                }
+                if record.on_activation {
+                    // It starts now: no longer waiting for an activation.
+                    let _ = inner.pool.update_merge(&entry.name, |m| {
+                        if let Some(m) = m {
+                            m.on_activation = false;
+                        }
+                    });
+                }
+                inner.merges.insert(
+                    entry.name.clone(),
+                    ActiveMerge {
+                        entry,
+                        snap,
+                        origin,
+                        merge,
+                        held,
+                    },
+                );
+            }
+            Err(e) => {
+                let why = format!(
+                    "its merging snapshot {:?} cannot merge ({e}): the origin is half merged and is not served",
+                    entry.name
+                );
+                if let Some(o) = inner.pool.manifest().origin(&entry.origin).cloned() {
+                    let f = Failed::origin(&inner.pool, &o, why);
+                    inner.failed.insert(entry.origin.clone(), f);
+                }
+                inner.origins.remove(&entry.origin);
+                let f = Failed::snapshot(&inner.pool, &entry, e.to_string());
+                inner.failed.insert(entry.name.clone(), f);
+            }
+        }
+    }
+}
+
 impl ActivePool {
     /// Opens every origin and loads and activates every snapshot of `pool`. Transient
     /// snapshots did not survive the process that made them: they are removed from the
@@ -427,8 +667,12 @@ impl ActivePool {
                 }
             }
         }
+        let merging = open_merging(&pool, &mut origins, &mut failed, &mut seen, &mut ids);
         let mut snapshots = BTreeMap::new();
         for s in &pool.manifest().snapshots {
+            if s.merging.is_some() && !s.removing {
+                continue;
+            }
             let opened = match origins.get(&s.origin) {
                 _ if s.removing || s.store == "N" => Err(Error::WrongState(
                     "its removal did not finish; remove it again, or restart, to finish it".into(),
@@ -470,12 +714,15 @@ impl ActivePool {
             }
         }
         record_ids(&mut pool, &ids)?;
-        let inner = Inner {
+        let mut inner = Inner {
             pool,
             origins,
             snapshots,
+            merges: BTreeMap::new(),
             failed,
         };
+        // Every other snapshot is active now: the merges switch their origins.
+        switch_merges(&mut inner, merging, &mut warnings);
         for (name, f) in &inner.failed {
             warnings.push(format!(
                 "{} {name:?} failed and is not served: {}",
@@ -576,6 +823,7 @@ impl ActivePool {
     pub fn has_snapshot(&self, name: &str) -> bool {
         let inner = self.inner.lock();
         inner.snapshots.contains_key(name)
+            || inner.merges.contains_key(name)
             || inner
                 .failed
                 .get(name)
@@ -598,6 +846,12 @@ impl ActivePool {
                 req.origin
             ))
         })?;
+        if let Some(m) = inner.pool.manifest().merging_into(&req.origin) {
+            return Err(Error::WrongState(format!(
+                "origin {:?} has a merging snapshot ({:?}): new snapshots of it are refused until the merge finishes",
+                req.origin, m.name
+            )));
+        }
         // On any error below, dropping `prepared` deletes a COW file the pool made.
         let prepared = inner.pool.prepare_snapshot(req)?;
         inner.pool.guard_format(&prepared)?;
@@ -643,6 +897,12 @@ impl ActivePool {
     /// A failed snapshot is removed the same way. Returns warnings.
     pub fn remove_snapshot(&self, name: &str) -> Result<Vec<String>> {
         let mut inner = self.inner.lock();
+        if let Some(m) = inner.merges.get(name) {
+            return Err(Error::WrongState(format!(
+                "snapshot {name:?} is merging into origin {:?}: it is removed when the merge finishes",
+                m.entry.origin
+            )));
+        }
         if inner
             .failed
             .get(name)
@@ -716,6 +976,7 @@ impl ActivePool {
                 .map(|(n, _)| n),
         );
         names.extend(inner.snapshots.keys());
+        names.extend(inner.merges.keys());
         names.extend(
             inner
                 .failed
@@ -760,6 +1021,255 @@ impl ActivePool {
     }
 }
 
+impl ActivePool {
+    /// Starts the merges the activation switched (they wait paused until the pool is
+    /// shared, so that their end can remove the snapshot): each resumes unless the user
+    /// paused it or it is held. Returns warnings.
+    pub fn start_merges(self: &Arc<Self>) -> Vec<String> {
+        let merges: Vec<(String, Arc<Merge>, Arc<Origin>, bool)> = {
+            let inner = self.inner.lock();
+            inner
+                .merges
+                .iter()
+                .map(|(n, m)| {
+                    let paused = m.held.is_some() || m.entry.merging.is_some_and(|r| r.paused);
+                    (n.clone(), m.merge.clone(), m.origin.clone(), paused)
+                })
+                .collect()
+        };
+        let mut warnings = Vec::new();
+        for (name, merge, origin, paused) in merges {
+            self.watch_merge(&name, &merge);
+            if !paused {
+                if let Err(e) = merge.resume(&origin) {
+                    warnings.push(format!("the merge of snapshot {name:?} did not start: {e}"));
+                }
+            }
+        }
+        warnings
+    }
+
+    /// Makes the end of `merge` finish snapshot `name`'s merge (see [`Self::merge_ended`]).
+    fn watch_merge(self: &Arc<Self>, name: &str, merge: &Merge) {
+        let (pool, name) = (Arc::downgrade(self), name.to_string());
+        merge.on_finish(move |state| {
+            if let Some(pool) = Weak::upgrade(&pool) {
+                pool.merge_ended(&name, state);
+            }
+        });
+    }
+
+    /// Called on the merger's thread when a merge ends. Done: the origin leaves the merge
+    /// view and the snapshot is removed (marked, its COW invalidated and deleted if the
+    /// pool made it), as `lvconvert --merge` removes the merged snapshot. Failed: I/O goes
+    /// on through the view; a resume retries.
+    fn merge_ended(&self, name: &str, state: &MergeState) {
+        match state {
+            MergeState::Failed(why) => {
+                eprintln!("cowsnap: warning: the merge of snapshot {name} failed: {why}; I/O goes on, `cowsnap merge resume {name}` retries");
+                return;
+            }
+            MergeState::Done => {}
+            _ => return,
+        }
+        let mut inner = self.inner.lock();
+        let Some(m) = inner.merges.remove(name) else {
+            return;
+        };
+        if let Err(e) = m.origin.end_merge() {
+            eprintln!(
+                "cowsnap: warning: the merge of snapshot {name} finished but could not end: {e}"
+            );
+            inner.merges.insert(name.to_string(), m);
+            return;
+        }
+        let origin = m.entry.origin.clone();
+        let removed = inner.pool.mark_removing(name).and_then(|_| {
+            inner
+                .pool
+                .finish_removal(name, Some(m.snap.store().as_ref()))
+        });
+        match removed {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("cowsnap: warning: {w}");
+                }
+                eprintln!("cowsnap: snapshot {name} is merged into origin {origin} and removed");
+            }
+            Err(e) => {
+                eprintln!("cowsnap: warning: snapshot {name} is merged into origin {origin}, but its removal did not finish ({e}); the next start finishes it");
+                let f = Failed::snapshot(
+                    &inner.pool,
+                    &m.entry,
+                    format!("merged; its removal did not finish: {e}"),
+                );
+                inner.failed.insert(name.to_string(), f);
+            }
+        }
+    }
+
+    /// Merges snapshot `name` into its origin (`lvconvert --merge`). With `now`, the origin
+    /// shows the snapshot's content from this call on and the data moves back in the
+    /// background; the snapshot stops being served. Without it the merge is recorded to
+    /// start at the next activation (the caller found the origin in use). Refused for a
+    /// transient, invalid, removed or failed snapshot, an origin already merging, and an
+    /// origin with a failed snapshot (the merge's writes could not be copied out to it).
+    /// The merge is recorded in the manifest before the origin switches.
+    pub fn merge_snapshot(
+        self: &Arc<Self>,
+        name: &str,
+        now: bool,
+        paused: bool,
+        rate: Option<u64>,
+    ) -> Result<MergeInfo> {
+        let mut inner = self.inner.lock();
+        if inner.merges.contains_key(name) {
+            return Err(Error::WrongState(format!(
+                "snapshot {name:?} is already merging"
+            )));
+        }
+        let entry = inner.pool.check_mergeable(name)?;
+        if inner.failed.contains_key(name) {
+            return Err(Error::WrongState(format!(
+                "snapshot {name:?} failed to open: repair or remove it"
+            )));
+        }
+        let Some(snap) = inner.snapshots.get(name).map(|s| s.snap.clone()) else {
+            return Err(Error::InvalidArgument(format!(
+                "no snapshot called {name:?}"
+            )));
+        };
+        let Some(origin) = inner.origins.get(&entry.origin).cloned() else {
+            return Err(Error::WrongState(format!(
+                "its origin {:?} is not served",
+                entry.origin
+            )));
+        };
+        if let Some(why) = inner.read_only_reason(&entry.origin) {
+            return Err(Error::WrongState(format!(
+                "origin {:?} cannot take the merge's writes: {why}",
+                entry.origin
+            )));
+        }
+        if !snap.is_valid() {
+            return Err(Error::Invalid(format!(
+                "unable to merge invalidated snapshot {name:?}: {}",
+                snap.invalid_reason().unwrap_or_default()
+            )));
+        }
+        let record = MergeRecord {
+            initial_allocated_sectors: snap.store().usage().allocated_sectors,
+            on_activation: !now,
+            paused,
+            rate,
+        };
+        inner.pool.record_merge(name, record)?;
+        if !now {
+            return Ok(recorded_merge(&entry, &record, Some(snap.store().usage())));
+        }
+        let settings = MergeSettings {
+            paused: true,
+            rate,
+            initial_allocated_sectors: Some(record.initial_allocated_sectors),
+            ..MergeSettings::default()
+        };
+        let merge = match origin.start_merge(&snap, settings) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = inner.pool.update_merge(name, |m| *m = None);
+                return Err(e);
+            }
+        };
+        crash_point("merge-snapshot:switched");
+        let mut entry = entry;
+        entry.merging = Some(record);
+        inner.snapshots.remove(name);
+        let m = ActiveMerge {
+            entry,
+            snap,
+            origin: origin.clone(),
+            merge: merge.clone(),
+            held: None,
+        };
+        let info = m.info();
+        inner.merges.insert(name.to_string(), m);
+        drop(inner);
+        eprintln!(
+            "cowsnap: merging snapshot {name} into origin {}",
+            info.origin
+        );
+        self.watch_merge(name, &merge);
+        if !paused {
+            merge.resume(&origin)?;
+        }
+        Ok(info)
+    }
+
+    /// Pauses, resumes or rate-limits the merge of snapshot `name` (recorded in the
+    /// manifest, so a restart keeps it). A merge waiting for the next activation takes the
+    /// pause and the rate for when it starts.
+    pub fn merge_control(self: &Arc<Self>, name: &str, action: MergeAction) -> Result<MergeInfo> {
+        let (merge, origin) = {
+            let mut guard = self.inner.lock();
+            let inner = &mut *guard;
+            let Some(recorded) = inner.pool.manifest().snapshot(name).and_then(|s| s.merging)
+            else {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {name:?} is not merging"
+                )));
+            };
+            if let (MergeAction::Resume, Some(m)) = (action, inner.merges.get(name)) {
+                if let Some(why) = &m.held {
+                    return Err(Error::WrongState(format!("the merge is held: {why}")));
+                }
+            }
+            inner.pool.update_merge(name, |m| {
+                if let Some(m) = m {
+                    action.record(m);
+                }
+            })?;
+            let now = inner.pool.manifest().snapshot(name).and_then(|s| s.merging);
+            let Some(m) = inner.merges.get_mut(name) else {
+                // Waiting for the next activation: the record is all there is.
+                let entry = inner.pool.manifest().snapshot(name).cloned();
+                let usage = inner.snapshots.get(name).map(|s| s.snap.store().usage());
+                return match entry {
+                    Some(e) => Ok(recorded_merge(&e, &now.unwrap_or(recorded), usage)),
+                    None => Err(Error::InvalidArgument(format!(
+                        "no snapshot called {name:?}"
+                    ))),
+                };
+            };
+            m.entry.merging = now;
+            (m.merge.clone(), m.origin.clone())
+        };
+        // The merger's finish hook takes the pool's lock: never wait for the merger under it.
+        match action {
+            MergeAction::Pause => merge.pause(),
+            MergeAction::Resume => merge.resume(&origin)?,
+            MergeAction::Rate(r) => merge.set_rate(r),
+        }
+        self.info(name)
+            .and_then(|i| i.merge)
+            .ok_or_else(|| Error::WrongState(format!("snapshot {name:?} finished merging")))
+    }
+
+    /// Stops every merger after its batch under way (daemon shutdown): the next start
+    /// resumes from the COW.
+    pub fn stop_merges(&self) {
+        let merges: Vec<Arc<Merge>> = self
+            .inner
+            .lock()
+            .merges
+            .values()
+            .map(|m| m.merge.clone())
+            .collect();
+        for m in merges {
+            m.stop();
+        }
+    }
+}
+
 fn kind_word(k: VolumeKind) -> &'static str {
     match k {
         VolumeKind::Origin => "origin",
@@ -775,14 +1285,29 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
         let entry = inner.pool.manifest().origin(name)?;
         let mut info = VolumeInfo::origin(name, o.size(), &inner.pool.resolve(&entry.path));
         info.read_only = inner.read_only_reason(name);
+        info.merge = inner.pool.manifest().merging_into(name).and_then(|s| {
+            match inner.merges.get(&s.name) {
+                Some(m) => Some(m.info()),
+                None => s.merging.as_ref().map(|r| recorded_merge(s, r, None)),
+            }
+        });
+        return Some(info);
+    }
+    if let Some(m) = inner.merges.get(name) {
+        let mut info =
+            VolumeInfo::of_snapshot(&m.entry, &inner.pool.resolve(&m.entry.cow), &m.snap);
+        info.status = m.merge.kernel_status().to_string();
+        info.merge = Some(m.info());
         return Some(info);
     }
     let s = inner.snapshots.get(name)?;
-    Some(VolumeInfo::of_snapshot(
-        &s.entry,
-        &inner.pool.resolve(&s.entry.cow),
-        &s.snap,
-    ))
+    let mut info = VolumeInfo::of_snapshot(&s.entry, &inner.pool.resolve(&s.entry.cow), &s.snap);
+    info.merge = inner.pool.manifest().snapshot(name).and_then(|e| {
+        e.merging
+            .as_ref()
+            .map(|r| recorded_merge(e, r, Some(s.snap.store().usage())))
+    });
+    Some(info)
 }
 
 /// Status of every volume of a pool that no process holds: origins opened read-only,
@@ -851,7 +1376,14 @@ pub(super) fn list_offline(
             Snapshot::load_with(origin, Arc::new(store), pool.index_config(s))
         })();
         out.push(match loaded {
-            Ok(snap) => VolumeInfo::of_snapshot(s, &path, &snap),
+            Ok(snap) => {
+                let mut info = VolumeInfo::of_snapshot(s, &path, &snap);
+                info.merge = s
+                    .merging
+                    .as_ref()
+                    .map(|r| recorded_merge(s, r, Some(snap.store().usage())));
+                info
+            }
             Err(e) => VolumeInfo::failed(&s.name, &Failed::snapshot(pool, s, e.to_string())),
         });
     }

@@ -46,8 +46,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use active::{ActivePool, VolumeInfo, VolumeKind};
-use manifest::{check_name, Manifest, OriginEntry, SnapshotEntry, MANIFEST};
+pub use active::{ActivePool, MergeAction, MergeInfo, VolumeInfo, VolumeKind};
+use manifest::{check_name, Manifest, MergeRecord, OriginEntry, SnapshotEntry, MANIFEST};
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
 use cowsnap_core::error::{Error, Result};
@@ -112,6 +112,8 @@ pub const CRASH_POINTS: &[&str] = &[
     "remove-snapshot:staged",
     "remove-snapshot:committed",
     "remove-snapshot:unlinked",
+    "merge-snapshot:recorded",
+    "merge-snapshot:switched",
 ];
 
 /// A control-plane step: aborts the process here when `COWSNAP_CRASH_AT` names `step`
@@ -491,6 +493,7 @@ impl Pool {
                 owned,
                 id: new_file.as_ref().map(|f| f.id()).or(id),
                 removing: false,
+                merging: None,
             },
             store,
             warning,
@@ -775,6 +778,132 @@ impl Pool {
                 dir.display()
             )),
         }
+    }
+
+    /// Checks that snapshot `name` may merge into its origin now: it exists, is not being
+    /// removed, is persistent, and its origin has no merge (asked for or running) and no
+    /// other merge may be recorded. Returns its entry.
+    fn check_mergeable(&self, name: &str) -> Result<SnapshotEntry> {
+        let entry = self
+            .manifest
+            .snapshot(name)
+            .cloned()
+            .ok_or_else(|| Error::InvalidArgument(format!("no snapshot called {name:?}")))?;
+        if entry.removing {
+            return Err(Error::WrongState(format!(
+                "snapshot {name:?} is being removed"
+            )));
+        }
+        if entry.store == "N" {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {name:?} is transient (N): its exceptions live only in the daemon's memory, so it cannot merge; only persistent (P, PO) snapshots merge"
+            )));
+        }
+        if let Some(other) = self.manifest.merging_into(&entry.origin) {
+            return Err(Error::WrongState(if other.name == name {
+                format!(
+                    "snapshot {name:?} is already merging into {:?}",
+                    entry.origin
+                )
+            } else {
+                format!(
+                    "origin {:?} is already merging snapshot {:?}; one merge at a time",
+                    entry.origin, other.name
+                )
+            }));
+        }
+        Ok(entry)
+    }
+
+    /// Records that snapshot `name` merges into its origin (`record`), durably: the first
+    /// step of a merge, before any origin chunk is overwritten. Offline, this is all a merge
+    /// request does: the next `serve` starts it.
+    fn record_merge(&mut self, name: &str, record: MergeRecord) -> Result<()> {
+        let mut next = self.manifest.clone();
+        if let Some(s) = next.snapshots.iter_mut().find(|s| s.name == name) {
+            s.merging = Some(record);
+        }
+        self.commit(next)?;
+        crash_point("merge-snapshot:recorded");
+        Ok(())
+    }
+
+    /// Changes the merge record of snapshot `name` (pause, rate, a deferred merge that
+    /// started, or `None`: a merge that could not start).
+    fn update_merge(&mut self, name: &str, f: impl FnOnce(&mut Option<MergeRecord>)) -> Result<()> {
+        let mut next = self.manifest.clone();
+        if let Some(s) = next.snapshots.iter_mut().find(|s| s.name == name) {
+            f(&mut s.merging);
+        }
+        if next != self.manifest {
+            self.commit(next)?;
+        }
+        Ok(())
+    }
+
+    /// Pauses, resumes or rate-limits a recorded merge offline (it takes effect when the
+    /// merge runs). Returns the record.
+    pub fn control_merge(&mut self, name: &str, action: MergeAction) -> Result<MergeRecord> {
+        if self
+            .manifest
+            .snapshot(name)
+            .and_then(|s| s.merging)
+            .is_none()
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {name:?} is not merging"
+            )));
+        }
+        self.update_merge(name, |m| {
+            if let Some(m) = m {
+                action.record(m);
+            }
+        })?;
+        self.manifest
+            .snapshot(name)
+            .and_then(|s| s.merging)
+            .ok_or_else(|| Error::InvalidArgument(format!("no snapshot called {name:?}")))
+    }
+
+    /// Asks for a merge offline: checks the snapshot (it must be valid: its COW is loaded
+    /// to read its usage) and records it; the next `serve` starts it. Returns the record.
+    pub fn request_merge(
+        &mut self,
+        name: &str,
+        copier: Arc<cowsnap_core::copy::Copier>,
+        paused: bool,
+        rate: Option<u64>,
+    ) -> Result<MergeRecord> {
+        self.check_mergeable(name)?;
+        let info = self
+            .list_offline(copier, Some(name))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::InvalidArgument(format!("no snapshot called {name:?}")))?;
+        if let Some(e) = info.error {
+            return Err(Error::WrongState(format!(
+                "snapshot {name:?} cannot be opened: {e}"
+            )));
+        }
+        let usage = match (&info.usage, info.status.as_str()) {
+            (Some(u), _) => *u,
+            (None, status) => {
+                return Err(Error::Invalid(format!(
+                    "unable to merge snapshot {name:?}: it is {status}{}",
+                    info.invalid_reason
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                )))
+            }
+        };
+        let record = MergeRecord {
+            initial_allocated_sectors: usage.allocated_sectors,
+            on_activation: true,
+            paused,
+            rate,
+        };
+        self.record_merge(name, record)?;
+        Ok(record)
     }
 
     /// Removes a snapshot offline, deleting its COW file if the pool created it and

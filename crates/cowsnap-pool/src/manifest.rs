@@ -12,6 +12,11 @@
 //! (see [`Pool::remove_snapshot`](super::Pool::remove_snapshot)). Version 1 pools open and
 //! are rewritten as version 2 at their next change; cowsnap before version 2 refuses a
 //! version 2 pool with a message naming the version.
+//!
+//! Version 3 is written only while a snapshot is merging (its `merging` record): cowsnap
+//! before version 3 would serve the half-merged origin as it is, so it must refuse the
+//! pool, and it does (the version check names the version). A pool with no merge is still
+//! written as version 2, which every cowsnap since version 2 opens.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -26,8 +31,10 @@ use cowsnap_core::units::ChunkSize;
 
 /// File name of the manifest inside the pool directory.
 pub const MANIFEST: &str = "pool.json";
-/// The manifest format version this code writes and reads.
-pub const MANIFEST_VERSION: u32 = 2;
+/// The newest manifest format version this code reads (and writes while a snapshot merges).
+pub const MANIFEST_VERSION: u32 = 3;
+/// The version written when no snapshot is merging.
+pub const MANIFEST_VERSION_PLAIN: u32 = 2;
 /// The oldest manifest format version this code reads.
 pub const MANIFEST_VERSION_MIN: u32 = 1;
 
@@ -67,6 +74,29 @@ pub struct SnapshotEntry {
     /// pool finishes the removal.
     #[serde(default, skip_serializing_if = "is_false")]
     pub removing: bool,
+    /// A merge into its origin was asked for: recorded before the first origin chunk is
+    /// overwritten, so a restarted process resumes it instead of serving a half-merged
+    /// origin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merging: Option<MergeRecord>,
+}
+
+/// A snapshot's merge into its origin, as the manifest keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    /// The COW's allocation (sectors) when the merge was asked for: the percentage's 0.
+    pub initial_allocated_sectors: u64,
+    /// Deferred: the origin was in use when the merge was asked for, so it starts at the
+    /// next activation of the pool (lvm2's "merge on activate"). Until then the snapshot
+    /// is served as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub on_activation: bool,
+    /// Paused by the user: the origin shows the snapshot's content, nothing moves.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub paused: bool,
+    /// Rate limit, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -119,7 +149,7 @@ impl Manifest {
     /// An empty manifest.
     pub fn new() -> Self {
         Manifest {
-            version: MANIFEST_VERSION,
+            version: MANIFEST_VERSION_PLAIN,
             ..Default::default()
         }
     }
@@ -194,8 +224,33 @@ impl Manifest {
             }
             s.store_kind()?;
             s.chunk_size()?;
+            if s.merging.is_some() {
+                if s.store == "N" {
+                    return Err(Error::InvalidArgument(format!(
+                        "snapshot {:?} is transient and cannot be merging",
+                        s.name
+                    )));
+                }
+                if let Some(other) = self
+                    .snapshots
+                    .iter()
+                    .find(|o| o.origin == s.origin && o.name != s.name && o.merging.is_some())
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "origin {:?} has two merging snapshots, {:?} and {:?}",
+                        s.origin, s.name, other.name
+                    )));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The snapshot merging (or waiting to merge) into origin `origin`.
+    pub fn merging_into(&self, origin: &str) -> Option<&SnapshotEntry> {
+        self.snapshots
+            .iter()
+            .find(|s| s.origin == origin && s.merging.is_some())
     }
 
     /// Reads and validates the manifest of the pool in `dir`.
@@ -225,7 +280,11 @@ impl Manifest {
     /// the directory).
     pub fn store(&self, dir: &Path) -> Result<()> {
         let mut this = self.clone();
-        this.version = MANIFEST_VERSION;
+        this.version = if this.snapshots.iter().any(|s| s.merging.is_some()) {
+            MANIFEST_VERSION
+        } else {
+            MANIFEST_VERSION_PLAIN
+        };
         this.validate()?;
         let io = |op: &'static str, p: &Path| {
             let name = p.display().to_string();
@@ -277,6 +336,7 @@ mod tests {
             owned: true,
             id: Some(FileId::File { dev: 2049, ino: 12 }),
             removing: true,
+            merging: None,
         });
         m
     }
@@ -309,6 +369,31 @@ mod tests {
         let mut bad = sample();
         bad.snapshots[0].chunk_sectors = 12;
         assert!(bad.validate().is_err());
+
+        // A merge makes it version 3 (older cowsnap refuses it); without one it stays 2.
+        let mut merging = sample();
+        merging.snapshots[0].merging = Some(MergeRecord {
+            initial_allocated_sectors: 64,
+            on_activation: false,
+            paused: true,
+            rate: Some(1 << 20),
+        });
+        merging.store(&dir).unwrap();
+        let back = Manifest::load(&dir).unwrap();
+        assert_eq!(back.version, 3);
+        assert_eq!(back.snapshots[0].merging, merging.snapshots[0].merging);
+        m.store(&dir).unwrap();
+        assert_eq!(Manifest::load(&dir).unwrap().version, 2);
+        let mut two = merging.clone();
+        two.snapshots.push(SnapshotEntry {
+            name: "snap2".into(),
+            ..merging.snapshots[0].clone()
+        });
+        assert!(two
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("two merging"));
 
         fs::write(dir.join(MANIFEST), b"{\"version\": 1, \"origins\": [").unwrap();
         let e = Manifest::load(&dir).unwrap_err();

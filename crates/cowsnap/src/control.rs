@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_core::units::ChunkSize;
-use cowsnap_pool::{CowSpec, SnapshotRequest, VolumeInfo};
+use cowsnap_pool::{CowSpec, MergeAction, MergeInfo, SnapshotRequest, VolumeInfo};
 use serde::{Deserialize, Serialize};
 
 /// File name of the control socket inside the pool directory.
@@ -71,6 +71,27 @@ pub enum Request {
     RemoveSnapshot {
         /// The snapshot.
         name: String,
+    },
+    /// Merge a snapshot into its origin.
+    MergeSnapshot {
+        /// The snapshot.
+        name: String,
+        /// Merge now even if the origin is in use (its readers see the content change).
+        #[serde(default)]
+        now: bool,
+        /// Switch the origin now but move no data until resumed.
+        #[serde(default)]
+        paused: bool,
+        /// Rate limit, bytes per second.
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    /// Pause, resume or rate-limit a merge.
+    MergeControl {
+        /// The merging snapshot.
+        name: String,
+        /// What to do.
+        action: MergeAction,
     },
 }
 
@@ -135,6 +156,9 @@ pub struct Reply {
     /// Something the user should know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// A merge the request started or changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeInfo>,
     /// The daemon serves too many control clients: ask again later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub busy: bool,

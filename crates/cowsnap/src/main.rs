@@ -15,6 +15,7 @@ mod control;
 #[cfg(test)]
 mod control_fuzz;
 mod cow;
+mod merge;
 mod serve;
 mod tcp;
 mod volume;
@@ -66,6 +67,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pause, resume, rate-limit or show a merge (`cowsnap snapshot merge` starts one).
+    #[command(subcommand)]
+    Merge(merge::MergeCommand),
     /// Export every volume over NBD until SIGTERM or SIGINT.
     Serve(serve::ServeArgs),
     /// Inspect, check and export persistent COW devices (the kernel's `P`/`PO` format).
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Status { name, json } => {
             pool().and_then(|d| volume::status(&d, name.as_deref(), json))
         }
+        Command::Merge(cmd) => pool().and_then(|d| merge::run(&d, cmd)),
         Command::Serve(args) => pool().and_then(|d| serve::run(&d, args)),
         Command::Cow(cmd) => cow::run(cmd),
     };

@@ -243,7 +243,7 @@ fn kind_word(k: VolumeKind) -> &'static str {
 
 fn handle(
     req: Request,
-    active: &ActivePool,
+    active: &Arc<ActivePool>,
     server: &Server,
     read_only: &HashSet<String>,
 ) -> Reply {
@@ -306,9 +306,75 @@ fn handle(
                     ..Reply::volumes(Vec::new())
                 })
             }
+            Request::MergeSnapshot {
+                name,
+                now,
+                paused,
+                rate,
+            } => merge_snapshot(active, server, &name, now, paused, rate),
+            Request::MergeControl { name, action } => {
+                let info = active.merge_control(&name, action)?;
+                eprintln!("cowsnap: merge of snapshot {name}: {}", info.state);
+                Ok(Reply {
+                    merge: Some(info),
+                    ..Reply::volumes(Vec::new())
+                })
+            }
         }
     })();
     result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
+}
+
+/// `snapshot merge`: merges now when neither the origin nor the snapshot has NBD clients
+/// (or with `now`); otherwise records the merge for the next start, as lvm2 defers a merge
+/// of an open origin, and says so. A merge that starts takes the snapshot's export away.
+fn merge_snapshot(
+    active: &Arc<ActivePool>,
+    server: &Server,
+    name: &str,
+    now: bool,
+    paused: bool,
+    rate: Option<u64>,
+) -> Result<Reply> {
+    let origin = active
+        .info(name)
+        .and_then(|i| i.origin)
+        .ok_or_else(|| anyhow!("no snapshot called {name:?}"))?;
+    let users: Vec<String> = [origin.as_str(), name]
+        .iter()
+        .filter_map(|v| {
+            let n = server.export_users(v)?;
+            (n > 0).then(|| {
+                format!(
+                    "{v} has {n} NBD connection{}",
+                    if n == 1 { "" } else { "s" }
+                )
+            })
+        })
+        .collect();
+    let deferred = !now && !users.is_empty();
+    let info = active.merge_snapshot(name, !deferred, paused, rate)?;
+    let warning = if deferred {
+        eprintln!(
+            "cowsnap: merge of snapshot {name} into {origin} deferred to the next start ({})",
+            users.join(", ")
+        );
+        Some(format!(
+            "{} in use ({}): the merge will start when the daemon next starts (it is recorded); \
+             to merge now, pass --now: readers of {origin} then see its content change under them",
+            origin,
+            users.join(", ")
+        ))
+    } else {
+        // The snapshot is no longer served: its content is the origin's now.
+        server.remove_export(name);
+        None
+    };
+    Ok(Reply {
+        warning,
+        merge: Some(info),
+        ..Reply::volumes(Vec::new())
+    })
 }
 
 /// Listens on the inherited sockets, or else on `addrs` (the pool's `nbd.sock` when there
@@ -417,6 +483,8 @@ fn stop(server: &Server, active: &ActivePool, sockets: &[PathBuf]) -> Result<()>
     // An invalid snapshot has nothing to flush; its export's flush must not fail the stop.
     STOPPING.store(true, Ordering::SeqCst);
     let flushed = server.shutdown();
+    // Each merger finishes its batch under way; the next start resumes from the COW.
+    active.stop_merges();
     let flushed_all = active.flush_all();
     for w in active.checkpoint_indexes() {
         eprintln!("cowsnap: warning: {w}");
@@ -465,8 +533,9 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     let mut pool = Pool::open(dir)?;
     pool.set_direct(args.direct);
     pool.set_cache_bytes(args.cache_size);
-    let (active, warnings) = ActivePool::activate(pool, Arc::new(Copier::default()))?;
+    let (active, mut warnings) = ActivePool::activate(pool, Arc::new(Copier::default()))?;
     let active = Arc::new(active);
+    warnings.extend(active.start_merges());
     for w in &warnings {
         eprintln!("cowsnap: warning: {w}");
     }

@@ -66,6 +66,15 @@ pub enum SnapshotCommand {
         /// Snapshot name.
         name: String,
     },
+    /// Roll the origin back to the snapshot (lvconvert --merge): from now on the origin
+    /// shows the snapshot's content (its own writes included) while the data moves back in
+    /// the background; the snapshot is removed when it is done. Other snapshots of the
+    /// origin stay exact. A daemon stopped mid-merge resumes it at its next start.
+    ///
+    /// Examples:
+    ///   cowsnap --pool P snapshot merge before-upgrade --wait
+    ///   cowsnap --pool P snapshot merge before-upgrade --now --rate 100M
+    Merge(crate::merge::SnapshotMerge),
 }
 
 /// Arguments of `snapshot create`.
@@ -208,6 +217,7 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
                 );
             }
         }
+        SnapshotCommand::Merge(a) => return crate::merge::start(dir, a),
         SnapshotCommand::Remove { name } => {
             let warnings =
                 match control::call(dir, &Request::RemoveSnapshot { name: name.clone() })? {
@@ -261,10 +271,13 @@ pub fn list(dir: &Path, json: bool) -> Result<ExitCode> {
             v.origin.as_deref().unwrap_or("-"),
             v.store.as_deref().unwrap_or("-"),
             v.chunk_size.map(human).unwrap_or_else(|| "-".into()),
-            if v.kind == VolumeKind::Origin {
-                "active".to_string()
-            } else {
-                v.status.clone()
+            match (&v.merge, v.kind) {
+                (Some(m), VolumeKind::Origin) =>
+                    format!("merging {} {:.1}%", m.snapshot, m.percent),
+                (None, VolumeKind::Origin) => "active".to_string(),
+                (Some(m), VolumeKind::Snapshot) =>
+                    format!("{} (merge {} {:.1}%)", v.status, m.state, m.percent),
+                (None, VolumeKind::Snapshot) => v.status.clone(),
             }
         );
     }
@@ -287,11 +300,26 @@ pub fn status(dir: &Path, name: Option<&str>, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for v in &vols {
+        let merging = v
+            .merge
+            .as_ref()
+            .is_some_and(|m| m.state != "next_activation");
         let target = match v.kind {
             VolumeKind::Origin => "snapshot-origin",
+            VolumeKind::Snapshot if merging => "snapshot-merge",
             VolumeKind::Snapshot => "snapshot",
         };
-        println!("{}: 0 {} {target} {}", v.name, v.size / 512, v.status)
+        match (&v.merge, v.kind) {
+            (Some(m), VolumeKind::Snapshot) => println!(
+                "{}: 0 {} {target} {}  # merge {} {:.1}%",
+                v.name,
+                v.size / 512,
+                v.status,
+                m.state,
+                m.percent
+            ),
+            _ => println!("{}: 0 {} {target} {}", v.name, v.size / 512, v.status),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -627,6 +627,15 @@ impl Server {
         Some(exports.remove(i).1)
     }
 
+    /// How many connections hold export `name` now (connections keep the export they
+    /// chose until they close; one in its handshake may count too). `None`: no such export.
+    pub fn export_users(&self, name: &str) -> Option<usize> {
+        let exports = self.shared.exports.read();
+        let (_, e) = exports.iter().find(|(n, _)| n == name)?;
+        // The list's own reference is not a user.
+        Some(Arc::strong_count(e).saturating_sub(1))
+    }
+
     /// Names of the exports, in listing order.
     pub fn export_names(&self) -> Vec<String> {
         self.shared

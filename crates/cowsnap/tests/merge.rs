@@ -1,0 +1,298 @@
+//! Merge driven through the real daemon with real NBD clients: `snapshot merge` rolls the
+//! origin back while `qemu-io` writes through it and another snapshot stays exact; a
+//! paused merge already shows the snapshot; a merge of an origin in use is deferred to
+//! the next start; and a merge killed with SIGKILL again and again resumes at every
+//! restart and ends with the snapshot's content plus every flushed write made through it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+mod common;
+
+use common::{require_tools, run, seed, wait_for, Pool};
+use cowsnap_core::testkit::SplitMix;
+
+fn qemu_io(target: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(c.arg(target));
+}
+
+/// A raw copy of an NBD export (or a file) into `to`.
+fn image_of(from: &str, to: &Path) {
+    let _ = std::fs::remove_file(to);
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        from,
+        to.to_str().unwrap(),
+    ]));
+}
+
+fn identical(a: &str, b: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw", a, b])
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn volumes(pool: &Pool) -> serde_json::Value {
+    serde_json::from_str(&pool.ok(&["list", "--json"])).unwrap()
+}
+
+fn has_volume(pool: &Pool, name: &str) -> bool {
+    volumes(pool)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == name)
+}
+
+#[test]
+fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
+    if !require_tools(&["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let pool = Pool::new("merge-live");
+    pool.ok(&["origin", "create", "disk", "--size", "32M"]);
+    let d = pool.serve();
+    let disk = pool.uri("disk");
+    qemu_io(&disk, &["write -P 0xaa 0 8M"]);
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "a",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "16M",
+    ]);
+    qemu_io(&disk, &["write -P 0xbb 1M 6M", "write -P 0x11 20M 2M"]);
+    qemu_io(&pool.uri("a"), &["write -P 0xcc 2M 1M"]);
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "b",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "16M",
+        "--chunk-size",
+        "16K",
+    ]);
+    qemu_io(&disk, &["write -P 0xdd 0 4M"]);
+    let (a_img, b_img) = (
+        pool.dir.with_extension("a.img"),
+        pool.dir.with_extension("b.img"),
+    );
+    image_of(&pool.uri("a"), &a_img);
+    image_of(&pool.uri("b"), &b_img);
+
+    // Paused: the origin shows the snapshot at once; nothing else may touch it.
+    let out = pool.ok(&["snapshot", "merge", "a", "--paused"]);
+    assert!(out.contains("merging snapshot a into disk"), "{out}");
+    assert!(identical(a_img.to_str().unwrap(), &disk));
+    let status = pool.ok(&["status", "a"]);
+    assert!(status.starts_with("a: 0 65536 snapshot-merge "), "{status}");
+    assert!(status.contains("merge paused 0.0%"), "{status}");
+    let e = pool.refused(&[
+        "snapshot",
+        "create",
+        "c",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "8M",
+    ]);
+    assert!(e.contains("merging snapshot"), "{e}");
+    let e = pool.refused(&["snapshot", "remove", "a"]);
+    assert!(e.contains("is merging"), "{e}");
+    let e = pool.refused(&["snapshot", "merge", "b"]);
+    assert!(e.contains("already merging"), "{e}");
+    let m: serde_json::Value =
+        serde_json::from_str(&pool.ok(&["merge", "status", "a", "--json"])).unwrap();
+    assert_eq!(m["state"], "paused");
+    assert!(m["remaining"].as_u64().unwrap() > 1000, "{m}");
+
+    // Writes through the origin while it merges: the result is the snapshot plus them.
+    pool.ok(&["merge", "rate", "a", "4M"]);
+    pool.ok(&["merge", "resume", "a"]);
+    qemu_io(
+        &disk,
+        &["write -P 0xee 3M 64k", "write -P 0xef 30M 1M", "flush"],
+    );
+    qemu_io(
+        a_img.to_str().unwrap(),
+        &["write -P 0xee 3M 64k", "write -P 0xef 30M 1M"],
+    );
+    pool.ok(&["merge", "rate", "a", "none"]);
+    wait_for("the merge to finish", || !has_volume(&pool, "a"));
+    assert!(
+        identical(a_img.to_str().unwrap(), &disk),
+        "origin != snapshot + writes"
+    );
+    assert!(
+        identical(b_img.to_str().unwrap(), &pool.uri("b")),
+        "snapshot b moved"
+    );
+    assert!(!pool.path("a.cow").exists(), "the merged COW is deleted");
+    let origin = &volumes(&pool)[0];
+    assert!(origin.get("merge").is_none(), "{origin}");
+    // The merged origin writes normally, still copying out to b.
+    qemu_io(&disk, &["write -P 0x99 0 1M"]);
+    assert!(identical(b_img.to_str().unwrap(), &pool.uri("b")));
+    let (st, out) = d.stop();
+    assert!(st.success(), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|l| l.contains("snapshot a is merged into origin disk and removed")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_merge_of_an_origin_in_use_waits_for_the_next_start_unless_forced() {
+    if !require_tools(&["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let pool = Pool::new("merge-deferred");
+    pool.ok(&["origin", "create", "disk", "--size", "8M"]);
+    let d = pool.serve();
+    qemu_io(&pool.uri("disk"), &["write -P 0x01 0 8M"]);
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "8M",
+    ]);
+    qemu_io(&pool.uri("disk"), &["write -P 0x02 1M 2M"]);
+    let s_img = pool.dir.with_extension("s.img");
+    image_of(&pool.uri("s"), &s_img);
+    // A client holding the origin open (libnbd, connected, idle).
+    let mut holder = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('connected',flush=True)\ntime.sleep(60)",
+            &pool.uri("disk"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    let out = pool.run(&["snapshot", "merge", "s"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains("--now"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("deferred"), "{stdout}");
+    let m: serde_json::Value =
+        serde_json::from_str(&pool.ok(&["merge", "status", "s", "--json"])).unwrap();
+    assert_eq!(m["state"], "next_activation");
+    // Still served as before: the origin holds its own data.
+    assert!(!identical(s_img.to_str().unwrap(), &pool.uri("disk")));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    d.stop_ok();
+    // The next start merges.
+    let d = pool.serve();
+    wait_for("the deferred merge to finish", || !has_volume(&pool, "s"));
+    assert!(identical(s_img.to_str().unwrap(), &pool.uri("disk")));
+    d.stop_ok();
+}
+
+#[test]
+fn a_merge_killed_again_and_again_resumes_and_loses_no_flushed_write() {
+    if !require_tools(&["qemu-io", "qemu-img", "fio"]) {
+        return;
+    }
+    let seed = seed();
+    let mut rng = SplitMix(seed);
+    eprintln!("TEST: seed {seed} (rerun with COWSNAP_SEED={seed})");
+    let pool = Pool::new("merge-kill");
+    pool.ok(&["origin", "create", "disk", "--size", "64M"]);
+    let d = pool.serve();
+    let disk = pool.uri("disk");
+    qemu_io(&disk, &["write -P 0x5a 0 64M"]);
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "48M",
+    ]);
+    // Scattered 4 KiB copy-outs: thousands of entries over several metadata areas.
+    for i in 0..6u64 {
+        let off = rng.below(60 << 20) & !4095;
+        qemu_io(&disk, &[&format!("write -P 0x{:02x} {off} 1M", 0x60 + i)]);
+    }
+    run(Command::new("fio").args([
+        "--name=scatter",
+        "--ioengine=nbd",
+        &format!("--uri={disk}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=64M",
+        "--io_size=24M",
+        &format!("--randseed={}", seed % 1_000_000),
+        "--output=/dev/null",
+    ]));
+    qemu_io(&pool.uri("s"), &["write -P 0x77 10M 2M"]);
+    let want = pool.dir.with_extension("want.img");
+    image_of(&pool.uri("s"), &want);
+    let want = want.to_str().unwrap().to_string();
+
+    pool.ok(&["snapshot", "merge", "s", "--rate", "2M"]);
+    let mut d = Some(d);
+    for round in 0..5u64 {
+        // A flushed write through the merging origin, then a kill at a random moment.
+        let off = rng.below(63 << 20) & !4095;
+        let cmd = format!("write -P 0x{:02x} {off} 512k", 0x80 + round);
+        qemu_io(&disk, &[&cmd, "flush"]);
+        qemu_io(&want, &[&cmd]);
+        std::thread::sleep(Duration::from_millis(200 + rng.below(600)));
+        let daemon = d.take().unwrap();
+        run(Command::new("kill").args(["-KILL", &daemon.pid().to_string()]));
+        daemon.wait_crash();
+        d = Some(pool.serve());
+        assert!(
+            has_volume(&pool, "s"),
+            "round {round}: the merge was not that fast"
+        );
+        let m: serde_json::Value =
+            serde_json::from_str(&pool.ok(&["merge", "status", "s", "--json"])).unwrap();
+        assert_eq!(m["state"], "running", "round {round}: {m}");
+        assert!(
+            identical(&want, &disk),
+            "round {round}: the origin is not the snapshot plus the flushed writes"
+        );
+    }
+    pool.ok(&["merge", "rate", "s", "0"]);
+    wait_for("the merge to finish", || !has_volume(&pool, "s"));
+    assert!(identical(&want, &disk), "after the merge");
+    d.take().unwrap().stop_ok();
+}
