@@ -1163,12 +1163,17 @@ impl ActivePool {
             paused,
             rate,
         };
-        inner.pool.record_merge(name, record)?;
+        // The mutation switches the origin and lets the merger run before the manifest
+        // records the merge: a crash then leaves a half-merged origin served as plain.
+        let record_late = now && mutation::active("merge-switched-before-record");
+        if !record_late {
+            inner.pool.record_merge(name, record)?;
+        }
         if !now {
             return Ok(recorded_merge(&entry, &record, Some(snap.store().usage())));
         }
         let settings = MergeSettings {
-            paused: true,
+            paused: !record_late,
             rate,
             initial_allocated_sectors: Some(record.initial_allocated_sectors),
             ..MergeSettings::default()
@@ -1181,6 +1186,10 @@ impl ActivePool {
             }
         };
         crash_point("merge-snapshot:switched");
+        if record_late {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            inner.pool.record_merge(name, record)?;
+        }
         let mut entry = entry;
         entry.merging = Some(record);
         inner.snapshots.remove(name);

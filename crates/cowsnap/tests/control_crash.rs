@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{need_tools, seed, Daemon, Pool};
+use common::{need_tools, seed, wait_for, Daemon, Pool};
 use cowsnap_core::testkit::SplitMix;
 use cowsnap_pool::CRASH_POINTS;
 /// The origin: this many 4 KiB blocks.
@@ -572,5 +572,58 @@ fn sigkill_at_random_moments_of_a_create_remove_loop() {
             "trial {trial}: {i} create/remove pairs before the kill; {} volumes after",
             vols.len()
         );
+    }
+}
+
+/// A merge killed at each of its control-plane steps: recorded in the manifest, origin
+/// switched, and each step of the removal that ends it. The next start finishes it: the
+/// origin holds the snapshot's content and nothing of the snapshot is left.
+#[test]
+fn a_merge_killed_at_any_control_step_finishes_at_the_next_start() {
+    need_tools(&["qemu-io", "nbdcopy", "python3-nbd"]);
+    let points: Vec<&str> = CRASH_POINTS
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with("merge-snapshot") || p.starts_with("remove-snapshot"))
+        .filter(|p| *p != "remove-snapshot:deactivated")
+        .collect();
+    assert!(points.len() >= 7, "{points:?}");
+    for point in points {
+        eprintln!("crash point {point}");
+        let pool = new_pool("merge");
+        create_snapshot(&pool, "s");
+        let daemon = serve(&pool, Some(point));
+        for (target, cmd) in [
+            ("o", "write -P 0x11 0 256k"),
+            ("s", "write -P 0x22 64k 64k"),
+            ("o", "write -P 0x33 1M 128k"),
+        ] {
+            common::run(std::process::Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                "-c",
+                cmd,
+                &pool.uri(target),
+            ]));
+        }
+        let want = read(&pool, "s");
+        // Killed in the request (recorded, switched) or on the merger's thread when the
+        // merge ends (the removal's steps): the command may or may not see its reply.
+        let _ = pool.run(&["snapshot", "merge", "s", "--now"]);
+        daemon.wait_crash();
+        let daemon = serve(&pool, None);
+        wait_for("the merge to finish after the restart", || {
+            !volumes(&pool).iter().any(|(n, _)| n == "s")
+        });
+        assert!(
+            read(&pool, "o") == want,
+            "{point}: the origin is not the snapshot"
+        );
+        assert!(
+            files_of(&pool, "s").is_empty(),
+            "{point}: left {:?}",
+            files_of(&pool, "s")
+        );
+        daemon.stop_ok();
     }
 }
