@@ -31,6 +31,27 @@ pub trait VolumeSource: Send + Sync + 'static {
     fn get(&self, name: &str) -> Option<(Arc<dyn BlockDevice>, bool)>;
 }
 
+/// How many times each volume's file is open now (a merge of an open origin is deferred,
+/// as lvm2 defers the merge of an open volume).
+#[derive(Debug, Default)]
+pub struct OpenFiles(parking_lot::Mutex<std::collections::HashMap<String, u32>>);
+
+impl OpenFiles {
+    /// Opens of volume `name` not yet released.
+    pub fn count(&self, name: &str) -> u32 {
+        self.0.lock().get(name).copied().unwrap_or(0)
+    }
+
+    fn add(&self, name: &str, up: bool) {
+        let mut m = self.0.lock();
+        let n = m.entry(name.to_string()).or_insert(0);
+        *n = if up { *n + 1 } else { n.saturating_sub(1) };
+        if *n == 0 {
+            m.remove(name);
+        }
+    }
+}
+
 const ROOT: u64 = 1;
 const TTL: Duration = Duration::from_secs(0);
 const MAX_IO: u64 = 32 << 20;
@@ -44,6 +65,7 @@ pub struct VolumeFs {
     uid: u32,
     gid: u32,
     started: SystemTime,
+    open_files: Arc<OpenFiles>,
 }
 
 impl VolumeFs {
@@ -56,7 +78,14 @@ impl VolumeFs {
             uid,
             gid,
             started: SystemTime::now(),
+            open_files: Arc::default(),
         }
+    }
+
+    /// Counts opens of each volume's file in `open_files`.
+    pub fn with_open_files(mut self, open_files: Arc<OpenFiles>) -> Self {
+        self.open_files = open_files;
+        self
     }
 
     fn ino_of(&mut self, name: &str) -> u64 {
@@ -218,7 +247,26 @@ impl Filesystem for VolumeFs {
         if ro && (flags & libc::O_ACCMODE) != libc::O_RDONLY {
             return reply.error(libc::EROFS);
         }
+        if let Some(name) = self.name_of(ino) {
+            self.open_files.add(&name, true);
+        }
         reply.opened(0, FOPEN_DIRECT_IO);
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Some(name) = self.name_of(ino) {
+            self.open_files.add(&name, false);
+        }
+        reply.ok();
     }
 
     fn read(
@@ -347,9 +395,18 @@ impl std::fmt::Debug for Mount {
 /// Mounts `source` on the directory `dir` (which must exist) and serves it on a background
 /// thread until the returned [`Mount`] is dropped.
 pub fn mount(source: Arc<dyn VolumeSource>, dir: &Path) -> std::io::Result<Mount> {
+    mount_counting(source, dir, Arc::default())
+}
+
+/// [`mount`], counting the opens of each volume's file in `open_files`.
+pub fn mount_counting(
+    source: Arc<dyn VolumeSource>,
+    dir: &Path,
+    open_files: Arc<OpenFiles>,
+) -> std::io::Result<Mount> {
     let meta = std::fs::metadata(dir)?;
     use std::os::unix::fs::MetadataExt;
-    let fs = VolumeFs::new(source, meta.uid(), meta.gid());
+    let fs = VolumeFs::new(source, meta.uid(), meta.gid()).with_open_files(open_files);
     let options = [
         MountOption::FSName("cowsnap".into()),
         MountOption::Subtype("cowsnap".into()),

@@ -1128,7 +1128,17 @@ impl ActivePool {
                 "snapshot {name:?} is already merging"
             )));
         }
-        let entry = inner.pool.check_mergeable(name)?;
+        // A merge deferred to the next activation starts now when asked with `now`.
+        let deferred = inner
+            .pool
+            .manifest()
+            .snapshot(name)
+            .filter(|s| s.merging.is_some_and(|r| r.on_activation) && !s.removing)
+            .cloned();
+        let entry = match deferred {
+            Some(entry) if now => entry,
+            _ => inner.pool.check_mergeable(name)?,
+        };
         if inner.failed.contains_key(name) {
             return Err(Error::WrongState(format!(
                 "snapshot {name:?} failed to open: repair or remove it"

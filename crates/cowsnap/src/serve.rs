@@ -26,6 +26,7 @@ use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileId, Fua};
 use cowsnap_core::targets::Origin;
 use cowsnap_core::units::Chunk;
+use cowsnap_fuse::OpenFiles;
 use cowsnap_fuse::VolumeSource;
 use cowsnap_nbd::{activation, DeviceExport, Export, Server, ServerConfig};
 use cowsnap_pool::{ActivePool, Pool, PoolLock, VolumeKind};
@@ -246,6 +247,7 @@ fn handle(
     active: &Arc<ActivePool>,
     server: &Server,
     read_only: &HashSet<String>,
+    open_files: &OpenFiles,
 ) -> Reply {
     let result = (|| -> Result<Reply> {
         match req {
@@ -311,7 +313,7 @@ fn handle(
                 now,
                 paused,
                 rate,
-            } => merge_snapshot(active, server, &name, now, paused, rate),
+            } => merge_snapshot(active, server, open_files, &name, now, paused, rate),
             Request::MergeControl { name, action } => {
                 let info = active.merge_control(&name, action)?;
                 eprintln!("cowsnap: merge of snapshot {name}: {}", info.state);
@@ -326,11 +328,12 @@ fn handle(
 }
 
 /// `snapshot merge`: merges now when neither the origin nor the snapshot has NBD clients
-/// (or with `now`); otherwise records the merge for the next start, as lvm2 defers a merge
+/// or open FUSE files (or with `now`); otherwise records the merge for the next start, as lvm2 defers a merge
 /// of an open origin, and says so. A merge that starts takes the snapshot's export away.
 fn merge_snapshot(
     active: &Arc<ActivePool>,
     server: &Server,
+    open_files: &OpenFiles,
     name: &str,
     now: bool,
     paused: bool,
@@ -340,18 +343,17 @@ fn merge_snapshot(
         .info(name)
         .and_then(|i| i.origin)
         .ok_or_else(|| anyhow!("no snapshot called {name:?}"))?;
-    let users: Vec<String> = [origin.as_str(), name]
-        .iter()
-        .filter_map(|v| {
-            let n = server.export_users(v)?;
-            (n > 0).then(|| {
-                format!(
-                    "{v} has {n} NBD connection{}",
-                    if n == 1 { "" } else { "s" }
-                )
-            })
-        })
-        .collect();
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let mut users = Vec::new();
+    for v in [origin.as_str(), name] {
+        if let Some(n) = server.export_users(v).filter(|n| *n > 0) {
+            users.push(format!("{v} has {n} NBD connection{}", plural(n)));
+        }
+        let n = open_files.count(v) as usize;
+        if n > 0 {
+            users.push(format!("{v} is open {n} time{} through FUSE", plural(n)));
+        }
+    }
     let deferred = !now && !users.is_empty();
     let info = active.merge_snapshot(name, !deferred, paused, rate)?;
     let warning = if deferred {
@@ -435,6 +437,7 @@ fn start_control(
     active: &Arc<ActivePool>,
     server: &Arc<Server>,
     read_only: &Arc<HashSet<String>>,
+    open_files: &Arc<OpenFiles>,
 ) -> Result<PathBuf> {
     let ctl_path = control::socket_path(dir);
     clear_socket_path(&ctl_path)?;
@@ -442,7 +445,9 @@ fn start_control(
         .with_context(|| format!("binding the control socket {}", ctl_path.display()))?;
     private(&ctl_path)?;
     let (active, server, read_only) = (active.clone(), server.clone(), read_only.clone());
-    let handler: control::Handler = Arc::new(move |req| handle(req, &active, &server, &read_only));
+    let open_files = open_files.clone();
+    let handler: control::Handler =
+        Arc::new(move |req| handle(req, &active, &server, &read_only, &open_files));
     control::spawn_server(ctl, handler).context("starting the control socket's thread")?;
     Ok(ctl_path)
 }
@@ -561,7 +566,14 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     }
 
     let (mut sockets, mut endpoints) = listen(&server, dir, addrs, inherited, &args.tls, tls_on)?;
-    sockets.push(start_control(dir, &active, &server, &read_only)?);
+    let open_files = Arc::new(OpenFiles::default());
+    sockets.push(start_control(
+        dir,
+        &active,
+        &server,
+        &read_only,
+        &open_files,
+    )?);
 
     let fuse = match &args.fuse {
         Some(dir) => {
@@ -571,7 +583,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
                 active: active.clone(),
                 read_only: read_only.clone(),
             });
-            let m = cowsnap_fuse::mount(source, dir)
+            let m = cowsnap_fuse::mount_counting(source, dir, open_files.clone())
                 .with_context(|| format!("mounting the volume files on {}", dir.display()))?;
             endpoints.push(format!("file {}/{{NAME}}", dir.display()));
             Some(m)

@@ -296,3 +296,72 @@ fn a_merge_killed_again_and_again_resumes_and_loses_no_flushed_write() {
     assert!(identical(&want, &disk), "after the merge");
     d.take().unwrap().stop_ok();
 }
+
+#[test]
+fn a_merge_of_an_origin_open_through_fuse_is_deferred_unless_forced() {
+    if !require_tools(&["qemu-io", "qemu-img", "fusermount3"]) {
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        assert!(!common::ci(), "/dev/fuse missing under CI");
+        eprintln!("SKIP: no /dev/fuse");
+        return;
+    }
+    let pool = Pool::new("merge-fuse");
+    pool.ok(&["origin", "create", "disk", "--size", "8M"]);
+    let files = pool.dir.with_extension("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let d = pool.serve_with(&["--fuse", files.to_str().unwrap()], &[]);
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "8M",
+    ]);
+    qemu_io(&pool.uri("disk"), &["write -P 0x42 0 1M"]);
+    let s_img = pool.dir.with_extension("s.img");
+    image_of(&pool.uri("s"), &s_img);
+    let open = std::fs::File::open(files.join("disk")).unwrap();
+    let out = pool.run(&["snapshot", "merge", "s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("through FUSE"), "{stderr}");
+    drop(open);
+    let m: serde_json::Value =
+        serde_json::from_str(&pool.ok(&["merge", "status", "s", "--json"])).unwrap();
+    assert_eq!(m["state"], "next_activation");
+    // The user insists: the deferred merge runs now, and readers of the file see the
+    // snapshot's content.
+    pool.ok(&["snapshot", "merge", "s", "--now", "--wait"]);
+    assert!(!has_volume(&pool, "s"));
+    assert!(identical(
+        s_img.to_str().unwrap(),
+        files.join("disk").to_str().unwrap()
+    ));
+    // A deferred merge also starts by itself at the next start.
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "t",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "8M",
+    ]);
+    qemu_io(&pool.uri("disk"), &["write -P 0x43 2M 1M"]);
+    image_of(&pool.uri("t"), &s_img);
+    let open = std::fs::File::open(files.join("disk")).unwrap();
+    pool.ok(&["snapshot", "merge", "t"]);
+    drop(open);
+    d.stop_ok();
+    let d = pool.serve_with(&["--fuse", files.to_str().unwrap()], &[]);
+    wait_for("the deferred merge to finish", || !has_volume(&pool, "t"));
+    assert!(identical(
+        s_img.to_str().unwrap(),
+        files.join("disk").to_str().unwrap()
+    ));
+    d.stop_ok();
+}
