@@ -86,6 +86,15 @@ fn write_and_model(dev: &dyn BlockDevice, model: &mut [u8], rng: &mut SplitMix, 
 
 #[test]
 fn a_merge_rolls_the_origin_back_while_the_view_and_other_snapshots_take_writes() {
+    // The other snapshot's chunks larger, then smaller, than the merging one's.
+    for (merging, other) in [(8, 32), (32, 8)] {
+        merge_with_another_snapshot(merging, other);
+    }
+}
+
+/// The model test with chunks of `merging` sectors for the merging snapshot and `other`
+/// for the other one.
+fn merge_with_another_snapshot(merging: u64, other: u64) {
     let seed = seed();
     let mut rng = SplitMix(seed);
     let size = 2 << 20;
@@ -94,8 +103,11 @@ fn a_merge_rolls_the_origin_back_while_the_view_and_other_snapshots_take_writes(
     odev.write_at(&tagged::sectors(BASE, 0, sectors), 0, Fua::No)
         .unwrap();
     let origin = Origin::new(odev.clone(), Arc::new(Copier::default()));
-    let a = snapshot(&origin, persistent(Arc::new(MemDevice::new(4 << 20)), 8));
-    // Another snapshot, of a larger chunk size, taken later.
+    let a = snapshot(
+        &origin,
+        persistent(Arc::new(MemDevice::new(8 << 20)), merging),
+    );
+    // Another snapshot, of another chunk size, taken later.
     let mut n = 0;
     let mut write = |dev: &dyn BlockDevice, rng: &mut SplitMix| {
         let (start, count) = random_range(rng, sectors);
@@ -111,7 +123,10 @@ fn a_merge_rolls_the_origin_back_while_the_view_and_other_snapshots_take_writes(
         write(&*origin, &mut rng);
         write(&*a, &mut rng);
     }
-    let b = snapshot(&origin, persistent(Arc::new(MemDevice::new(4 << 20)), 32));
+    let b = snapshot(
+        &origin,
+        persistent(Arc::new(MemDevice::new(8 << 20)), other),
+    );
     for _ in 0..100 {
         write(&*origin, &mut rng);
         write(&*b, &mut rng);
@@ -120,7 +135,9 @@ fn a_merge_rolls_the_origin_back_while_the_view_and_other_snapshots_take_writes(
     let mut want_origin = read_all(&*a);
     let mut want_b = read_all(&*b);
     let entries = a.store().usage();
-    eprintln!("TEST: seed {seed}: merging {entries:?}");
+    eprintln!(
+        "TEST: seed {seed}: merging {entries:?} ({merging}-sector chunks, the other {other})"
+    );
 
     let merge = origin.start_merge(&a, paused()).unwrap();
     assert!(
@@ -603,7 +620,8 @@ fn a_failed_merge_keeps_serving_and_a_resume_completes_it() {
         .unwrap();
     let faulty = Arc::new(FaultyDevice::new(odev.clone()));
     let origin = Origin::new(faulty.clone(), Arc::new(Copier::default()));
-    let a = snapshot(&origin, persistent(Arc::new(MemDevice::new(1 << 20)), 8));
+    let cow = Arc::new(FaultyDevice::new(Arc::new(MemDevice::new(1 << 20))));
+    let a = snapshot(&origin, persistent(cow.clone(), 8));
     for i in 0..40u64 {
         origin
             .write_at(
@@ -619,6 +637,19 @@ fn a_failed_merge_keeps_serving_and_a_resume_completes_it() {
         merge.merge_batch(&origin).unwrap(),
         "one batch moves before the fault"
     );
+    // A COW read error stops it.
+    cow.add_rule(FaultRule::Range {
+        kind: OpKind::Read,
+        start: 0,
+        end: 1 << 20,
+    });
+    merge.resume(&origin).unwrap();
+    let MergeState::Failed(why) = merge.wait() else {
+        panic!("the merge must fail on the COW's read error");
+    };
+    assert!(why.contains("read"), "{why}");
+    cow.clear_rules();
+    // So does an origin write error, after a resume.
     faulty.add_rule(FaultRule::Range {
         kind: OpKind::Write,
         start: 0,
