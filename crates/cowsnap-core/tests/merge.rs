@@ -75,6 +75,13 @@ fn random_range(rng: &mut SplitMix, sectors: u64) -> (u64, u64) {
     (start, count)
 }
 
+/// A random write of write number `n` to `dev`.
+fn random_write(dev: &dyn BlockDevice, rng: &mut SplitMix, n: usize) {
+    let (start, count) = random_range(rng, dev.size() / 512);
+    let data = tagged::sectors(&tag(n), start, count);
+    dev.write_at(&data, start * 512, Fua::No).unwrap();
+}
+
 /// A random write of write number `n` to `dev`, applied to its model image too.
 fn write_and_model(dev: &dyn BlockDevice, model: &mut [u8], rng: &mut SplitMix, n: usize) {
     let sectors = dev.size() / 512;
@@ -107,22 +114,16 @@ fn merge_with_another_snapshot(merging: u64, other: u64) {
         &origin,
         persistent(Arc::new(MemDevice::new(8 << 20)), merging),
     );
-    // Another snapshot, of another chunk size, taken later.
     let mut n = 0;
     let mut write = |dev: &dyn BlockDevice, rng: &mut SplitMix| {
-        let (start, count) = random_range(rng, sectors);
         n += 1;
-        dev.write_at(
-            &tagged::sectors(&tag(n), start, count),
-            start * 512,
-            Fua::No,
-        )
-        .unwrap();
+        random_write(dev, rng, n);
     };
     for _ in 0..150 {
         write(&*origin, &mut rng);
         write(&*a, &mut rng);
     }
+    // Another snapshot, of another chunk size, taken later.
     let b = snapshot(
         &origin,
         persistent(Arc::new(MemDevice::new(8 << 20)), other),
@@ -399,14 +400,8 @@ impl Machine {
         let mut rng = SplitMix(seed);
         let mut n = 1_000_000;
         let mut write = |dev: &dyn BlockDevice, rng: &mut SplitMix| {
-            let (start, count) = random_range(rng, SECTORS);
             n += 1;
-            dev.write_at(
-                &tagged::sectors(&tag(n), start, count),
-                start * 512,
-                Fua::No,
-            )
-            .unwrap();
+            random_write(dev, rng, n);
         };
         for _ in 0..12 {
             write(&*origin, &mut rng);
