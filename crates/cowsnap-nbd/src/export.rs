@@ -130,6 +130,10 @@ const SCAN_LIMIT: u64 = 64 << 20;
 /// Whether zeroing a range is fast right now (see [`DeviceExport::fast_zero_by_punching`]).
 pub type FastZeroCondition = Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
 
+/// Whether the file's holes are the device's right now (see
+/// [`DeviceExport::holes_valid_while`]).
+pub type HolesCondition = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// How a [`DeviceExport`] zeroes fast.
 enum FastZero {
     /// Never: fast-zero requests get `ENOTSUP`.
@@ -169,6 +173,16 @@ pub struct DeviceExport {
     fast_zero: FastZero,
     description: String,
     allocation: Allocation,
+    holes_valid: Option<HolesValid>,
+}
+
+/// A [`HolesCondition`], printable.
+struct HolesValid(HolesCondition);
+
+impl std::fmt::Debug for HolesValid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HolesValid")
+    }
 }
 
 impl DeviceExport {
@@ -181,6 +195,7 @@ impl DeviceExport {
             fast_zero: FastZero::Never,
             description: String::new(),
             allocation: Allocation::AllData,
+            holes_valid: None,
         }
     }
 
@@ -265,6 +280,14 @@ impl DeviceExport {
         Ok(self)
     }
 
+    /// With [`seek_holes`](Self::seek_holes): the file's holes are the device's only while
+    /// `cond` holds (an origin stops reading its file alone while a snapshot merges into
+    /// it); otherwise zeros are found by reading the device.
+    pub fn holes_valid_while(mut self, cond: HolesCondition) -> Self {
+        self.holes_valid = Some(HolesValid(cond));
+        self
+    }
+
     /// The wrapped device.
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
         &self.dev
@@ -311,8 +334,12 @@ impl Export for DeviceExport {
         let len = len.min(self.size().saturating_sub(offset));
         match &self.allocation {
             Allocation::AllData => vec![Extent::data(len)],
-            Allocation::SeekHoles(f) => seek_extents(f, offset, len),
-            Allocation::ScanZeroes => scan_extents(&*self.dev, offset, len),
+            Allocation::SeekHoles(f) if self.holes_valid.as_ref().is_none_or(|c| (c.0)()) => {
+                seek_extents(f, offset, len)
+            }
+            Allocation::SeekHoles(_) | Allocation::ScanZeroes => {
+                scan_extents(&*self.dev, offset, len)
+            }
         }
     }
     fn is_read_only(&self) -> bool {

@@ -172,11 +172,16 @@ fn export_for(
     e = match (kind, active.origin(name)) {
         // An origin reads its image file directly: its holes are exact, and punching one
         // zeroes fast where no snapshot has to copy the range out first.
-        (VolumeKind::Origin, Some(origin)) if regular => e
-            .seek_holes(&path)?
-            .fast_zero_by_punching(Arc::new(move |offset, len| {
-                nothing_to_copy_out(&origin, offset, len)
-            })),
+        // While a snapshot merges into it the origin reads the COW too: then its zeros are
+        // found by reading, and zeroing goes through the merge (never a punched hole).
+        (VolumeKind::Origin, Some(origin)) if regular => {
+            let unmerged = origin.clone();
+            e.seek_holes(&path)?
+                .holes_valid_while(Arc::new(move || unmerged.merge().is_none()))
+                .fast_zero_by_punching(Arc::new(move |offset, len| {
+                    origin.merge().is_none() && nothing_to_copy_out(&origin, offset, len)
+                }))
+        }
         // A snapshot's view mixes COW and origin: report zeros only where it reads zeros.
         // Zeroing it writes zeros into the COW, which is never fast.
         _ => e.scan_zeroes(),

@@ -61,7 +61,7 @@ fn has_volume(pool: &Pool, name: &str) -> bool {
 
 #[test]
 fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
-    if !require_tools(&["qemu-io", "qemu-img"]) {
+    if !require_tools(&["qemu-io", "qemu-img", "nbdinfo"]) {
         return;
     }
     let pool = Pool::new("merge-live");
@@ -79,7 +79,11 @@ fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
         "16M",
     ]);
     qemu_io(&disk, &["write -P 0xbb 1M 6M", "write -P 0x11 20M 2M"]);
-    qemu_io(&pool.uri("a"), &["write -P 0xcc 2M 1M"]);
+    // One snapshot write where the origin's file has a hole.
+    qemu_io(
+        &pool.uri("a"),
+        &["write -P 0xcc 2M 1M", "write -P 0xc4 24M 1M"],
+    );
     pool.ok(&[
         "snapshot",
         "create",
@@ -103,6 +107,25 @@ fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
     let out = pool.ok(&["snapshot", "merge", "a", "--paused"]);
     assert!(out.contains("merging snapshot a into disk"), "{out}");
     assert!(identical(a_img.to_str().unwrap(), &disk));
+    // Block status follows the view, not the origin file's holes.
+    let map = String::from_utf8_lossy(&run(Command::new("nbdinfo").args(["--map", &disk])).stdout)
+        .into_owned();
+    let at = 24u64 << 20;
+    let extent = map
+        .lines()
+        .find(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            f.len() == 2 && f[0] <= at && at < f[0] + f[1]
+        })
+        .unwrap_or_else(|| panic!("no extent at 24M in {map}"));
+    assert!(
+        !extent.contains("zero"),
+        "24M reads the snapshot's data: {extent}"
+    );
     let status = pool.ok(&["status", "a"]);
     assert!(status.starts_with("a: 0 65536 snapshot-merge "), "{status}");
     assert!(status.contains("merge paused 0.0%"), "{status}");
