@@ -59,6 +59,23 @@ fn has_volume(pool: &Pool, name: &str) -> bool {
         .any(|v| v["name"] == name)
 }
 
+/// The `nbdinfo --map` line of the extent holding byte `at` of `uri`.
+fn extent_at(uri: &str, at: u64) -> String {
+    let out = run(Command::new("nbdinfo").args(["--map", uri]));
+    let map = String::from_utf8_lossy(&out.stdout).into_owned();
+    map.lines()
+        .find(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            f.len() == 2 && f[0] <= at && at < f[0] + f[1]
+        })
+        .unwrap_or_else(|| panic!("no extent at {at} in {map}"))
+        .to_string()
+}
+
 #[test]
 fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
     if !require_tools(&["qemu-io", "qemu-img", "nbdinfo"]) {
@@ -108,20 +125,7 @@ fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
     assert!(out.contains("merging snapshot a into disk"), "{out}");
     assert!(identical(a_img.to_str().unwrap(), &disk));
     // Block status follows the view, not the origin file's holes.
-    let map = String::from_utf8_lossy(&run(Command::new("nbdinfo").args(["--map", &disk])).stdout)
-        .into_owned();
-    let at = 24u64 << 20;
-    let extent = map
-        .lines()
-        .find(|l| {
-            let f: Vec<u64> = l
-                .split_whitespace()
-                .take(2)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            f.len() == 2 && f[0] <= at && at < f[0] + f[1]
-        })
-        .unwrap_or_else(|| panic!("no extent at 24M in {map}"));
+    let extent = extent_at(&disk, 24 << 20);
     assert!(
         !extent.contains("zero"),
         "24M reads the snapshot's data: {extent}"
