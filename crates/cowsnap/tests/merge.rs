@@ -59,6 +59,29 @@ fn has_volume(pool: &Pool, name: &str) -> bool {
         .any(|v| v["name"] == name)
 }
 
+/// What a merging origin and its merging snapshot refuse.
+fn refusals_while_merging(pool: &Pool) {
+    for (args, why) in [
+        (
+            &[
+                "snapshot",
+                "create",
+                "c",
+                "--origin",
+                "disk",
+                "--cow-size",
+                "8M",
+            ][..],
+            "merging snapshot",
+        ),
+        (&["snapshot", "remove", "a"][..], "is merging"),
+        (&["snapshot", "merge", "b"][..], "already merging"),
+    ] {
+        let e = pool.refused(args);
+        assert!(e.contains(why), "{args:?}: {e}");
+    }
+}
+
 /// The `nbdinfo --map` line of the extent holding byte `at` of `uri`.
 fn extent_at(uri: &str, at: u64) -> String {
     let out = run(Command::new("nbdinfo").args(["--map", uri]));
@@ -133,20 +156,7 @@ fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
     let status = pool.ok(&["status", "a"]);
     assert!(status.starts_with("a: 0 65536 snapshot-merge "), "{status}");
     assert!(status.contains("merge paused 0.0%"), "{status}");
-    let e = pool.refused(&[
-        "snapshot",
-        "create",
-        "c",
-        "--origin",
-        "disk",
-        "--cow-size",
-        "8M",
-    ]);
-    assert!(e.contains("merging snapshot"), "{e}");
-    let e = pool.refused(&["snapshot", "remove", "a"]);
-    assert!(e.contains("is merging"), "{e}");
-    let e = pool.refused(&["snapshot", "merge", "b"]);
-    assert!(e.contains("already merging"), "{e}");
+    refusals_while_merging(&pool);
     let m: serde_json::Value =
         serde_json::from_str(&pool.ok(&["merge", "status", "a", "--json"])).unwrap();
     assert_eq!(m["state"], "paused");
