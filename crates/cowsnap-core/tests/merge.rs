@@ -315,6 +315,45 @@ fn a_view_write_into_the_merging_window_waits_for_the_commit() {
     assert_eq!(got, want, "the view write survived the merge");
 }
 
+/// The switch waits for the merging snapshot's own writes under way: one still writing a
+/// remapped chunk in the COW would land after the merger copied that chunk, and be lost.
+#[test]
+fn the_switch_waits_for_the_snapshots_own_writes_in_flight() {
+    let size = 256 * KIB;
+    let mem = Arc::new(MemDevice::new(size));
+    let origin = Origin::new(mem.clone(), Arc::new(Copier::default()));
+    let cow = Arc::new(GatedDevice::new(Arc::new(MemDevice::new(1 << 20))));
+    let a = snapshot(&origin, persistent(cow.clone(), 8));
+    // Chunk 5 remapped by a first snapshot write; a second one is held in the COW.
+    a.write_at(&[1u8; 4096], 5 * 4096, Fua::No).unwrap();
+    let gate = cow.gate(OpKind::Write, 0, 1 << 20, 1);
+    let writer = {
+        let a = a.clone();
+        std::thread::spawn(move || a.write_at(&[2u8; 4096], 5 * 4096, Fua::No))
+    };
+    gate.wait_arrived(1);
+    let switch = {
+        let (origin, a) = (origin.clone(), a.clone());
+        std::thread::spawn(move || origin.start_merge(&a, paused()).map(|_| ()))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !switch.is_finished(),
+        "the switch did not wait for a snapshot write in flight"
+    );
+    gate.release();
+    writer.join().unwrap().unwrap();
+    switch.join().unwrap().unwrap();
+    let merge = origin.merge().unwrap();
+    while merge.merge_batch(&origin).unwrap() {}
+    let mut got = vec![0u8; 4096];
+    mem.read_at(&mut got, 5 * 4096).unwrap();
+    assert!(
+        got.iter().all(|&b| b == 2),
+        "the snapshot's last write is on the origin"
+    );
+}
+
 /// The kernel's own merge of the `p16-basic`-style source COW (`p16-merge` fixture) gives
 /// an origin and an emptied COW; cowsnap's merge of the same COW gives the same bytes.
 #[test]

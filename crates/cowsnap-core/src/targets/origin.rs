@@ -171,7 +171,8 @@ impl Origin {
     /// `snapshot-merge` replacing the origin's table): with the snapshot list held
     /// exclusively (origin writes in flight finish first), the snapshot leaves the list (it
     /// takes no more copy-outs and serves no I/O of its own), its store stops allocating
-    /// and finishes the commits under way, and origin I/O goes through the merge view.
+    /// and finishes the commits under way (its own writes under way are waited for), and
+    /// origin I/O goes through the merge view.
     /// The caller records the merge durably *before* this call: the merger overwrites the
     /// origin from the first batch on. The index's sidecar is dropped first (the table
     /// will shrink). Refused for an invalid snapshot, another origin's, a store that
@@ -214,6 +215,11 @@ impl Origin {
         active.list.retain(|s| !Arc::ptr_eq(s, snap));
         active.regroup();
         snap.set_active(false);
+        // Its own writes under way finish first (they could land in a chunk the merger has
+        // already copied); then its store stops allocating.
+        if !mutation::active("merge-snapshot-writes-not-drained") {
+            snap.drain_writes();
+        }
         if let Err(e) = snap.store().begin_merge() {
             if was_active {
                 active.list.push(snap.clone());

@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -114,6 +114,18 @@ pub struct Snapshot {
     state: AtomicState,
     invalid_reason: Mutex<Option<String>>,
     active: AtomicBool,
+    /// Writes that passed (or are about to pass) the active check and have not returned:
+    /// a merge's switch waits for them after deactivating the snapshot.
+    writes_in_flight: AtomicU64,
+}
+
+/// Counts a snapshot write from before its active check to its return.
+struct WriteInFlight<'a>(&'a AtomicU64);
+
+impl Drop for WriteInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl fmt::Debug for Snapshot {
@@ -185,6 +197,7 @@ impl Snapshot {
                     .then(|| "the COW header marks the snapshot invalid".into()),
             ),
             active: AtomicBool::new(false),
+            writes_in_flight: AtomicU64::new(0),
         }))
     }
 
@@ -221,6 +234,15 @@ impl Snapshot {
     /// Set by the origin's list when it takes the snapshot in or out.
     pub(super) fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::SeqCst);
+    }
+
+    /// Waits until no write of this (deactivated) snapshot is in flight: every write that
+    /// found it active has returned, its exceptions committed and completed. Rare (a
+    /// merge's switch) and short (writes already under way), so it polls.
+    pub(super) fn drain_writes(&self) {
+        while self.writes_in_flight.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// True unless invalid (an overflowed snapshot is still valid).
@@ -544,6 +566,10 @@ impl BlockDevice for Snapshot {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
+        // Counted before the active check, so a switch that deactivates and then drains
+        // sees every write that could pass it.
+        self.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        let _in_flight = WriteInFlight(&self.writes_in_flight);
         self.check_io()?;
         if self.state.load() == State::Overflow {
             return Err(Error::Overflow);
