@@ -1355,7 +1355,12 @@ pub(super) fn list_offline(
         match FileDevice::open_read_only(&path) {
             Ok(dev) => {
                 if wanted(&o.name) {
-                    out.push(VolumeInfo::origin(&o.name, dev.size(), &path));
+                    let mut info = VolumeInfo::origin(&o.name, dev.size(), &path);
+                    info.merge = pool
+                        .manifest()
+                        .merging_into(&o.name)
+                        .and_then(|s| s.merging.as_ref().map(|r| recorded_merge(s, r, None)));
+                    out.push(info);
                 }
                 origins.insert(o.name.clone(), Origin::new(Arc::new(dev), copier.clone()));
             }
