@@ -315,6 +315,57 @@ fn a_view_write_into_the_merging_window_waits_for_the_commit() {
     assert_eq!(got, want, "the view write survived the merge");
 }
 
+/// A view write waiting for the merger's window holds no lock the merger needs: with a
+/// deactivation queued on the origin's snapshot list, the merger's next overwrite (which
+/// takes the list shared) must still get through.
+#[test]
+fn a_view_write_waiting_on_the_window_never_blocks_the_merger_behind_a_deactivation() {
+    let size = 256 * KIB;
+    let mem = Arc::new(MemDevice::new(size));
+    let gated = Arc::new(GatedDevice::new(mem.clone()));
+    let origin = Origin::new(gated.clone(), Arc::new(Copier::default()));
+    let a = snapshot(&origin, persistent(Arc::new(MemDevice::new(1 << 20)), 8));
+    // Two exceptions, one batch, two separate overwrites: chunks 3 and 9.
+    origin.write_at(&[1u8; 4096], 3 * 4096, Fua::No).unwrap();
+    origin.write_at(&[1u8; 4096], 9 * 4096, Fua::No).unwrap();
+    let b = snapshot(&origin, persistent(Arc::new(MemDevice::new(1 << 20)), 8));
+    let merge = origin.start_merge(&a, paused()).unwrap();
+    let gate = gated.gate(OpKind::Write, 3 * 4096, 4 * 4096, 1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let merger = {
+        let (merge, origin, tx) = (merge.clone(), origin.clone(), tx.clone());
+        std::thread::spawn(move || tx.send(("merger", merge.merge_batch(&origin).map(|_| ()))))
+    };
+    gate.wait_arrived(1);
+    let writer = {
+        let (origin, tx) = (origin.clone(), tx.clone());
+        std::thread::spawn(move || {
+            tx.send(("writer", origin.write_at(&[9u8; 512], 9 * 4096, Fua::No)))
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let remover = {
+        let (origin, b, tx) = (origin.clone(), b.clone(), tx);
+        std::thread::spawn(move || tx.send(("deactivate", origin.deactivate(&b))))
+    };
+    cowsnap_core::testkit::wait_for("the deactivation to queue", || {
+        origin.activations_waiting() == 1
+    });
+    gate.release();
+    for _ in 0..3 {
+        let (who, r) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("deadlock: the merger, the view write and the deactivation wait on each other");
+        r.unwrap_or_else(|e| panic!("{who}: {e}"));
+    }
+    for t in [merger, writer, remover] {
+        t.join().unwrap().unwrap();
+    }
+    let mut got = vec![0u8; 4096];
+    mem.read_at(&mut got, 9 * 4096).unwrap();
+    assert!(got[..512].iter().all(|&x| x == 9) && got[512..].iter().all(|&x| x == 0));
+}
+
 /// The switch waits for the merging snapshot's own writes under way: one still writing a
 /// remapped chunk in the COW would land after the merger copied that chunk, and be lost.
 #[test]

@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::copy_out::{self, CopyOutPlan, CopyRun, Group, Path, Routed};
 use super::merge::{Merge, MergeSettings, WriteOp};
@@ -120,10 +120,22 @@ impl Origin {
         self.snapshots.read().list.clone()
     }
 
-    /// Activations that found origin writes in flight and are waiting for them to finish
-    /// (tests observe S2 by it).
+    /// Activations and deactivations that found origin writes in flight and are waiting
+    /// for them to finish (tests observe S2 by it).
     pub fn activations_waiting(&self) -> u64 {
         self.activations_waiting.load(Ordering::SeqCst)
+    }
+
+    /// Takes the snapshot list exclusively, counting the wait in
+    /// [`activations_waiting`](Self::activations_waiting) while origin writes are in flight.
+    fn snapshots_exclusively(&self) -> parking_lot::RwLockWriteGuard<'_, Active> {
+        if let Some(active) = self.snapshots.try_write() {
+            return active;
+        }
+        self.activations_waiting.fetch_add(1, Ordering::SeqCst);
+        let active = self.snapshots.write();
+        self.activations_waiting.fetch_sub(1, Ordering::SeqCst);
+        active
     }
 
     /// Activates a loaded snapshot: from now on origin writes copy into it. Waits for
@@ -134,16 +146,7 @@ impl Origin {
                 "snapshot was loaded for another origin".into(),
             ));
         }
-        let mut active = match self.snapshots.try_write() {
-            Some(active) => active,
-            None => {
-                // Origin writes are in flight: wait for them to drain.
-                self.activations_waiting.fetch_add(1, Ordering::SeqCst);
-                let active = self.snapshots.write();
-                self.activations_waiting.fetch_sub(1, Ordering::SeqCst);
-                active
-            }
-        };
+        let mut active = self.snapshots_exclusively();
         if active.list.iter().any(|s| Arc::ptr_eq(s, snap)) || snap.is_active() {
             return Err(Error::WrongState("snapshot is already active".into()));
         }
@@ -156,7 +159,7 @@ impl Origin {
     /// Deactivates a snapshot: origin writes stop copying into it and its I/O fails.
     /// Waits for origin writes in flight to finish first.
     pub fn deactivate(&self, snap: &Arc<Snapshot>) -> Result<()> {
-        let mut active = self.snapshots.write();
+        let mut active = self.snapshots_exclusively();
         let before = active.list.len();
         active.list.retain(|s| !Arc::ptr_eq(s, snap));
         if active.list.len() == before {
@@ -270,13 +273,22 @@ impl Origin {
         check_request(self.size(), offset, len)?;
         let active = self.snapshots.read();
         if let Some(merge) = active.merge.clone() {
+            // The list is not held while the write may wait for the merger's window: the
+            // merger takes it (shared) for each chunk it overwrites, and a deactivation
+            // queued meanwhile would block that, so holding it here could deadlock. Each
+            // piece for the origin takes it again; a merge only ends once no chunk is left
+            // in the table, so such a piece goes to the origin either way.
+            drop(active);
+            let _held = mutation::active("merge-view-holds-list").then(|| self.snapshots.read());
             return merge.write(op, offset, len, &mut |at, range| {
+                let active = self.snapshots.read();
                 self.copy_out(&active, at, (range.end - range.start) as u64);
                 op.apply(&*self.dev, at, range)
             });
         }
-        drop(active);
-        self.write_through(offset, len, || {
+        // The same hold of the list decided "no merge" and covers the write: a merge's
+        // switch cannot come in between.
+        self.write_locked(active, offset, len, || {
             op.apply(&*self.dev, offset, 0..mem_usize(len))
         })
     }
@@ -290,7 +302,17 @@ impl Origin {
         write: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         check_request(self.size(), offset, len)?;
-        let active = self.snapshots.read();
+        self.write_locked(self.snapshots.read(), offset, len, write)
+    }
+
+    /// [`write_through`](Self::write_through) with the list already held.
+    fn write_locked(
+        &self,
+        active: RwLockReadGuard<'_, Active>,
+        offset: u64,
+        len: u64,
+        write: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         if mutation::active("s2-guard-dropped") {
             let early = active.clone();
             drop(active);
