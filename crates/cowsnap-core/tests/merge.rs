@@ -223,8 +223,28 @@ fn the_merger_thread_pauses_resumes_and_ends_the_merge() {
             .unwrap();
     }
     let want = read_all(&*a);
-    let merge = origin.start_merge(&a, paused()).unwrap();
+    let merge = origin
+        .start_merge(
+            &a,
+            MergeSettings {
+                rate: Some(64 * KIB),
+                ..paused()
+            },
+        )
+        .unwrap();
     assert_eq!(merge.wait(), MergeState::Paused);
+    // While its thread runs (or waits paused), nobody else runs a batch.
+    merge.resume(&origin).unwrap();
+    assert!(matches!(
+        merge.merge_batch(&origin),
+        Err(Error::WrongState(_))
+    ));
+    merge.pause();
+    assert!(matches!(
+        merge.merge_batch(&origin),
+        Err(Error::WrongState(_))
+    ));
+    merge.set_rate(None);
     let (tx, rx) = std::sync::mpsc::channel();
     merge.on_finish(move |s| tx.send(s.clone()).unwrap());
     merge.resume(&origin).unwrap();
@@ -237,6 +257,34 @@ fn the_merger_thread_pauses_resumes_and_ends_the_merge() {
     origin.end_merge().unwrap();
     assert_eq!(read_all(&*odev), want);
     merge.stop();
+    assert!(
+        merge.resume(&origin).is_ok(),
+        "a done merge has nothing to resume"
+    );
+}
+
+#[test]
+fn a_stopped_merge_is_not_resumed_in_the_same_process() {
+    let odev = Arc::new(MemDevice::new(1 << 20));
+    let origin = Origin::new(odev, Arc::new(Copier::default()));
+    let a = snapshot(&origin, persistent(Arc::new(MemDevice::new(2 << 20)), 8));
+    for i in 0..64u64 {
+        origin.write_at(&[1u8; 4096], i * 8192, Fua::No).unwrap();
+    }
+    let merge = origin
+        .start_merge(
+            &a,
+            MergeSettings {
+                rate: Some(16 * KIB),
+                ..MergeSettings::default()
+            },
+        )
+        .unwrap();
+    merge.stop();
+    assert_eq!(merge.status().state, MergeState::Stopped);
+    let e = merge.resume(&origin).unwrap_err();
+    assert!(e.to_string().contains("shutdown"), "{e}");
+    assert_eq!(merge.status().state, MergeState::Stopped);
 }
 
 #[test]
@@ -718,6 +766,9 @@ fn a_failed_merge_keeps_serving_and_a_resume_completes_it() {
     }
     let want = read_all(&*a);
     let merge = origin.start_merge(&a, paused()).unwrap();
+    // The hook hears every end: each failure, then the end.
+    let (tx, ends) = std::sync::mpsc::channel();
+    merge.on_finish(move |s| tx.send(s.clone()).unwrap());
     assert!(
         merge.merge_batch(&origin).unwrap(),
         "one batch moves before the fault"
@@ -757,6 +808,15 @@ fn a_failed_merge_keeps_serving_and_a_resume_completes_it() {
     faulty.clear_rules();
     merge.resume(&origin).unwrap();
     assert_eq!(merge.wait(), MergeState::Done);
+    // The hook runs after the state changes: wait for it.
+    let heard: Vec<MergeState> = (0..3)
+        .map(|_| {
+            ends.recv_timeout(std::time::Duration::from_secs(20))
+                .unwrap()
+        })
+        .collect();
+    assert!(matches!(heard[0], MergeState::Failed(_)) && matches!(heard[1], MergeState::Failed(_)));
+    assert_eq!(heard[2], MergeState::Done);
     origin.end_merge().unwrap();
     assert_eq!(read_all(&*odev), want);
 }

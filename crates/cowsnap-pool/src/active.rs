@@ -257,8 +257,8 @@ struct ActiveMerge {
     snap: Arc<Snapshot>,
     origin: Arc<Origin>,
     merge: Arc<Merge>,
-    /// Why the merger may not run: a snapshot of the origin failed to open, so the
-    /// merge's origin writes could not be copied out to it.
+    /// Why the merger may not run beyond what [`Inner::merge_held`] finds: the manifest
+    /// could not record that a deferred merge started.
     held: Option<String>,
 }
 
@@ -321,11 +321,12 @@ fn recorded_merge(entry: &SnapshotEntry, record: &MergeRecord, usage: Option<Usa
 }
 
 impl ActiveMerge {
-    fn info(&self) -> MergeInfo {
+    /// Its status; `held`: why it may not run, if it may not.
+    fn info(&self, held: Option<String>) -> MergeInfo {
         let st = self.merge.status();
         let (state, reason) = match st.state {
             MergeState::Running => ("running", None),
-            MergeState::Paused => ("paused", self.held.clone()),
+            MergeState::Paused => ("paused", held),
             MergeState::Stopped => ("stopped", None),
             MergeState::Failed(why) => ("failed", Some(why)),
             MergeState::Done => ("done", None),
@@ -387,6 +388,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// Why merge `m` may not run now: a snapshot of its origin failed (the merge's writes
+    /// could not be copied out to it), or its start could not be recorded.
+    fn merge_held(&self, m: &ActiveMerge) -> Option<String> {
+        m.held
+            .clone()
+            .or_else(|| self.read_only_reason(&m.entry.origin))
+    }
+
     /// Why the origin `name` must not take writes: a snapshot of it failed.
     fn read_only_reason(&self, name: &str) -> Option<String> {
         if self.failed.is_empty() {
@@ -566,6 +575,11 @@ fn open_merging(
                 ids.insert(s.name.clone(), id);
                 merging.push((s.clone(), snap, origin));
             }
+            Err(e) if s.merging.is_some_and(|r| r.on_activation) => {
+                // Deferred: nothing merged yet, the origin is intact (and read-only while
+                // a snapshot of it has failed, as for any failed snapshot).
+                failed.insert(s.name.clone(), Failed::snapshot(pool, s, e.to_string()));
+            }
             Err(e) => {
                 let why = format!(
                     "its merging snapshot {:?} failed to open ({e}): the origin is half merged and is not served until the snapshot is repaired",
@@ -601,31 +615,57 @@ fn switch_merges(inner: &mut Inner, merging: Merging, warnings: &mut Vec<String>
         };
         match origin.start_merge(&snap, settings) {
             Ok(merge) => {
-                let held = inner.read_only_reason(&entry.origin);
-                if let Some(why) = &held {
-                    warnings.push(format!(
-                        "the merge of snapshot {:?} into {:?} is held: {why}",
-                        entry.name, entry.origin
-                    ));
-                }
+                // A deferred merge starts now: recorded as started before the merger may
+                // move anything (until then a restart would find the origin untouched).
+                let mut held = None;
                 if record.on_activation {
-                    // It starts now: no longer waiting for an activation.
-                    let _ = inner.pool.update_merge(&entry.name, |m| {
+                    let cleared = inner.pool.update_merge(&entry.name, |m| {
                         if let Some(m) = m {
                             m.on_activation = false;
                         }
                     });
+                    if let Err(e) = cleared {
+                        held = Some(format!(
+                            "its start could not be recorded in {MANIFEST} ({e}); `merge resume` retries"
+                        ));
+                    }
                 }
-                inner.merges.insert(
-                    entry.name.clone(),
-                    ActiveMerge {
-                        entry,
-                        snap,
-                        origin,
-                        merge,
-                        held,
-                    },
-                );
+                let m = ActiveMerge {
+                    entry,
+                    snap,
+                    origin,
+                    merge,
+                    held,
+                };
+                if let Some(why) = inner.merge_held(&m) {
+                    warnings.push(format!(
+                        "the merge of snapshot {:?} into {:?} is held: {why}",
+                        m.entry.name, m.entry.origin
+                    ));
+                }
+                inner.merges.insert(m.entry.name.clone(), m);
+            }
+            Err(e) if record.on_activation => {
+                // Deferred, so nothing was merged: the origin is intact. The snapshot is
+                // served as it is and the request dropped.
+                warnings.push(format!(
+                    "the merge of snapshot {:?} into {:?} asked for at this start cannot run ({e}); the request is dropped",
+                    entry.name, entry.origin
+                ));
+                let _ = inner.pool.update_merge(&entry.name, |m| *m = None);
+                match origin.activate(&snap) {
+                    Ok(()) => {
+                        let mut entry = entry;
+                        entry.merging = None;
+                        inner
+                            .snapshots
+                            .insert(entry.name.clone(), ActiveSnapshot { entry, snap });
+                    }
+                    Err(e) => {
+                        let f = Failed::snapshot(&inner.pool, &entry, e.to_string());
+                        inner.failed.insert(entry.name.clone(), f);
+                    }
+                }
             }
             Err(e) => {
                 let why = format!(
@@ -908,6 +948,15 @@ impl ActivePool {
             .get(name)
             .is_some_and(|f| f.kind == VolumeKind::Snapshot)
         {
+            let entry = inner.pool.manifest().snapshot(name);
+            if let Some(origin) = entry
+                .filter(|s| s.merging.is_some_and(|r| !r.on_activation))
+                .map(|s| s.origin.clone())
+            {
+                return Err(Error::WrongState(format!(
+                    "snapshot {name:?} was merging into {origin:?} and failed to open: removing it would leave {origin:?} half merged, some chunks rolled back and others not. Repair its COW and restart to finish the merge"
+                )));
+            }
             inner.pool.mark_removing(name)?;
             let warnings = inner.pool.finish_removal(name, None)?;
             inner.failed.remove(name);
@@ -1032,7 +1081,8 @@ impl ActivePool {
                 .merges
                 .iter()
                 .map(|(n, m)| {
-                    let paused = m.held.is_some() || m.entry.merging.is_some_and(|r| r.paused);
+                    let paused =
+                        inner.merge_held(m).is_some() || m.entry.merging.is_some_and(|r| r.paused);
                     (n.clone(), m.merge.clone(), m.origin.clone(), paused)
                 })
                 .collect()
@@ -1210,7 +1260,7 @@ impl ActivePool {
             merge: merge.clone(),
             held: None,
         };
-        let info = m.info();
+        let info = m.info(None);
         inner.merges.insert(name.to_string(), m);
         drop(inner);
         eprintln!(
@@ -1238,7 +1288,18 @@ impl ActivePool {
                 )));
             };
             if let (MergeAction::Resume, Some(m)) = (action, inner.merges.get(name)) {
-                if let Some(why) = &m.held {
+                if m.held.is_some() {
+                    // Retry recording that the deferred merge started.
+                    let cleared = inner.pool.update_merge(name, |r| {
+                        if let Some(r) = r {
+                            r.on_activation = false;
+                        }
+                    });
+                    if let (Ok(()), Some(m)) = (cleared, inner.merges.get_mut(name)) {
+                        m.held = None;
+                    }
+                }
+                if let Some(why) = inner.merges.get(name).and_then(|m| inner.merge_held(m)) {
                     return Err(Error::WrongState(format!("the merge is held: {why}")));
                 }
             }
@@ -1306,7 +1367,7 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
         info.read_only = inner.read_only_reason(name);
         info.merge = inner.pool.manifest().merging_into(name).and_then(|s| {
             match inner.merges.get(&s.name) {
-                Some(m) => Some(m.info()),
+                Some(m) => Some(m.info(inner.merge_held(m))),
                 None => s.merging.as_ref().map(|r| recorded_merge(s, r, None)),
             }
         });
@@ -1316,7 +1377,7 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
         let mut info =
             VolumeInfo::of_snapshot(&m.entry, &inner.pool.resolve(&m.entry.cow), &m.snap);
         info.status = m.merge.kernel_status().to_string();
-        info.merge = Some(m.info());
+        info.merge = Some(m.info(inner.merge_held(m)));
         return Some(info);
     }
     let s = inner.snapshots.get(name)?;

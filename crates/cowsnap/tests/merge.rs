@@ -198,6 +198,75 @@ fn a_live_merge_rolls_the_origin_back_and_keeps_another_snapshot_exact() {
     );
 }
 
+/// A libnbd client connected to `uri`, idle, until killed.
+fn hold_open(uri: &str) -> std::process::Child {
+    let mut holder = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('connected',flush=True)\ntime.sleep(60)",
+            uri,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected");
+    holder
+}
+
+#[test]
+fn a_deferred_merge_whose_snapshot_became_invalid_is_dropped_and_the_origin_served() {
+    if !require_tools(&["qemu-io", "python3-nbd"]) {
+        return;
+    }
+    let pool = Pool::new("merge-deferred-invalid");
+    pool.ok(&["origin", "create", "disk", "--size", "16M"]);
+    let d = pool.serve();
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "1M",
+    ]);
+    let mut holder = hold_open(&pool.uri("disk"));
+    pool.ok(&["snapshot", "merge", "s"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // More copy-outs than the COW holds: the snapshot becomes invalid before its merge.
+    qemu_io(&pool.uri("disk"), &["write -P 0x31 0 4M"]);
+    assert!(pool.ok(&["status", "s"]).contains("Invalid"));
+    d.stop_ok();
+    let d = pool.serve();
+    assert!(
+        d.output()
+            .iter()
+            .any(|l| l.contains("the request is dropped")),
+        "{:?}",
+        d.output()
+    );
+    // Nothing was merged: the origin is served, writable, with its own data.
+    qemu_io(
+        &pool.uri("disk"),
+        &["write -P 0x32 8M 1M", "read -P 0x31 0 4M"],
+    );
+    let v = volumes(&pool);
+    let s = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "s")
+        .unwrap();
+    assert_eq!(s["status"], "Invalid");
+    assert!(s.get("merge").is_none(), "{s}");
+    d.stop_ok();
+}
+
 #[test]
 fn a_merge_of_an_origin_in_use_waits_for_the_next_start_unless_forced() {
     if !require_tools(&["qemu-io", "qemu-img"]) {
@@ -220,20 +289,7 @@ fn a_merge_of_an_origin_in_use_waits_for_the_next_start_unless_forced() {
     let s_img = pool.dir.with_extension("s.img");
     image_of(&pool.uri("s"), &s_img);
     // A client holding the origin open (libnbd, connected, idle).
-    let mut holder = Command::new("/usr/bin/python3")
-        .args([
-            "-c",
-            "import nbd,sys,time\nh=nbd.NBD()\nh.connect_uri(sys.argv[1])\nprint('connected',flush=True)\ntime.sleep(60)",
-            &pool.uri("disk"),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "connected");
+    let mut holder = hold_open(&pool.uri("disk"));
     let out = pool.run(&["snapshot", "merge", "s"]);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),

@@ -122,8 +122,9 @@ impl fmt::Display for MergeStatus {
     }
 }
 
-/// Called once when the merge is done or fails.
-type FinishHook = Box<dyn FnOnce(&MergeState) + Send>;
+/// Called each time the merge ends: done (once, the last call), or failed (a resume may
+/// follow, and then another call).
+type FinishHook = Arc<dyn Fn(&MergeState) + Send + Sync>;
 
 struct Control {
     state: MergeState,
@@ -134,6 +135,8 @@ struct Control {
     /// The merger thread is in its loop: set when it is spawned, cleared (with the state
     /// change) when it leaves; a resume spawns a new one only when clear.
     alive: bool,
+    /// Stopped for good in this process (daemon shutdown): no resume, no new thread.
+    shut: bool,
     on_finish: Option<FinishHook>,
 }
 
@@ -156,6 +159,8 @@ pub struct Merge {
     window_changed: Condvar,
     control: Mutex<Control>,
     control_changed: Condvar,
+    /// Held for one batch: batches never overlap, whoever runs them.
+    stepping: Mutex<()>,
     merged_chunks: AtomicU64,
     merged_bytes: AtomicU64,
     origin_flushes: AtomicU64,
@@ -249,9 +254,11 @@ impl Merge {
                 rate: settings.rate,
                 thread: None,
                 alive: false,
+                shut: false,
                 on_finish: None,
             }),
             control_changed: Condvar::new(),
+            stepping: Mutex::new(()),
             merged_chunks: AtomicU64::new(0),
             merged_bytes: AtomicU64::new(0),
             origin_flushes: AtomicU64::new(0),
@@ -267,7 +274,7 @@ impl Merge {
     pub(super) fn spawn(self: &Arc<Self>, origin: &Arc<Origin>) -> Result<()> {
         let old = {
             let mut c = self.control.lock();
-            if c.alive {
+            if c.alive || c.shut {
                 return Ok(());
             }
             c.alive = true;
@@ -294,17 +301,20 @@ impl Merge {
         }
     }
 
-    /// Calls `hook` once when the merge is done or fails (on the merger's thread). A
-    /// merge that already ended calls it at once.
-    pub fn on_finish(&self, hook: impl FnOnce(&MergeState) + Send + 'static) {
+    /// Calls `hook` (on the merger's thread) each time the merge ends: when it fails (a
+    /// resume may follow) and when it is done (the last call). A merge that already ended
+    /// calls it at once.
+    pub fn on_finish(&self, hook: impl Fn(&MergeState) + Send + Sync + 'static) {
+        let hook: FinishHook = Arc::new(hook);
         let mut c = self.control.lock();
+        c.on_finish = Some(hook.clone());
         match &c.state {
             MergeState::Done | MergeState::Failed(_) => {
                 let state = c.state.clone();
                 drop(c);
                 hook(&state);
             }
-            _ => c.on_finish = Some(Box::new(hook)),
+            _ => {}
         }
     }
 
@@ -326,6 +336,11 @@ impl Merge {
             if c.state == MergeState::Done {
                 return Ok(());
             }
+            if c.shut {
+                return Err(Error::WrongState(
+                    "the merge is stopped for shutdown; the next start resumes it".into(),
+                ));
+            }
             c.paused = false;
             c.stop = false;
             c.state = MergeState::Running;
@@ -341,11 +356,13 @@ impl Merge {
     }
 
     /// Stops the merger after the batch under way and waits for it (daemon shutdown); the
-    /// view stays in place. A later [`resume`](Self::resume) or the next start goes on.
+    /// view stays in place. For good in this process: a later [`resume`](Self::resume) is
+    /// refused, the next start goes on.
     pub fn stop(&self) {
         let t = {
             let mut c = self.control.lock();
             c.stop = true;
+            c.shut = true;
             if matches!(c.state, MergeState::Running | MergeState::Paused) {
                 c.state = MergeState::Stopped;
             }
@@ -363,9 +380,9 @@ impl Merge {
     pub fn merge_batch(&self, origin: &Origin) -> Result<bool> {
         {
             let c = self.control.lock();
-            if !c.paused {
+            if !c.paused || c.alive {
                 return Err(Error::WrongState(
-                    "the merger thread is running: pause the merge first".into(),
+                    "the merger thread is running: pause the merge and let it stop first".into(),
                 ));
             }
         }
@@ -492,7 +509,11 @@ impl Merge {
             c.state = state.clone();
             c.alive = false;
             self.control_changed.notify_all();
-            c.on_finish.take()
+            if state == MergeState::Done {
+                c.on_finish.take()
+            } else {
+                c.on_finish.clone()
+            }
         };
         if let Some(hook) = hook {
             hook(&state);
@@ -501,6 +522,7 @@ impl Merge {
 
     /// One batch; the bytes it moved, or `None` when the table is empty.
     fn step(&self, origin: &Origin) -> Result<Option<u64>> {
+        let _one_at_a_time = self.stepping.lock();
         let store = self.snap.store();
         let batch = store.prepare_merge(self.batch_chunks)?;
         if batch.is_empty() {
