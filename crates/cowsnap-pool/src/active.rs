@@ -510,7 +510,7 @@ fn drop_transient(pool: &mut Pool, warnings: &mut Vec<String>) {
         .map(|s| s.name.clone())
         .collect();
     for name in transient {
-        match pool.remove_snapshot(&name) {
+        match pool.remove_snapshot(&name, false) {
             Ok(w) => {
                 warnings.extend(w);
                 warnings.push(format!(
@@ -935,7 +935,7 @@ impl ActivePool {
     /// snapshot keeps working), deactivates it (its I/O fails from now on), marks its COW
     /// invalid, drops it from the manifest and deletes its COW file if the pool made it.
     /// A failed snapshot is removed the same way. Returns warnings.
-    pub fn remove_snapshot(&self, name: &str) -> Result<Vec<String>> {
+    pub fn remove_snapshot(&self, name: &str, force: bool) -> Result<Vec<String>> {
         let mut inner = self.inner.lock();
         if let Some(m) = inner.merges.get(name) {
             return Err(Error::WrongState(format!(
@@ -948,17 +948,9 @@ impl ActivePool {
             .get(name)
             .is_some_and(|f| f.kind == VolumeKind::Snapshot)
         {
-            let entry = inner.pool.manifest().snapshot(name);
-            if let Some(origin) = entry
-                .filter(|s| s.merging.is_some_and(|r| !r.on_activation))
-                .map(|s| s.origin.clone())
-            {
-                return Err(Error::WrongState(format!(
-                    "snapshot {name:?} was merging into {origin:?} and failed to open: removing it would leave {origin:?} half merged, some chunks rolled back and others not. Repair its COW and restart to finish the merge"
-                )));
-            }
+            let mut warnings = inner.pool.half_merged_check(name, force)?;
             inner.pool.mark_removing(name)?;
-            let warnings = inner.pool.finish_removal(name, None)?;
+            warnings.extend(inner.pool.finish_removal(name, None)?);
             inner.failed.remove(name);
             return Ok(warnings);
         }

@@ -907,11 +907,37 @@ impl Pool {
     }
 
     /// Removes a snapshot offline, deleting its COW file if the pool created it and
-    /// marking an adopted COW invalid. Returns warnings.
-    pub fn remove_snapshot(&mut self, name: &str) -> Result<Vec<String>> {
+    /// marking an adopted COW invalid. Returns warnings. A snapshot whose merge started is
+    /// refused unless `force`: its origin would stay half merged.
+    pub fn remove_snapshot(&mut self, name: &str, force: bool) -> Result<Vec<String>> {
+        let mut warnings = self.half_merged_check(name, force)?;
         self.mark_removing(name)?;
         crash_point("remove-snapshot:deactivated");
-        self.finish_removal(name, None)
+        warnings.extend(self.finish_removal(name, None)?);
+        Ok(warnings)
+    }
+
+    /// A snapshot whose merge started (not one only deferred) leaves its origin half merged
+    /// if removed: refused, or with `force` a warning saying so.
+    fn half_merged_check(&self, name: &str, force: bool) -> Result<Vec<String>> {
+        let Some(s) = self
+            .manifest
+            .snapshot(name)
+            .filter(|s| s.merging.is_some_and(|r| !r.on_activation))
+        else {
+            return Ok(Vec::new());
+        };
+        let what = format!(
+            "snapshot {name:?} was merging into {:?}: removed, it leaves {:?} half merged (some chunks rolled back, others not)",
+            s.origin, s.origin
+        );
+        if force {
+            Ok(vec![what])
+        } else {
+            Err(Error::WrongState(format!(
+                "{what}. Let the merge finish (`cowsnap serve` resumes it), or pass --force"
+            )))
+        }
     }
 }
 

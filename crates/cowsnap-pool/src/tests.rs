@@ -137,7 +137,7 @@ fn offline_pool_lifecycle_and_restart() {
     assert_eq!(&buf[..4096], &[7u8; 4096]);
     assert_eq!(again.info("s1").unwrap().status, "32/512 16");
     let before_remove = again.list();
-    again.remove_snapshot("live").unwrap();
+    again.remove_snapshot("live", false).unwrap();
     assert!(!dir.join("live.cow").exists(), "owned COW deleted");
     assert!(again.volume("live").is_none());
     drop((again, live_dev, snap));
@@ -188,7 +188,7 @@ fn adopting_a_cow_keeps_it_and_refuses_reuse() {
         .is_err());
     // Removing an adopted COW keeps the file but marks it invalid: adopted again, it is
     // not mistaken for a point in time of the origin.
-    assert!(pool.remove_snapshot("ext").unwrap().is_empty());
+    assert!(pool.remove_snapshot("ext", false).unwrap().is_empty());
     assert!(ext.exists(), "an adopted COW is never deleted");
     let (entry, warning) = pool
         .create_snapshot(&req("ext2", "base", CowSpec::Path(ext.clone())))
@@ -375,7 +375,7 @@ fn a_failed_remove_leaves_the_snapshot_working() {
     // is taken by a directory.
     let tmp = dir.join(".pool.json.tmp");
     fs::create_dir(&tmp).unwrap();
-    assert!(active.remove_snapshot("s").is_err());
+    assert!(active.remove_snapshot("s", false).is_err());
     let origin = active.origin("base").unwrap();
     origin.write_at(&[9u8; 4096], 0, Fua::Yes).unwrap();
     let (_, snap) = active.volume("s").unwrap();
@@ -390,7 +390,7 @@ fn a_failed_remove_leaves_the_snapshot_working() {
     let (_, snap) = active.volume("s").unwrap();
     snap.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, vec![0u8; 4096]);
-    assert!(active.remove_snapshot("s").unwrap().is_empty());
+    assert!(active.remove_snapshot("s", false).unwrap().is_empty());
     assert!(!dir.join("s.cow").exists());
     drop(active);
     fs::remove_dir_all(&dir).unwrap();
@@ -528,7 +528,7 @@ fn a_zeroed_pool_cow_fails_its_snapshot_and_is_never_reformatted() {
     assert!(active.read_only_reason("base").is_some());
     assert_eq!(bytes(&cow), raw, "never reformatted");
     // Removing the failed snapshot makes the origin writable again.
-    active.remove_snapshot("s").unwrap();
+    active.remove_snapshot("s", false).unwrap();
     assert!(active.read_only_reason("base").is_none());
     assert!(!cow.exists());
     drop(active);

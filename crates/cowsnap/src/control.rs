@@ -71,6 +71,10 @@ pub enum Request {
     RemoveSnapshot {
         /// The snapshot.
         name: String,
+        /// Remove it even while it is open (its readers get I/O errors), or when its
+        /// merge started (its origin stays half merged).
+        #[serde(default)]
+        force: bool,
     },
     /// Merge a snapshot into its origin.
     MergeSnapshot {

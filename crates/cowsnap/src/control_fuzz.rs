@@ -43,6 +43,10 @@ mod tests {
                 kinds.insert(std::mem::discriminant(&req));
             }
         }
-        assert_eq!(kinds.len(), 4, "list, status, create and remove requests");
+        assert_eq!(
+            kinds.len(),
+            6,
+            "list, status, create, remove, merge and merge-control requests"
+        );
     }
 }

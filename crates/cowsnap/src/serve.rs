@@ -276,16 +276,23 @@ fn handle(
                     ..Reply::volumes(vec![info])
                 })
             }
-            Request::RemoveSnapshot { name } => {
+            Request::RemoveSnapshot { name, force } => {
                 if !active.has_snapshot(&name) {
                     bail!("no snapshot called {name:?}");
+                }
+                let users = users_of(server, open_files, &[&name]);
+                if !force && !users.is_empty() {
+                    bail!(
+                        "snapshot {name:?} is in use ({}): removed, its readers would get I/O errors. Close them, or pass --force",
+                        users.join(", ")
+                    );
                 }
                 let origin = active.info(&name).and_then(|i| i.origin);
                 let was_read_only = origin
                     .as_deref()
                     .is_some_and(|o| active.read_only_reason(o).is_some());
                 let export = server.remove_export(&name);
-                let warnings = match active.remove_snapshot(&name) {
+                let warnings = match active.remove_snapshot(&name, force) {
                     Ok(w) => w,
                     Err(e) => {
                         // Nothing changed unless the snapshot left the table: serve it again.
@@ -332,6 +339,23 @@ fn handle(
     result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))
 }
 
+/// Who has the volumes `names` open: NBD connections and FUSE files, one phrase per
+/// volume and kind (empty: nobody).
+fn users_of(server: &Server, open_files: &OpenFiles, names: &[&str]) -> Vec<String> {
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let mut users = Vec::new();
+    for v in names {
+        if let Some(n) = server.export_users(v).filter(|n| *n > 0) {
+            users.push(format!("{v} has {n} NBD connection{}", plural(n)));
+        }
+        let n = open_files.count(v) as usize;
+        if n > 0 {
+            users.push(format!("{v} is open {n} time{} through FUSE", plural(n)));
+        }
+    }
+    users
+}
+
 /// `snapshot merge`: merges now when neither the origin nor the snapshot has NBD clients
 /// or open FUSE files (or with `now`); otherwise records the merge for the next start, as lvm2 defers a merge
 /// of an open origin, and says so. A merge that starts takes the snapshot's export away.
@@ -348,17 +372,7 @@ fn merge_snapshot(
         .info(name)
         .and_then(|i| i.origin)
         .ok_or_else(|| anyhow!("no snapshot called {name:?}"))?;
-    let plural = |n: usize| if n == 1 { "" } else { "s" };
-    let mut users = Vec::new();
-    for v in [origin.as_str(), name] {
-        if let Some(n) = server.export_users(v).filter(|n| *n > 0) {
-            users.push(format!("{v} has {n} NBD connection{}", plural(n)));
-        }
-        let n = open_files.count(v) as usize;
-        if n > 0 {
-            users.push(format!("{v} is open {n} time{} through FUSE", plural(n)));
-        }
-    }
+    let users = users_of(server, open_files, &[origin.as_str(), name]);
     let deferred = !now && !users.is_empty();
     let info = active.merge_snapshot(name, !deferred, paused, rate)?;
     let warning = if deferred {

@@ -62,9 +62,17 @@ pub enum SnapshotCommand {
     ///   cowsnap --pool P snapshot create lvsnap --origin data --cow /dev/vg/snap-cow
     Create(SnapshotCreate),
     /// Remove a snapshot (its COW file too, if the pool created it).
+    ///
+    /// Refused while the snapshot has NBD clients or open FUSE files (they would get I/O
+    /// errors), and for a snapshot whose merge has started (its origin would stay half
+    /// merged), unless --force.
     Remove {
         /// Snapshot name.
         name: String,
+        /// Remove it anyway: its open readers get I/O errors; a merge that started leaves
+        /// its origin half merged.
+        #[arg(long)]
+        force: bool,
     },
     /// Roll the origin back to the snapshot (lvconvert --merge): from now on the origin
     /// shows the snapshot's content (its own writes included) while the data moves back in
@@ -218,15 +226,18 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
             }
         }
         SnapshotCommand::Merge(a) => return crate::merge::start(dir, a),
-        SnapshotCommand::Remove { name } => {
-            let warnings =
-                match control::call(dir, &Request::RemoveSnapshot { name: name.clone() })? {
-                    Some(reply) => daemon_reply(reply)?.warning.into_iter().collect(),
-                    None => {
-                        let (_lock, mut pool) = locked(dir)?;
-                        pool.remove_snapshot(&name)?
-                    }
-                };
+        SnapshotCommand::Remove { name, force } => {
+            let req = Request::RemoveSnapshot {
+                name: name.clone(),
+                force,
+            };
+            let warnings = match control::call(dir, &req)? {
+                Some(reply) => daemon_reply(reply)?.warning.into_iter().collect(),
+                None => {
+                    let (_lock, mut pool) = locked(dir)?;
+                    pool.remove_snapshot(&name, force)?
+                }
+            };
             for w in warnings {
                 eprintln!("cowsnap: warning: {w}");
             }

@@ -458,3 +458,58 @@ fn a_merge_of_an_origin_open_through_fuse_is_deferred_unless_forced() {
     ));
     d.stop_ok();
 }
+
+#[test]
+fn removing_an_open_snapshot_or_a_started_merge_needs_force() {
+    if !require_tools(&["qemu-io", "python3-nbd"]) {
+        return;
+    }
+    let pool = Pool::new("remove-force");
+    pool.ok(&["origin", "create", "disk", "--size", "8M"]);
+    let d = pool.serve();
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "s",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "8M",
+    ]);
+    // A client reading the snapshot: removing it would fail the client's I/O.
+    let mut holder = hold_open(&pool.uri("s"));
+    let e = pool.refused(&["snapshot", "remove", "s"]);
+    assert!(
+        e.contains("in use") && e.contains("NBD connection") && e.contains("--force"),
+        "{e}"
+    );
+    assert!(has_volume(&pool, "s"));
+    pool.ok(&["snapshot", "remove", "s", "--force"]);
+    assert!(!has_volume(&pool, "s"));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // A merge that started, stopped with the daemon: removing its snapshot offline would
+    // leave the origin half merged.
+    pool.ok(&[
+        "snapshot",
+        "create",
+        "t",
+        "--origin",
+        "disk",
+        "--cow-size",
+        "8M",
+    ]);
+    qemu_io(&pool.uri("disk"), &["write -P 0x51 0 2M"]);
+    pool.ok(&["snapshot", "merge", "t", "--paused"]);
+    d.stop_ok();
+    let e = pool.refused(&["snapshot", "remove", "t"]);
+    assert!(e.contains("half merged") && e.contains("--force"), "{e}");
+    let out = pool.run(&["snapshot", "remove", "t", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("half merged"));
+    assert!(!has_volume(&pool, "t"));
+}
