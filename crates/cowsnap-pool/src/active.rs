@@ -70,6 +70,10 @@ pub struct VolumeInfo {
     /// A snapshot's space use, in sectors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageInfo>,
+    /// A snapshot's use of its COW in percent, `allocated / total` as `lvs` shows a
+    /// snapshot's `Data%` (header and metadata count as used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_percent: Option<f64>,
     /// A snapshot's completed exceptions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exceptions: Option<u64>,
@@ -155,6 +159,7 @@ impl VolumeInfo {
             chunk_size: None,
             status: String::new(),
             usage: None,
+            use_percent: None,
             exceptions: None,
             invalid_reason: None,
             error: None,
@@ -177,6 +182,7 @@ impl VolumeInfo {
             chunk_size: None,
             status: "Failed".into(),
             usage: None,
+            use_percent: None,
             exceptions: None,
             invalid_reason: None,
             error: Some(f.reason.clone()),
@@ -210,6 +216,8 @@ impl VolumeInfo {
                 Some("transient store lost when its daemon stopped".to_string()),
             ),
         };
+        let use_percent = usage
+            .map(|u: UsageInfo| 100.0 * u.allocated_sectors as f64 / u.total_sectors.max(1) as f64);
         VolumeInfo {
             name: entry.name.clone(),
             kind: VolumeKind::Snapshot,
@@ -220,6 +228,7 @@ impl VolumeInfo {
             chunk_size,
             status,
             usage,
+            use_percent,
             exceptions,
             invalid_reason,
             error: None,

@@ -288,7 +288,10 @@ pub fn list(dir: &Path, json: bool) -> Result<ExitCode> {
                 (None, VolumeKind::Origin) => "active".to_string(),
                 (Some(m), VolumeKind::Snapshot) =>
                     format!("{} (merge {} {:.1}%)", v.status, m.state, m.percent),
-                (None, VolumeKind::Snapshot) => v.status.clone(),
+                (None, VolumeKind::Snapshot) => match v.use_percent {
+                    Some(p) => format!("{} ({p:.1}% used)", v.status),
+                    None => v.status.clone(),
+                },
             }
         );
     }

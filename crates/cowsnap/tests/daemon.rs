@@ -456,6 +456,10 @@ fn json_outputs_are_stable() {
     assert_eq!(arr[1]["chunk_size"], 8192);
     assert_eq!(arr[1]["status"], "32/2048 32");
     assert_eq!(arr[1]["usage"]["metadata_sectors"], 32);
+    // 32 of 2048 sectors, as `lvs` shows a snapshot's Data%.
+    assert_eq!(arr[1]["use_percent"], 1.5625);
+    let list = stdout(&run(pool.cmd().args(["list"])));
+    assert!(list.contains("32/2048 32 (1.6% used)"), "{list}");
     let status = stdout(&run(pool.cmd().args(["status"])));
     assert!(
         status.contains("s: 0 16384 snapshot 32/2048 32"),
