@@ -61,8 +61,12 @@ use cowsnap_core::units::{is_sector_aligned, ChunkSize};
 /// Where a new snapshot's COW comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CowSpec {
-    /// A new file of this many bytes inside the pool, its space reserved.
+    /// A new file of this many bytes inside the pool, its space reserved; capped at what
+    /// the origin can ever need ([`max_cow_bytes`]).
     Size(u64),
+    /// A new file of this percentage of the origin's size (`lvcreate -l 20%ORIGIN`), capped
+    /// the same way.
+    PercentOfOrigin(u64),
     /// An existing file or device: a COW written by the kernel (or by cowsnap) keeps its
     /// exceptions and its chunk size. One without a COW header is refused unless `format`
     /// is set and it is all zeros.
@@ -423,15 +427,33 @@ impl Pool {
         // A new COW's chunk size: what an adopted one has is known only once it is open.
         let chunk = req.chunk_size.unwrap_or(ChunkSize::DEFAULT);
         let min_chunks = if req.transient { 1 } else { 3 };
+        let mut notes = Vec::new();
         let (rel, new_file, id, cow) = match &req.cow {
-            CowSpec::Size(size) => {
-                if *size < min_chunks * chunk.bytes() || !is_sector_aligned(*size) {
+            CowSpec::Size(_) | CowSpec::PercentOfOrigin(_) => {
+                let origin_bytes = self.origin_bytes(&req.origin)?;
+                let asked = match &req.cow {
+                    CowSpec::PercentOfOrigin(p) => {
+                        (origin_bytes.saturating_mul(*p) / 100).div_ceil(512) * 512
+                    }
+                    CowSpec::Size(s) => *s,
+                    // Not this arm.
+                    CowSpec::Path(_) => 0,
+                };
+                let max = max_cow_bytes(origin_bytes, chunk);
+                let size = asked.min(max);
+                if asked > max {
+                    notes.push(format!(
+                        "a COW of {asked} bytes is more than snapshot {:?} can ever use (every chunk of the {origin_bytes}-byte origin {:?} copied, with its metadata, in chunks of {chunk}): made {size} bytes",
+                        req.name, req.origin
+                    ));
+                }
+                if size < min_chunks * chunk.bytes() || !is_sector_aligned(size) {
                     return Err(Error::InvalidArgument(format!(
                         "COW size {size} is too small: at least {min_chunks} chunks of {chunk} and a multiple of 512"
                     )));
                 }
                 let rel = PathBuf::from(format!("{}.cow", req.name));
-                let file = staging::NewFile::create(&self.dir.join(&rel), *size, true)?;
+                let file = staging::NewFile::create(&self.dir.join(&rel), size, true)?;
                 crash_point("create-snapshot:staged");
                 let cow = self.open_cow(file.path(), Some(file.id()))?;
                 (rel, Some(file), None, cow)
@@ -457,7 +479,8 @@ impl Pool {
                 (abs, None, Some(id), cow_device(dev))
             }
         };
-        let (store, warning, chunk): (Arc<dyn ExceptionStore>, _, _) = if req.transient {
+        let (store, warning, chunk): (Arc<dyn ExceptionStore>, Option<String>, _) = if req.transient
+        {
             let store = cowsnap_core::exception::TransientStore::new(cow, chunk);
             (Arc::new(store), None, chunk)
         } else {
@@ -479,6 +502,8 @@ impl Pool {
             let chunk = store.chunk_size();
             (Arc::new(store), warning, chunk)
         };
+        notes.extend(warning);
+        let warning = (!notes.is_empty()).then(|| notes.join("; "));
         let kind = store.kind();
         let owned = new_file.is_some();
         let formats_adopted = !owned && !req.transient && req.format;
@@ -780,6 +805,15 @@ impl Pool {
         }
     }
 
+    /// The size of origin `name`'s file or device (opened read-only, unclaimed).
+    fn origin_bytes(&self, name: &str) -> Result<u64> {
+        let o = self
+            .manifest
+            .origin(name)
+            .ok_or_else(|| Error::InvalidArgument(format!("no origin called {name:?}")))?;
+        Ok(FileDevice::open_read_only(self.resolve(&o.path))?.size())
+    }
+
     /// Checks that snapshot `name` may merge into its origin now: it exists, is not being
     /// removed, is persistent, and its origin has no merge (asked for or running) and no
     /// other merge may be recorded. Returns its entry.
@@ -939,6 +973,16 @@ impl Pool {
             )))
         }
     }
+}
+
+/// The most a COW can ever use for an origin of `origin_bytes` in chunks of `chunk`: the
+/// header, every origin chunk copied once, and the metadata areas listing them (one more
+/// when the last one fills). lvcreate caps a snapshot's COW the same way.
+pub fn max_cow_bytes(origin_bytes: u64, chunk: ChunkSize) -> u64 {
+    let n = chunk.chunks_covering(origin_bytes);
+    let epa = chunk.bytes() / 16;
+    let areas = n / epa + 1;
+    (1 + areas + n).saturating_mul(chunk.bytes())
 }
 
 /// The page cache a pool starts with: [`DEFAULT_CACHE_BYTES`], or four pages when the

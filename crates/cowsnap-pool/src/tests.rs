@@ -616,3 +616,40 @@ fn a_staged_file_is_matched_by_its_name_as_well_as_its_inode() {
     drop(pool);
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_cow_size_in_percent_of_the_origin_and_one_too_big_is_capped() {
+    let dir = tmpdir("cowsize");
+    let mut pool = Pool::init(&dir).unwrap();
+    pool.create_origin("o", 8 << 20).unwrap();
+    let (_, warning) = pool
+        .create_snapshot(&req("p", "o", CowSpec::PercentOfOrigin(25)))
+        .unwrap();
+    assert!(warning.is_none(), "{warning:?}");
+    assert_eq!(fs::metadata(dir.join("p.cow")).unwrap().len(), 2 << 20);
+    // 8 MiB in 4 KiB chunks: 2048 chunks, 9 metadata areas (8 full ones and the next),
+    // and the header.
+    let max = max_cow_bytes(8 << 20, ChunkSize::DEFAULT);
+    assert_eq!(max, (1 + 9 + 2048) * 4096);
+    let (_, warning) = pool
+        .create_snapshot(&req("big", "o", CowSpec::Size(1 << 30)))
+        .unwrap();
+    let warning = warning.expect("a capped COW says so");
+    assert!(
+        warning.contains("more than snapshot \"big\" can ever use"),
+        "{warning}"
+    );
+    assert_eq!(fs::metadata(dir.join("big.cow")).unwrap().len(), max);
+    // The capped COW takes a copy of every origin chunk and stays valid.
+    drop(pool);
+    let (active, _) = activate(&dir);
+    let o = active.origin("o").unwrap();
+    o.write_at(&vec![7u8; 8 << 20], 0, Fua::No).unwrap();
+    let big = active.snapshot("big").unwrap();
+    assert!(big.is_valid(), "{:?}", big.invalid_reason());
+    assert_eq!(big.exceptions().completed_count(), 2048);
+    assert!(
+        !active.snapshot("p").unwrap().is_valid(),
+        "25% could not hold it all"
+    );
+}

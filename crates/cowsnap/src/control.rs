@@ -108,6 +108,9 @@ pub struct SnapshotSpec {
     pub origin: String,
     /// Size of a new COW file, bytes.
     pub cow_size: Option<u64>,
+    /// Size of a new COW file, percent of the origin's size.
+    #[serde(default)]
+    pub cow_percent: Option<u64>,
     /// An existing COW to adopt.
     pub cow_path: Option<PathBuf>,
     /// Chunk size, sectors.
@@ -129,10 +132,11 @@ impl SnapshotSpec {
             .map(ChunkSize::from_sectors)
             .transpose()
             .context("bad chunk size")?;
-        let cow = match (&self.cow_path, self.cow_size) {
-            (Some(p), _) => CowSpec::Path(p.clone()),
-            (None, Some(s)) => CowSpec::Size(s),
-            (None, None) => bail!("give --cow-size or --cow"),
+        let cow = match (&self.cow_path, self.cow_size, self.cow_percent) {
+            (Some(p), _, _) => CowSpec::Path(p.clone()),
+            (None, Some(s), _) => CowSpec::Size(s),
+            (None, None, Some(p)) => CowSpec::PercentOfOrigin(p),
+            (None, None, None) => bail!("give --cow-size or --cow"),
         };
         Ok(SnapshotRequest {
             name: self.name.clone(),
@@ -483,6 +487,7 @@ mod tests {
             name: "s".into(),
             origin: "o".into(),
             cow_size: Some(4096),
+            cow_percent: None,
             cow_path: None,
             chunk_sectors: Some(8),
             transient: false,

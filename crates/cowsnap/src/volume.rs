@@ -21,6 +21,25 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
+/// `--cow-size`: bytes, or a percentage of the origin.
+#[derive(Clone, Copy, Debug)]
+pub enum CowSize {
+    /// Bytes.
+    Bytes(u64),
+    /// Percent of the origin's size.
+    Percent(u64),
+}
+
+fn cow_size_arg(s: &str) -> Result<CowSize, String> {
+    match s.strip_suffix('%') {
+        Some(p) => match p.trim().parse::<u64>() {
+            Ok(p) if (1..=1000).contains(&p) => Ok(CowSize::Percent(p)),
+            _ => Err(format!("{s:?}: a percentage is 1% to 1000% of the origin")),
+        },
+        None => parse_size(s).map(CowSize::Bytes),
+    }
+}
+
 fn chunk_arg(s: &str) -> Result<ChunkSize, String> {
     let bytes = parse_size(s)?;
     ChunkSize::from_bytes(bytes).map_err(|e| e.to_string())
@@ -93,10 +112,12 @@ pub struct SnapshotCreate {
     /// The origin to snapshot.
     #[arg(long)]
     origin: String,
-    /// Size of a new COW file inside the pool (K/M/G/T). It holds the old copies of
-    /// changed origin chunks plus metadata; when full, the snapshot becomes invalid.
-    #[arg(long, value_parser = size_arg, required_unless_present = "cow", conflicts_with = "cow")]
-    cow_size: Option<u64>,
+    /// Size of a new COW file inside the pool: K/M/G/T, or a percentage of the origin
+    /// (20%). It holds the old copies of changed origin chunks plus metadata; when full,
+    /// the snapshot becomes invalid. More than the origin can ever need is capped, with a
+    /// warning.
+    #[arg(long, value_parser = cow_size_arg, required_unless_present = "cow", conflicts_with = "cow")]
+    cow_size: Option<CowSize>,
     /// Adopt an existing COW file or device: one written by the Linux kernel (an LVM
     /// snapshot's COW volume) keeps its exceptions and its chunk size. A file without a
     /// COW header is refused unless --format is given.
@@ -182,7 +203,14 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
             let spec = SnapshotSpec {
                 name: a.name.clone(),
                 origin: a.origin.clone(),
-                cow_size: a.cow_size,
+                cow_size: match a.cow_size {
+                    Some(CowSize::Bytes(b)) => Some(b),
+                    _ => None,
+                },
+                cow_percent: match a.cow_size {
+                    Some(CowSize::Percent(p)) => Some(p),
+                    _ => None,
+                },
                 cow_path: a.cow.clone(),
                 chunk_sectors: a.chunk_size.map(|c| c.sectors()),
                 transient: a.transient,
