@@ -430,32 +430,7 @@ impl Pool {
         let mut notes = Vec::new();
         let (rel, new_file, id, cow) = match &req.cow {
             CowSpec::Size(_) | CowSpec::PercentOfOrigin(_) => {
-                let origin_bytes = self.origin_bytes(&req.origin)?;
-                let asked = match &req.cow {
-                    CowSpec::PercentOfOrigin(p) => {
-                        (origin_bytes.saturating_mul(*p) / 100).div_ceil(512) * 512
-                    }
-                    CowSpec::Size(s) => *s,
-                    // Not this arm.
-                    CowSpec::Path(_) => 0,
-                };
-                let max = max_cow_bytes(origin_bytes, chunk);
-                let size = asked.min(max);
-                if asked > max {
-                    notes.push(format!(
-                        "a COW of {asked} bytes is more than snapshot {:?} can ever use (every chunk of the {origin_bytes}-byte origin {:?} copied, with its metadata, in chunks of {chunk}): made {size} bytes",
-                        req.name, req.origin
-                    ));
-                }
-                if size < min_chunks * chunk.bytes() || !is_sector_aligned(size) {
-                    return Err(Error::InvalidArgument(format!(
-                        "COW size {size} is too small: at least {min_chunks} chunks of {chunk} and a multiple of 512"
-                    )));
-                }
-                let rel = PathBuf::from(format!("{}.cow", req.name));
-                let file = staging::NewFile::create(&self.dir.join(&rel), size, true)?;
-                crash_point("create-snapshot:staged");
-                let cow = self.open_cow(file.path(), Some(file.id()))?;
+                let (rel, file, cow) = self.new_cow_file(req, chunk, min_chunks, &mut notes)?;
                 (rel, Some(file), None, cow)
             }
             CowSpec::Path(p) => {
@@ -524,6 +499,44 @@ impl Pool {
             warning,
             new_file,
         })
+    }
+
+    /// A new COW file for `req` (a size, or a percentage of the origin), capped at what the
+    /// snapshot can ever use (a note says so), staged under its hidden name.
+    fn new_cow_file(
+        &self,
+        req: &SnapshotRequest,
+        chunk: ChunkSize,
+        min_chunks: u64,
+        notes: &mut Vec<String>,
+    ) -> Result<(PathBuf, staging::NewFile, Arc<dyn BlockDevice>)> {
+        let origin_bytes = self.origin_bytes(&req.origin)?;
+        let asked = match &req.cow {
+            CowSpec::PercentOfOrigin(p) => {
+                (origin_bytes.saturating_mul(*p) / 100).div_ceil(512) * 512
+            }
+            CowSpec::Size(s) => *s,
+            // Not this arm.
+            CowSpec::Path(_) => 0,
+        };
+        let max = max_cow_bytes(origin_bytes, chunk);
+        let size = asked.min(max);
+        if asked > max {
+            notes.push(format!(
+                "a COW of {asked} bytes is more than snapshot {:?} can ever use (every chunk of the {origin_bytes}-byte origin {:?} copied, with its metadata, in chunks of {chunk}): made {size} bytes",
+                req.name, req.origin
+            ));
+        }
+        if size < min_chunks * chunk.bytes() || !is_sector_aligned(size) {
+            return Err(Error::InvalidArgument(format!(
+                "COW size {size} is too small: at least {min_chunks} chunks of {chunk} and a multiple of 512"
+            )));
+        }
+        let rel = PathBuf::from(format!("{}.cow", req.name));
+        let file = staging::NewFile::create(&self.dir.join(&rel), size, true)?;
+        crash_point("create-snapshot:staged");
+        let cow = self.open_cow(file.path(), Some(file.id()))?;
+        Ok((rel, file, cow))
     }
 
     /// Adds a prepared snapshot to the manifest and gives its COW file its final name.
