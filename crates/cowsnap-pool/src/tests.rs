@@ -447,9 +447,13 @@ fn leftovers_of_interrupted_creates_and_removes_are_settled() {
     // The name of an interrupted create is free.
     pool.create_snapshot(&req("late", "base", CowSpec::Size(256 << 10)))
         .unwrap();
-    // A failed create leaves nothing behind.
+    // A failed create leaves nothing behind: a COW of 8 TiB (what an 8 TiB origin can
+    // need) cannot be reserved here.
+    let big = dir.with_extension("big.img");
+    create_new_sparse(&big, 1 << 43);
+    pool.add_origin("bigbase", &big).unwrap();
     assert!(pool
-        .create_snapshot(&req("huge", "base", CowSpec::Size(1 << 60)))
+        .create_snapshot(&req("huge", "bigbase", CowSpec::Size(1 << 60)))
         .is_err());
     assert!(pool.create_origin("huge2", 1 << 60).is_err());
     let names: Vec<String> = fs::read_dir(&dir)
@@ -459,6 +463,7 @@ fn leftovers_of_interrupted_creates_and_removes_are_settled() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
     fs::remove_dir_all(&dir).unwrap();
+    fs::remove_file(&big).unwrap();
 }
 
 #[test]
