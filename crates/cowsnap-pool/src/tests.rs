@@ -447,10 +447,10 @@ fn leftovers_of_interrupted_creates_and_removes_are_settled() {
     // The name of an interrupted create is free.
     pool.create_snapshot(&req("late", "base", CowSpec::Size(256 << 10)))
         .unwrap();
-    // A failed create leaves nothing behind: a COW of 8 TiB (what an 8 TiB origin can
-    // need) cannot be reserved here.
+    // A failed create leaves nothing behind: what an origin of almost 16 TiB can need is
+    // a COW larger than ext4's largest file, refused at once (no space taken meanwhile).
     let big = dir.with_extension("big.img");
-    create_new_sparse(&big, 1 << 43);
+    create_new_sparse(&big, (1 << 44) - (1 << 20));
     pool.add_origin("bigbase", &big).unwrap();
     assert!(pool
         .create_snapshot(&req("huge", "bigbase", CowSpec::Size(1 << 60)))
