@@ -32,7 +32,9 @@ use cowsnap_core::exception::index::{CacheStats, IndexState, IndexStatus, NO_IND
 use cowsnap_core::exception::persistent::PersistentStore;
 use cowsnap_core::exception::Usage;
 use cowsnap_core::mutation;
-use cowsnap_core::targets::{Merge, MergeSettings, MergeState, Origin, Snapshot, SnapshotStatus};
+use cowsnap_core::targets::{
+    merge_percent, Merge, MergeSettings, MergeState, Origin, Snapshot, SnapshotStatus,
+};
 
 /// What a volume is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,15 +294,6 @@ impl MergeAction {
             MergeAction::Rate(r) => m.rate = r,
         }
     }
-}
-
-/// Percent done of a merge: `100 (i - a) / (i - m)`, with `i` the allocation when it was
-/// asked for, `a` the allocation now and `m` the metadata (done at `a == m`).
-fn merge_percent(i: u64, a: u64, m: u64) -> f64 {
-    if i <= m {
-        return 100.0;
-    }
-    (100.0 * i.saturating_sub(a) as f64 / (i - m) as f64).clamp(0.0, 100.0)
 }
 
 /// The merge status of a snapshot whose merge was asked for but is not running here.

@@ -15,10 +15,10 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use cowsnap_core::copy::Copier;
 use cowsnap_core::units::parse_size;
-use cowsnap_pool::{MergeAction, MergeInfo, Pool, PoolLock};
+use cowsnap_pool::{MergeAction, MergeInfo};
 
-use crate::control::{self, Reply, Request};
-use crate::volume::human;
+use crate::control::{self, Request};
+use crate::volume::{daemon_reply, human, locked};
 
 /// A rate: bytes per second with K/M/G suffixes; `0`, `none` or `unlimited` is 0, no limit.
 fn rate_arg(s: &str) -> Result<u64, String> {
@@ -87,20 +87,6 @@ pub enum MergeCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn answered(reply: Reply) -> Result<Reply> {
-    if reply.ok {
-        Ok(reply)
-    } else {
-        bail!(reply.error.unwrap_or_else(|| "the daemon refused".into()))
-    }
-}
-
-fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
-    let lock = PoolLock::acquire(dir)?;
-    let pool = Pool::open(dir)?;
-    Ok((lock, pool))
 }
 
 /// One line a person reads: state, percent, what is left.
@@ -187,7 +173,7 @@ pub fn start(dir: &Path, a: SnapshotMerge) -> Result<ExitCode> {
     };
     let (info, warning, live) = match control::call(dir, &req)? {
         Some(reply) => {
-            let r = answered(reply)?;
+            let r = daemon_reply(reply)?;
             let info = r
                 .merge
                 .ok_or_else(|| anyhow!("the daemon sent no merge status"))?;
@@ -242,7 +228,7 @@ pub fn run(dir: &Path, cmd: MergeCommand) -> Result<ExitCode> {
     let (name, action) = match cmd {
         MergeCommand::Status { name, json } => {
             let vols = match control::call(dir, &Request::Status { name: name.clone() })? {
-                Some(reply) => answered(reply)?.volumes,
+                Some(reply) => daemon_reply(reply)?.volumes,
                 None => {
                     let (_lock, pool) = locked(dir)?;
                     pool.list_offline(Arc::new(Copier::default()), Some(&name))?
@@ -270,7 +256,7 @@ pub fn run(dir: &Path, cmd: MergeCommand) -> Result<ExitCode> {
     };
     match control::call(dir, &req)? {
         Some(reply) => {
-            let m = answered(reply)?
+            let m = daemon_reply(reply)?
                 .merge
                 .ok_or_else(|| anyhow!("the daemon sent no merge status"))?;
             println!("{}", describe(&m));

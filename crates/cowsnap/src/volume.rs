@@ -150,7 +150,7 @@ pub fn pool_dir(pool: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
-fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
+pub(crate) fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
     let lock = PoolLock::acquire(dir)?;
     let pool = Pool::open(dir)?;
     for n in pool.notes() {
@@ -159,7 +159,7 @@ fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
     Ok((lock, pool))
 }
 
-fn daemon_reply(reply: Reply) -> Result<Reply> {
+pub(crate) fn daemon_reply(reply: Reply) -> Result<Reply> {
     if reply.ok {
         Ok(reply)
     } else {

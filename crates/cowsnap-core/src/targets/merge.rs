@@ -122,6 +122,16 @@ impl fmt::Display for MergeStatus {
     }
 }
 
+/// Percent done of a merge: `100 (i - a) / (i - m)` (libsnapshot's formula), with `i` the
+/// COW's allocation when the merge was asked for, `a` the allocation now and `m` the
+/// metadata, all in sectors; done at `a == m`.
+pub fn merge_percent(i: u64, a: u64, m: u64) -> f64 {
+    if i <= m {
+        return 100.0;
+    }
+    (100.0 * i.saturating_sub(a) as f64 / (i - m) as f64).clamp(0.0, 100.0)
+}
+
 /// Called each time the merge ends: done (once, the last call), or failed (a resume may
 /// follow, and then another call).
 type FinishHook = Arc<dyn Fn(&MergeState) + Send + Sync>;
@@ -421,10 +431,10 @@ impl Merge {
             usage.allocated_sectors,
             usage.metadata_sectors,
         );
-        let percent = if state == MergeState::Done || i <= m {
+        let percent = if state == MergeState::Done {
             100.0
         } else {
-            (100.0 * i.saturating_sub(a) as f64 / (i - m) as f64).clamp(0.0, 100.0)
+            merge_percent(i, a, m)
         };
         MergeStatus {
             state,

@@ -10,6 +10,6 @@ mod merge;
 mod origin;
 mod snapshot;
 
-pub use merge::{Merge, MergeSettings, MergeState, MergeStatus};
+pub use merge::{merge_percent, Merge, MergeSettings, MergeState, MergeStatus};
 pub use origin::Origin;
 pub use snapshot::{Snapshot, SnapshotStatus};

@@ -39,6 +39,10 @@ pub struct Origin {
     allocation: Mutex<()>,
     /// Writes the copy-outs of concurrent writes together.
     batcher: CopyOutBatcher,
+    /// The merge of `snapshots`, for reads, flushes and status: set and cleared together
+    /// with it (under its exclusive hold), but its own lock, so that an origin read never
+    /// waits behind an activation queued for the snapshot list.
+    merging: RwLock<Option<Arc<Merge>>>,
 }
 
 impl fmt::Debug for Origin {
@@ -97,6 +101,7 @@ impl Origin {
             activations_waiting: AtomicU64::new(0),
             allocation: Mutex::new(()),
             batcher: CopyOutBatcher::new(),
+            merging: RwLock::new(None),
         })
     }
 
@@ -202,7 +207,7 @@ impl Origin {
                 snap.store().kind()
             )));
         }
-        if self.snapshots.read().merge.is_some() {
+        if self.merge().is_some() {
             return Err(Error::WrongState(
                 "the origin is already merging a snapshot".into(),
             ));
@@ -233,6 +238,7 @@ impl Origin {
         }
         let merge = Arc::new(Merge::new(snap.clone(), settings));
         active.merge = Some(merge.clone());
+        *self.merging.write() = Some(merge.clone());
         drop(active);
         if !settings.paused {
             merge.spawn(self)?;
@@ -242,7 +248,7 @@ impl Origin {
 
     /// The merge in progress, if any.
     pub fn merge(&self) -> Option<Arc<Merge>> {
-        self.snapshots.read().merge.clone()
+        self.merging.read().clone()
     }
 
     /// Ends a finished merge: origin I/O goes straight to the device again. Returns the
@@ -252,7 +258,10 @@ impl Origin {
         match &active.merge {
             None => Err(Error::WrongState("the origin is not merging".into())),
             Some(m) if !m.is_done() => Err(Error::WrongState("the merge has not finished".into())),
-            Some(_) => Ok(active.merge.take().expect("checked above")),
+            Some(_) => {
+                *self.merging.write() = None;
+                Ok(active.merge.take().expect("checked above"))
+            }
         }
     }
 
