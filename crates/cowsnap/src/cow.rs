@@ -20,7 +20,9 @@ use clap::Subcommand;
 use cowsnap_core::dev::{BlockDevice, FileDevice};
 use cowsnap_core::exception::index::check::{self as index_check, SidecarState};
 use cowsnap_core::exception::index::Fingerprinter;
-use cowsnap_core::exception::persistent::format::{self, Geometry, HeaderState, SNAP_MAGIC};
+use cowsnap_core::exception::persistent::format::{
+    self, Geometry, HeaderState, BBR_MAGIC, SNAP_MAGIC,
+};
 use cowsnap_core::exception::persistent::inspect::{self, CheckReport, Dump};
 use cowsnap_core::exception::persistent::read;
 use cowsnap_core::exception::Resume;
@@ -97,7 +99,7 @@ fn check_index(dev: &FileDevice, path: &Path, dir: &Path) -> Result<SidecarState
     let HeaderState::Formatted {
         valid: true,
         chunk_size,
-    } = format::check_header(&raw, &dev.describe())?
+    } = format::check_header_any(&raw, &dev.describe())?.1
     else {
         bail!("the COW has no valid header: its index cannot be checked");
     };
@@ -189,7 +191,11 @@ fn dump(path: &Path, json: bool) -> Result<ExitCode> {
 fn print_dump(out: &mut impl Write, d: &Dump) -> std::io::Result<()> {
     let h = &d.header;
     writeln!(out, "device: {} ({} bytes)", d.device, d.size_bytes)?;
-    let magic = if h.magic == SNAP_MAGIC { " (SnAp)" } else { "" };
+    let magic = match h.magic {
+        SNAP_MAGIC => " (SnAp)",
+        BBR_MAGIC => " (BbRt: bad-block relocation table)",
+        _ => "",
+    };
     writeln!(
         out,
         "header: magic {:#010x}{magic}, valid {}, version {}, chunk size {} sectors: {}",

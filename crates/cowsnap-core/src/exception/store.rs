@@ -167,6 +167,15 @@ pub trait ExceptionStore: Send + Sync + fmt::Debug {
     /// Gives up a prepared exception whose copy failed.
     fn abort(&self, e: &Exception);
 
+    /// Gives up a prepared exception *without* failing the store: its chunk is skipped,
+    /// never used, and later commits go on. A relocation target calls it when the write
+    /// to a spare chunk failed (that spare is bad; another is tried), where a snapshot,
+    /// whose copy failed, calls [`abort`](Self::abort). Leaks the chunk until the next
+    /// load; the transient store leaks it for good.
+    fn release(&self, e: &Exception) {
+        self.abort(e);
+    }
+
     /// Marks the store invalid, on disk too where it has a header. Idempotent.
     fn invalidate(&self) -> Result<()>;
 

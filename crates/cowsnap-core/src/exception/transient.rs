@@ -90,6 +90,8 @@ impl ExceptionStore for TransientStore {
 
     fn abort(&self, _e: &Exception) {}
 
+    fn release(&self, _e: &Exception) {}
+
     fn invalidate(&self) -> Result<()> {
         Ok(())
     }

@@ -20,11 +20,11 @@ use super::origin::Origin;
 use crate::copy::{Copier, CopyDest, Overlay};
 use crate::dev::{check_request, BlockDevice, Fua};
 use crate::error::{Error, Result};
-use crate::exception::index::Loader;
+use crate::exception::index::load_store;
 use crate::exception::persistent::validate::{self, Bounds};
 use crate::exception::{
     ExceptionStore, ExceptionTracker, IndexConfig, LoadOutcome, OwnedPending, PendingException,
-    ReadRoute, StoreKind, Usage, WriteRoute,
+    ReadRoute, Usage, WriteRoute,
 };
 use crate::units::{mem_usize, Chunk, ChunkPiece, ChunkSize};
 
@@ -155,30 +155,16 @@ impl Snapshot {
         store: Arc<dyn ExceptionStore>,
         index: IndexConfig,
     ) -> Result<Arc<Snapshot>> {
-        let durable = store.kind() != StoreKind::Transient;
         let device = store.cow().describe();
-        let mut loader = Loader::open(index, durable, store.fingerprinter(), device.clone())?;
         let bounds = Bounds {
             cow_chunks: store.chunk_size().whole_chunks(store.cow().size()),
             origin_chunks: Some(store.chunk_size().chunks_covering(origin.size())),
         };
-        let load = |loader: &mut Loader| {
-            store.load(loader.resume(), &mut |pos, e| {
-                if let Some(finding) = validate::check_bounds(e, bounds) {
-                    return Err(finding.into_error(&device));
-                }
-                loader.push(pos, e)
-            })
+        let check = |e| match validate::check_bounds(e, bounds) {
+            Some(finding) => Err(finding.into_error(&device)),
+            None => Ok(()),
         };
-        let outcome = match load(&mut loader) {
-            Err(_) if loader.refused().is_some() => {
-                loader = loader.restart()?;
-                load(&mut loader)?
-            }
-            other => other?,
-        };
-        let index = loader.finish()?;
-        store.attach(index.clone());
+        let (index, outcome) = load_store(index, &*store, &check)?;
         let state = if outcome == LoadOutcome::Invalid {
             State::Invalid
         } else {

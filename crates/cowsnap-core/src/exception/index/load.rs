@@ -24,7 +24,7 @@ use super::{
     IndexConfig, IndexDir, IndexState, RunSet, Tables,
 };
 use crate::error::{Error, Result};
-use crate::exception::store::Resume;
+use crate::exception::store::{ExceptionStore, LoadOutcome, Resume, StoreKind};
 use crate::exception::Exception;
 
 /// The reason [`IndexState::Rebuilt`] gives when there was no sidecar (a first activation).
@@ -478,4 +478,35 @@ fn open_sidecar(
         }
     }
     Ok((sb, RunSet { level1, level0 }, members))
+}
+
+/// Loads `store` into an index opened as `config` says, checking each entry with `check`
+/// (bounds a snapshot or a relocation target knows; the first error refuses the store):
+/// from the sidecar's end when it is valid, else (or when the loader refuses the resume)
+/// from the start into a rebuild. Then attaches the store to the index. What every user
+/// of the exception layer does at activation.
+pub fn load_store(
+    config: IndexConfig,
+    store: &dyn ExceptionStore,
+    check: &dyn Fn(Exception) -> Result<()>,
+) -> Result<(ExceptionIndex, LoadOutcome)> {
+    let durable = store.kind() != StoreKind::Transient;
+    let device = store.cow().describe();
+    let mut loader = Loader::open(config, durable, store.fingerprinter(), device)?;
+    let load = |loader: &mut Loader| {
+        store.load(loader.resume(), &mut |pos, e| {
+            check(e)?;
+            loader.push(pos, e)
+        })
+    };
+    let outcome = match load(&mut loader) {
+        Err(_) if loader.refused().is_some() => {
+            loader = loader.restart()?;
+            load(&mut loader)?
+        }
+        other => other?,
+    };
+    let index = loader.finish()?;
+    store.attach(index.clone());
+    Ok((index, outcome))
 }

@@ -44,7 +44,7 @@ use parking_lot::{Mutex, RwLock};
 pub use cache::{CacheStats, PageCache};
 pub use chunkset::ChunkSet;
 pub use dir::IndexDir;
-pub use load::{Loader, NO_INDEX_YET};
+pub use load::{load_store, Loader, NO_INDEX_YET};
 
 use self::run::{Run, RunWriter};
 use self::superblock::Superblock;

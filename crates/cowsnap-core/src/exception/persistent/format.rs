@@ -16,6 +16,9 @@ use crate::units::{Chunk, ChunkSize};
 
 /// `SnAp` read as a little-endian `u32`.
 pub const SNAP_MAGIC: u32 = 0x7041_6e53;
+/// `BbRt` read as a little-endian `u32`: the magic of a bad-block relocation table (same
+/// layout, `{bad, spare}` entries), so that it is never taken for a snapshot's COW.
+pub const BBR_MAGIC: u32 = 0x7452_6242;
 /// The only on-disk version there is.
 pub const DISK_VERSION: u32 = 1;
 /// Bytes of one `{old, new}` entry.
@@ -74,20 +77,76 @@ pub fn decode_raw_header(buf: &[u8], device: &str) -> Result<RawHeader> {
     })
 }
 
-/// Checks a header as the kernel does, in its order: magic 0 is a fresh store; another
-/// magic than `SnAp` is refused; the chunk size must be valid; the version must be 1.
+/// What a table in the kernel's layout is for: its magic says it.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableKind {
+    /// A snapshot's COW (`SnAp`): what the kernel reads.
+    #[default]
+    Snapshot,
+    /// A bad-block relocation table (`BbRt`): `{bad chunk, spare chunk}` entries.
+    Relocation,
+}
+
+impl TableKind {
+    /// The magic of this kind.
+    pub fn magic(self) -> u32 {
+        match self {
+            TableKind::Snapshot => SNAP_MAGIC,
+            TableKind::Relocation => BBR_MAGIC,
+        }
+    }
+
+    /// The kind a (non-zero) magic names, if any.
+    pub fn from_magic(magic: u32) -> Option<TableKind> {
+        match magic {
+            SNAP_MAGIC => Some(TableKind::Snapshot),
+            BBR_MAGIC => Some(TableKind::Relocation),
+            _ => None,
+        }
+    }
+
+    /// What a user calls it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TableKind::Snapshot => "a dm-snapshot COW device (\"SnAp\")",
+            TableKind::Relocation => "a cowsnap bad-block relocation table (\"BbRt\")",
+        }
+    }
+}
+
+/// Checks a snapshot COW's header as the kernel does, in its order: magic 0 is a fresh
+/// store; another magic than `SnAp` is refused; the chunk size must be valid; the version
+/// must be 1.
 pub fn check_header(raw: &RawHeader, device: &str) -> Result<HeaderState> {
+    check_header_as(raw, device, TableKind::Snapshot)
+}
+
+/// [`check_header`] for a table of `kind`: a header of the other kind is refused with a
+/// message that names what it is (a relocation table is never used as a snapshot, nor
+/// the reverse).
+pub fn check_header_as(raw: &RawHeader, device: &str, kind: TableKind) -> Result<HeaderState> {
     if raw.magic == 0 {
         return Ok(HeaderState::Fresh);
     }
-    if raw.magic != SNAP_MAGIC {
+    if raw.magic != kind.magic() {
+        let found = match TableKind::from_magic(raw.magic) {
+            Some(other) => format!("it is {}", other.describe()),
+            None => format!(
+                "bad magic {:#010x} (\"{}\")",
+                raw.magic,
+                raw.magic.to_le_bytes().escape_ascii()
+            ),
+        };
         return Err(corrupt(
             device,
             0,
             format!(
-                "bad magic {:#010x} (\"{}\"): not a dm-snapshot COW device (want \"SnAp\", {SNAP_MAGIC:#010x})",
-                raw.magic,
-                raw.magic.to_le_bytes().escape_ascii()
+                "{found}: not {} (want {:#010x})",
+                kind.describe(),
+                kind.magic()
             ),
         ));
     }
@@ -109,15 +168,28 @@ pub fn check_header(raw: &RawHeader, device: &str) -> Result<HeaderState> {
     })
 }
 
+/// Checks a header of either kind (the tools read both): the kind its magic names, and
+/// what it says. Magic 0 is a fresh snapshot store.
+pub fn check_header_any(raw: &RawHeader, device: &str) -> Result<(TableKind, HeaderState)> {
+    let kind = TableKind::from_magic(raw.magic).unwrap_or(TableKind::Snapshot);
+    check_header_as(raw, device, kind).map(|h| (kind, h))
+}
+
 /// Decodes and checks a header in one step.
 pub fn decode_header(buf: &[u8], device: &str) -> Result<HeaderState> {
     check_header(&decode_raw_header(buf, device)?, device)
 }
 
-/// The header chunk: magic, `valid`, version 1, the chunk size, zeros to the chunk's end.
+/// The header chunk of a snapshot COW: magic, `valid`, version 1, the chunk size, zeros to
+/// the chunk's end.
 pub fn encode_header(valid: bool, chunk_size: ChunkSize) -> Vec<u8> {
+    encode_header_as(valid, chunk_size, TableKind::Snapshot)
+}
+
+/// [`encode_header`] with the magic of `kind`.
+pub fn encode_header_as(valid: bool, chunk_size: ChunkSize, kind: TableKind) -> Vec<u8> {
     let mut buf = vec![0u8; chunk_size.bytes_usize()];
-    buf[0..4].copy_from_slice(&SNAP_MAGIC.to_le_bytes());
+    buf[0..4].copy_from_slice(&kind.magic().to_le_bytes());
     buf[4..8].copy_from_slice(&u32::from(valid).to_le_bytes());
     buf[8..12].copy_from_slice(&DISK_VERSION.to_le_bytes());
     // At most 2^21 sectors: fits a u32.

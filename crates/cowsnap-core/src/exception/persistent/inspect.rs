@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use super::format::{self, Geometry, HeaderState, RawHeader};
+use super::format::{self, Geometry, HeaderState, RawHeader, TableKind};
 use super::read;
 use super::validate::{Bounds, Slot, Validator};
 use crate::dev::{BlockDevice, Fua};
@@ -65,6 +65,9 @@ pub struct HeaderInfo {
     pub chunk_sectors: u32,
     /// `fresh` (magic 0), `valid`, `invalid`, or `unknown` (refused).
     pub state: &'static str,
+    /// What the magic says the table is: `snapshot` (`SnAp`) or `relocation` (`BbRt`, a
+    /// bad-block relocation table in the same layout).
+    pub table: TableKind,
 }
 
 impl HeaderInfo {
@@ -75,6 +78,7 @@ impl HeaderInfo {
             version: raw.version,
             chunk_sectors: raw.chunk_sectors,
             state,
+            table: TableKind::from_magic(raw.magic).unwrap_or_default(),
         }
     }
 }
@@ -151,7 +155,7 @@ fn check_header(cow: &dyn BlockDevice, report: &mut CheckReport) -> Option<Chunk
             return None;
         }
     };
-    let (valid, chunk_size) = match format::check_header(&raw, &report.device) {
+    let (valid, chunk_size) = match format::check_header_any(&raw, &report.device).map(|(_, h)| h) {
         Ok(HeaderState::Fresh) => {
             report.header = Some(HeaderInfo::new(&raw, "fresh"));
             return None;
@@ -298,7 +302,7 @@ pub struct Dump {
 pub fn dump(cow: &dyn BlockDevice) -> Result<Dump> {
     let device = cow.describe();
     let raw = read::read_raw_header(cow)?;
-    let state = format::check_header(&raw, &device)?;
+    let (_, state) = format::check_header_any(&raw, &device)?;
     let total = cow.size() >> 9;
     let (valid, chunk_size) = match state {
         HeaderState::Fresh => {

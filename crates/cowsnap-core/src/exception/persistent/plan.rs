@@ -162,6 +162,12 @@ impl Planner {
         Ok(c)
     }
 
+    /// Gives up one allocated chunk without an entry (its write failed): it stays unused,
+    /// and the next entries land where it would have.
+    pub fn release(&mut self) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+    }
+
     /// Commits `entries` (the next ones in allocation order) and returns the I/O that
     /// makes them durable: zero the areas that follow areas this commit fills, flush,
     /// then write every touched area with FUA, in order. The planner's state moves on at
@@ -326,6 +332,11 @@ fn area_write(
 /// The steps that format a fresh store: zero area 0, flush, then the header with FUA. A
 /// crash before the header is durable leaves magic 0: the store is still fresh.
 pub fn format_steps(chunk_size: ChunkSize) -> Vec<MetaStep> {
+    format_steps_as(chunk_size, format::TableKind::Snapshot)
+}
+
+/// [`format_steps`] for a table of `kind`.
+pub fn format_steps_as(chunk_size: ChunkSize, kind: format::TableKind) -> Vec<MetaStep> {
     let geo = Geometry::new(chunk_size);
     vec![
         MetaStep::Zero {
@@ -335,7 +346,7 @@ pub fn format_steps(chunk_size: ChunkSize) -> Vec<MetaStep> {
         MetaStep::Flush,
         MetaStep::Write {
             offset: 0,
-            data: format::encode_header(true, chunk_size),
+            data: format::encode_header_as(true, chunk_size, kind),
             fua: true,
             area: false,
         },
@@ -344,9 +355,14 @@ pub fn format_steps(chunk_size: ChunkSize) -> Vec<MetaStep> {
 
 /// The step that marks a store invalid: the header with `valid = 0`, FUA.
 pub fn invalidate_steps(chunk_size: ChunkSize) -> Vec<MetaStep> {
+    invalidate_steps_as(chunk_size, format::TableKind::Snapshot)
+}
+
+/// [`invalidate_steps`] for a table of `kind`.
+pub fn invalidate_steps_as(chunk_size: ChunkSize, kind: format::TableKind) -> Vec<MetaStep> {
     vec![MetaStep::Write {
         offset: 0,
-        data: format::encode_header(false, chunk_size),
+        data: format::encode_header_as(false, chunk_size, kind),
         fua: true,
         area: false,
     }]

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::format::{self, Geometry, HeaderState};
+use super::format::{self, Geometry, HeaderState, TableKind};
 use super::plan::{self, MetaStep, Planner};
 use super::read;
 use crate::dev::{BlockDevice, Fua};
@@ -104,6 +104,7 @@ pub struct PersistentStore {
     cow: Arc<dyn BlockDevice>,
     geo: Geometry,
     overflow: bool,
+    table: TableKind,
     header: HeaderState,
     requested: Option<ChunkSize>,
     state: Mutex<State>,
@@ -132,8 +133,19 @@ impl PersistentStore {
         requested: Option<ChunkSize>,
         overflow: bool,
     ) -> Result<PersistentStore> {
+        Self::open_as(cow, requested, overflow, TableKind::Snapshot)
+    }
+
+    /// [`open`](Self::open) for a table of `kind`: a header with the other kind's magic is
+    /// refused, and a fresh store is formatted with this kind's magic.
+    pub fn open_as(
+        cow: Arc<dyn BlockDevice>,
+        requested: Option<ChunkSize>,
+        overflow: bool,
+        table: TableKind,
+    ) -> Result<PersistentStore> {
         let raw = read::read_raw_header(&*cow)?;
-        let header = format::check_header(&raw, &cow.describe())?;
+        let header = format::check_header_as(&raw, &cow.describe(), table)?;
         let chunk_size = match header {
             HeaderState::Fresh => requested.unwrap_or(ChunkSize::DEFAULT),
             HeaderState::Formatted { chunk_size, .. } => chunk_size,
@@ -141,6 +153,7 @@ impl PersistentStore {
         Ok(PersistentStore {
             geo: Geometry::new(chunk_size),
             overflow,
+            table,
             header,
             requested,
             state: Mutex::new(State {
@@ -174,6 +187,11 @@ impl PersistentStore {
     /// True when the header read at open had magic 0 (the store gets formatted by load).
     pub fn is_fresh(&self) -> bool {
         self.header == HeaderState::Fresh
+    }
+
+    /// What the table is for (its magic).
+    pub fn table_kind(&self) -> TableKind {
+        self.table
     }
 
     /// The layout.
@@ -310,7 +328,10 @@ impl PersistentStore {
     }
 
     fn write_invalid_header(&self) -> Result<()> {
-        self.run(&plan::invalidate_steps(self.geo.chunk_size()))
+        self.run(&plan::invalidate_steps_as(
+            self.geo.chunk_size(),
+            self.table,
+        ))
     }
 }
 
@@ -350,7 +371,8 @@ impl ExceptionStore for PersistentStore {
         }
         let device = self.cow.describe();
         // The header again: it must not have changed since open.
-        let now = format::check_header(&read::read_raw_header(&*self.cow)?, &device)?;
+        let now =
+            format::check_header_as(&read::read_raw_header(&*self.cow)?, &device, self.table)?;
         if now != self.header {
             return Err(Error::Replaced(format!(
                 "{device}: the COW header changed between open and load"
@@ -365,16 +387,18 @@ impl ExceptionStore for PersistentStore {
                         "{device}: a persistent COW needs at least 2 chunks of {cs} (header and metadata), it has {chunks}"
                     )));
                 }
-                self.run(&plan::format_steps(cs))?;
+                self.run(&plan::format_steps_as(cs, self.table))?;
                 st.planner = Planner::fresh(cs);
                 LoadOutcome::Fresh
             }
-            HeaderState::Formatted { valid: false, .. } => {
+            HeaderState::Formatted { valid: false, .. } if self.table == TableKind::Snapshot => {
                 st.failed = Some("the COW header marks the snapshot invalid".into());
                 st.header_invalid = true;
                 LoadOutcome::Invalid
             }
-            HeaderState::Formatted { valid: true, .. } => {
+            // A relocation table marked invalid (a metadata write failed) still holds every
+            // relocation committed before: they are loaded, and the store takes no more.
+            HeaderState::Formatted { valid, .. } => {
                 let l = read::load_exceptions(&*self.cow, &self.geo, None, from, sink)?;
                 st.planner = Planner::loaded(
                     cs,
@@ -384,7 +408,13 @@ impl ExceptionStore for PersistentStore {
                     l.junk_after_terminator,
                 );
                 st.entries = from.entries + l.count;
-                LoadOutcome::Valid
+                if valid {
+                    LoadOutcome::Valid
+                } else {
+                    st.failed = Some("the table's header is marked invalid".into());
+                    st.header_invalid = true;
+                    LoadOutcome::Invalid
+                }
             }
         };
         st.loaded = true;
@@ -499,6 +529,21 @@ impl ExceptionStore for PersistentStore {
         }
     }
 
+    fn release(&self, e: &Exception) {
+        let mut st = self.state.lock();
+        let Some(seq) = st.seq_of.get(&e.new.0).copied() else {
+            return;
+        };
+        if st.slots.get(&seq).is_some_and(|slot| slot.0 == *e) {
+            st.slots.remove(&seq);
+            st.seq_of.remove(&e.new.0);
+            st.marked.remove(&e.new.0);
+            st.planner.release();
+            // A commit waiting for this slot to become ready may lead now.
+            self.ready.notify_all();
+        }
+    }
+
     fn invalidate(&self) -> Result<()> {
         let write_header = {
             let mut st = self.state.lock();
@@ -511,6 +556,13 @@ impl ExceptionStore for PersistentStore {
     }
 
     fn begin_merge(&self) -> Result<()> {
+        if self.table != TableKind::Snapshot {
+            return Err(Error::InvalidArgument(format!(
+                "{} is {}: only a snapshot's COW can merge",
+                self.cow.describe(),
+                self.table.describe()
+            )));
+        }
         let mut st = self.state.lock();
         if !st.loaded {
             return Err(Error::WrongState("the store is not loaded".into()));
