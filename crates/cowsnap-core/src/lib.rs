@@ -10,7 +10,9 @@
 //!
 //! Layers, bottom up: [`units`] and [`dev`] (block devices), the generic [`exception`]
 //! layer and the [`copy`] engine (which know nothing of snapshots), and the [`targets`]
-//! (origin and snapshot policy). The library knows nothing of NBD, FUSE or the CLI, nor of
+//! (origin and snapshot policy). [`layers`] stacks device-mapper-like targets (linear,
+//! error, zero, flakey, dust, delay) over any device, for pools that simulate failing or
+//! slow disks. The library knows nothing of NBD, FUSE or the CLI, nor of
 //! pools: naming volumes and keeping their table is `cowsnap-pool`'s.
 
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ pub mod copy;
 pub mod dev;
 pub mod error;
 pub mod exception;
+pub mod layers;
 #[doc(hidden)]
 pub mod mutation;
 pub mod targets;
