@@ -196,9 +196,9 @@ impl LayerSpec {
     /// * `test-zero`
     /// * `test-flakey UP DOWN [[N] FEATURE...]`: UP and DOWN are operations (`100`) or time
     ///   (`250ms`, `2s`), in the same unit; FEATURE is one of `error_reads`, `error_writes`,
-    ///   `drop_writes`, `corrupt_bio_byte NTH r|w VALUE`, or both `error_reads error_writes`
-    ///   (the same as no feature: every operation fails); N, dm's count of feature words, is
-    ///   optional but must match when given.
+    ///   `drop_writes`, `corrupt_bio_byte NTH r|w VALUE`, or `error_all` (the same as both
+    ///   `error_reads error_writes`, and as no feature: every operation fails); N, dm's count
+    ///   of feature words, is optional but must match when given.
     /// * `test-dust [BLOCK_SECTORS [NBAD BAD...]] [enabled|disabled]` (defaults: 1, none,
     ///   disabled as dm-dust when loaded)
     /// * `test-delay US` or `READ_US WRITE_US` (flushes as writes) or
@@ -454,7 +454,9 @@ fn parse_flakey(args: &[&str]) -> Result<LayerSpec> {
         [] => FlakeyMode::ErrorAll,
         ["error_reads"] => FlakeyMode::ErrorReads,
         ["error_writes"] => FlakeyMode::ErrorWrites,
-        ["error_reads", "error_writes"] | ["error_writes", "error_reads"] => FlakeyMode::ErrorAll,
+        ["error_all"] | ["error_reads", "error_writes"] | ["error_writes", "error_reads"] => {
+            FlakeyMode::ErrorAll
+        }
         ["drop_writes"] => FlakeyMode::DropWrites,
         ["corrupt_bio_byte", nth, dir, value] => {
             let nth = number(name, "corrupt_bio_byte position", nth)?;
@@ -477,7 +479,7 @@ fn parse_flakey(args: &[&str]) -> Result<LayerSpec> {
         other => {
             return Err(invalid(format!(
                 "{name}: unknown features {:?}; known: error_reads, error_writes, \
-                 drop_writes, corrupt_bio_byte NTH r|w VALUE",
+                 error_all, drop_writes, corrupt_bio_byte NTH r|w VALUE",
                 other.join(" ")
             )))
         }
@@ -742,6 +744,10 @@ mod tests {
         );
         assert_eq!(
             p("test-flakey 4ops 2 error_reads error_writes"),
+            p("test-flakey 4 2 1 error_all")
+        );
+        assert_eq!(
+            p("test-flakey 4ops 2 error_reads error_writes"),
             LayerSpec::TestFlakey {
                 up: Period::Ops(4),
                 down: Period::Ops(2),
@@ -785,8 +791,8 @@ mod tests {
             ("test-flakey 18446744073709551615 1", "too large"),
             ("test-flakey 1 1 2 drop_writes", "says 2 words"),
             (
-                "test-flakey 1 1 error_all",
-                "unknown features \"error_all\"",
+                "test-flakey 1 1 error_some",
+                "unknown features \"error_some\"; known: error_reads",
             ),
             ("test-flakey 1 1 corrupt_bio_byte 0 r 1", "from 1, not 0"),
             ("test-flakey 1 1 corrupt_bio_byte 1 x 1", "direction \"x\""),
