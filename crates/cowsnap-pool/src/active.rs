@@ -23,7 +23,8 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{MergeRecord, OriginEntry, SnapshotEntry, MANIFEST};
+use super::manifest::{LayerEntry, MergeRecord, OriginEntry, SnapshotEntry, MANIFEST};
+use super::stack::{self, LayerInfo};
 use super::{crash_point, Pool, SnapshotRequest};
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::{BlockDevice, FileDevice, FileId};
@@ -99,6 +100,10 @@ pub struct VolumeInfo {
     /// into it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeInfo>,
+    /// The layers under the volume (an origin's, or a snapshot's COW's), bottom first,
+    /// with their table lines and, in a running daemon, their status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerInfo>,
 }
 
 /// A merge as status shows it.
@@ -169,6 +174,7 @@ impl VolumeInfo {
             index: None,
             cache: None,
             merge: None,
+            layers: Vec::new(),
         }
     }
 
@@ -192,6 +198,7 @@ impl VolumeInfo {
             index: None,
             cache: None,
             merge: None,
+            layers: Vec::new(),
         }
     }
 
@@ -238,6 +245,7 @@ impl VolumeInfo {
             index: None,
             cache: None,
             merge: None,
+            layers: Vec::new(),
         }
     }
 
@@ -468,7 +476,8 @@ fn open_origin(
     for i in id.with_backing() {
         seen.insert(i, format!("origin {:?}", o.name));
     }
-    Ok((Origin::new(Arc::new(dev), copier.clone()), id))
+    let (top, _) = pool.build_stack(&o.name, Arc::new(dev), &o.layers, seen)?;
+    Ok((Origin::new(top, copier.clone()), id))
 }
 
 fn open_snapshot(
@@ -485,11 +494,8 @@ fn open_snapshot(
         seen.insert(i, format!("the COW of snapshot {:?}", s.name));
     }
     let kind = s.store_kind()?;
-    let store = PersistentStore::open(
-        super::cow_device(dev),
-        Some(s.chunk_size()?),
-        kind.overflow_allowed(),
-    )?;
+    let (cow, _) = pool.build_stack(&s.name, super::cow_device(dev), &s.cow_layers, seen)?;
+    let store = PersistentStore::open(cow, Some(s.chunk_size()?), kind.overflow_allowed())?;
     if store.is_fresh() {
         return Err(Error::Corrupt {
             device: path.display().to_string(),
@@ -1002,6 +1008,28 @@ impl ActivePool {
         }
     }
 
+    /// `dmsetup message`: sends `words` to layer `layer` (its position, 0 at the bottom,
+    /// or its target's name) of volume `volume`; returns the layer's reply.
+    pub fn layer_message(&self, volume: &str, layer: &str, words: &[&str]) -> Result<String> {
+        let inner = self.inner.lock();
+        if !inner.origins.contains_key(volume)
+            && !inner.snapshots.contains_key(volume)
+            && !inner.merges.contains_key(volume)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "no volume called {volume:?} is served"
+            )));
+        }
+        // The message runs outside the pool's lock: a slow layer must not stall the pool.
+        let (entries, layers) = inner
+            .pool
+            .running_stack(volume)
+            .ok_or_else(|| Error::InvalidArgument(format!("volume {volume:?} has no layers")))?;
+        drop(inner);
+        let i = stack::find_layer(volume, &entries, layer)?;
+        layers[i].message(words)
+    }
+
     /// Status of one volume.
     pub fn info(&self, name: &str) -> Option<VolumeInfo> {
         info_of(&self.inner.lock(), name)
@@ -1358,6 +1386,7 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
     if let Some(o) = inner.origins.get(name) {
         let entry = inner.pool.manifest().origin(name)?;
         let mut info = VolumeInfo::origin(name, o.size(), &inner.pool.resolve(&entry.path));
+        info.layers = inner.pool.running_layer_infos(name);
         info.read_only = inner.read_only_reason(name);
         info.merge = inner.pool.manifest().merging_into(name).and_then(|s| {
             match inner.merges.get(&s.name) {
@@ -1372,6 +1401,7 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
             VolumeInfo::of_snapshot(&m.entry, &inner.pool.resolve(&m.entry.cow), &m.snap);
         info.status = m.merge.kernel_status().to_string();
         info.merge = Some(m.info(inner.merge_held(m)));
+        info.layers = inner.pool.running_layer_infos(name);
         return Some(info);
     }
     let s = inner.snapshots.get(name)?;
@@ -1381,6 +1411,7 @@ fn info_of(inner: &Inner, name: &str) -> Option<VolumeInfo> {
             .as_ref()
             .map(|r| recorded_merge(e, r, Some(s.snap.store().usage())))
     });
+    info.layers = inner.pool.running_layer_infos(name);
     Some(info)
 }
 
@@ -1409,15 +1440,25 @@ pub(super) fn list_offline(
         let path = pool.resolve(&o.path);
         match FileDevice::open_read_only(&path) {
             Ok(dev) => {
+                let base = dev.size();
+                let top = offline_stack(Arc::new(dev), &o.layers);
                 if wanted(&o.name) {
-                    let mut info = VolumeInfo::origin(&o.name, dev.size(), &path);
+                    let mut info = match &top {
+                        Ok(t) => VolumeInfo::origin(&o.name, t.size(), &path),
+                        Err(e) => {
+                            VolumeInfo::failed(&o.name, &Failed::origin(pool, o, e.to_string()))
+                        }
+                    };
                     info.merge = pool
                         .manifest()
                         .merging_into(&o.name)
                         .and_then(|s| s.merging.as_ref().map(|r| recorded_merge(s, r, None)));
+                    info.layers = stack::layer_infos(base, &o.layers, None);
                     out.push(info);
                 }
-                origins.insert(o.name.clone(), Origin::new(Arc::new(dev), copier.clone()));
+                if let Ok(top) = top {
+                    origins.insert(o.name.clone(), Origin::new(top, copier.clone()));
+                }
             }
             Err(e) if wanted(&o.name) => {
                 out.push(VolumeInfo::failed(
@@ -1440,6 +1481,7 @@ pub(super) fn list_offline(
                 Error::WrongState(format!("its origin {:?} is not available", s.origin))
             })?;
             let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
+            let cow = offline_stack(cow, &s.cow_layers)?;
             let store = PersistentStore::open(
                 cow,
                 Some(s.chunk_size()?),
@@ -1467,4 +1509,20 @@ pub(super) fn list_offline(
         });
     }
     Ok(out)
+}
+
+/// A stack read offline: the layers that need no file of their own are built over `base`
+/// (so `linear` moves and sizes it as it will be served); a `bbr` layer is left out (its
+/// spare file belongs to the daemon that serves it; listing needs sizes, not its data).
+fn offline_stack(
+    base: Arc<dyn BlockDevice>,
+    layers: &[LayerEntry],
+) -> Result<Arc<dyn BlockDevice>> {
+    let mut top = base;
+    for l in layers {
+        if let LayerEntry::Target(spec) = l {
+            top = spec.build(top)?.as_device();
+        }
+    }
+    Ok(top)
 }

@@ -38,8 +38,10 @@
 
 mod active;
 pub mod manifest;
+mod stack;
 mod staging;
 
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -48,6 +50,8 @@ use std::sync::Arc;
 
 pub use active::{ActivePool, MergeAction, MergeInfo, VolumeInfo, VolumeKind};
 use manifest::{check_name, Manifest, MergeRecord, OriginEntry, SnapshotEntry, MANIFEST};
+pub use stack::{BuiltLayer, LayerInfo, LayerRequest};
+use stack::{RunningStack, StagedLayers};
 
 use cowsnap_core::dev::{BlockDevice, FileDevice, FileId, PrezeroDevice};
 use cowsnap_core::error::{Error, Result};
@@ -92,6 +96,8 @@ pub struct SnapshotRequest {
     pub overflow: bool,
     /// Format an adopted COW that has no header, if it is all zeros.
     pub format: bool,
+    /// Layers between the COW file and the store, bottom first.
+    pub cow_layers: Vec<LayerRequest>,
 }
 
 /// The environment variable naming a [`crash_point`] at which to abort (tests only).
@@ -118,6 +124,10 @@ pub const CRASH_POINTS: &[&str] = &[
     "remove-snapshot:unlinked",
     "merge-snapshot:recorded",
     "merge-snapshot:switched",
+    "add-layer:staged",
+    "add-layer:committed",
+    "remove-layer:staged",
+    "remove-layer:committed",
 ];
 
 /// A control-plane step: aborts the process here when `COWSNAP_CRASH_AT` names `step`
@@ -142,6 +152,9 @@ pub struct Pool {
     notes: Vec<String>,
     /// The exception indexes' page cache, shared by every snapshot of the pool.
     cache: Arc<PageCache>,
+    /// The layers of every stack built by this process, by volume (`dmsetup message`
+    /// reaches them here).
+    running: parking_lot::Mutex<std::collections::BTreeMap<String, RunningStack>>,
 }
 
 /// The directory under a pool holding each persistent snapshot's exception index.
@@ -189,6 +202,7 @@ impl Pool {
             direct: false,
             notes: Vec::new(),
             cache: default_cache(),
+            running: parking_lot::Mutex::default(),
         })
     }
 
@@ -202,6 +216,7 @@ impl Pool {
             direct: false,
             notes: Vec::new(),
             cache: default_cache(),
+            running: parking_lot::Mutex::default(),
         };
         pool.notes = staging::recover(dir, &pool.manifest)?;
         pool.remove_stale_indexes();
@@ -304,7 +319,7 @@ impl Pool {
         Ok(())
     }
 
-    fn commit(&mut self, next: Manifest) -> Result<()> {
+    pub(crate) fn commit(&mut self, next: Manifest) -> Result<()> {
         next.store(&self.dir)?;
         self.manifest = next;
         Ok(())
@@ -352,8 +367,14 @@ impl Pool {
         Ok(())
     }
 
-    /// Creates a new sparse origin image `NAME.img` of `size` bytes inside the pool.
-    pub fn create_origin(&mut self, name: &str, size: u64) -> Result<OriginEntry> {
+    /// Creates a new sparse origin image `NAME.img` of `size` bytes inside the pool, with
+    /// the stack of `layers` (bottom first) between the image and the origin.
+    pub fn create_origin(
+        &mut self,
+        name: &str,
+        size: u64,
+        layers: &[LayerRequest],
+    ) -> Result<OriginEntry> {
         self.check_new_name(name)?;
         if size == 0 || !is_sector_aligned(size) {
             return Err(Error::InvalidArgument(format!(
@@ -363,11 +384,13 @@ impl Pool {
         let rel = PathBuf::from(format!("{name}.img"));
         let file = staging::NewFile::create(&self.dir.join(&rel), size, false)?;
         crash_point("create-origin:staged");
+        let (layers, staged) = self.stage_layers(name, true, size, &[], layers)?;
         let entry = OriginEntry {
             name: name.into(),
             path: rel,
             owned: true,
             id: Some(file.id()),
+            layers,
         };
         let mut next = self.manifest.clone();
         next.origins.push(entry.clone());
@@ -378,13 +401,19 @@ impl Pool {
             self.notes
                 .push(format!("{e}: the next start of the pool finishes it"));
         }
+        self.notes.extend(staged.publish());
         Ok(entry)
     }
 
     /// Adds an existing image file or block device as an origin (not owned: removing it
     /// from the pool never deletes it). Refused when the file is already a volume of the
     /// pool under any name, or in use by another program.
-    pub fn add_origin(&mut self, name: &str, path: &Path) -> Result<OriginEntry> {
+    pub fn add_origin(
+        &mut self,
+        name: &str,
+        path: &Path,
+        layers: &[LayerRequest],
+    ) -> Result<OriginEntry> {
         self.check_new_name(name)?;
         let abs = fs::canonicalize(path)
             .map_err(|e| Error::io("open", 0, path.display().to_string(), e))?;
@@ -398,15 +427,19 @@ impl Pool {
                 abs.display()
             )));
         }
+        let (layers, staged) = self.stage_layers(name, true, dev.size(), &[], layers)?;
+        drop(dev);
         let entry = OriginEntry {
             name: name.into(),
             path: abs,
             owned: false,
             id: Some(id),
+            layers,
         };
         let mut next = self.manifest.clone();
         next.origins.push(entry.clone());
         self.commit(next)?;
+        self.notes.extend(staged.publish());
         Ok(entry)
     }
 
@@ -454,6 +487,9 @@ impl Pool {
                 (abs, None, Some(id), cow_device(dev))
             }
         };
+        let (cow_layers, staged_layers) =
+            self.stage_layers(&req.name, false, cow.size(), &[], &req.cow_layers)?;
+        let (cow, _) = self.build_stack(&req.name, cow, &cow_layers, &mut HashMap::new())?;
         let (store, warning, chunk): (Arc<dyn ExceptionStore>, Option<String>, _) = if req.transient
         {
             let store = cowsnap_core::exception::TransientStore::new(cow, chunk);
@@ -494,10 +530,12 @@ impl Pool {
                 id: new_file.as_ref().map(|f| f.id()).or(id),
                 removing: false,
                 merging: None,
+                cow_layers,
             },
             store,
             warning,
             new_file,
+            layers: staged_layers,
         })
     }
 
@@ -545,6 +583,7 @@ impl Pool {
             entry,
             warning,
             new_file,
+            layers,
             ..
         } = prepared;
         let mut next = self.manifest.clone();
@@ -563,6 +602,16 @@ impl Pool {
                     None => w,
                 });
             }
+        }
+        let notes = layers.publish();
+        if !notes.is_empty() {
+            warning = Some(
+                warning
+                    .into_iter()
+                    .chain(notes)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
         }
         crash_point("create-snapshot:published");
         Ok((entry, warning))
@@ -619,16 +668,18 @@ impl Pool {
         // Load once: formats a fresh COW and validates an adopted one.
         // Claimed like the daemon claims it: nothing else may write it while the snapshot
         // is taken, and it must be the file the pool recorded.
-        let (origin, origin_id) = self
+        let (origin, origin_id, layers) = self
             .manifest
             .origin(&req.origin)
-            .map(|o| (self.resolve(&o.path), o.id))
+            .map(|o| (self.resolve(&o.path), o.id, o.layers.clone()))
             .unwrap_or_default();
         let origin_dev = self.open_volume_file(&origin, origin_id)?;
         let chunk_size = prepared.store.chunk_size();
         let bounds = Bounds {
             cow_chunks: chunk_size.whole_chunks(prepared.store.cow().size()),
-            origin_chunks: Some(chunk_size.chunks_covering(origin_dev.size())),
+            origin_chunks: Some(
+                chunk_size.chunks_covering(manifest::stack_size(origin_dev.size(), &layers)?),
+            ),
         };
         self.guard_format(&prepared)?;
         let store = prepared.store.clone();
@@ -780,7 +831,10 @@ impl Pool {
                 .manifest
                 .snapshots
                 .iter()
-                .any(|s| s.name == name && s.store != "N");
+                .any(|s| s.name == name && s.store != "N")
+                || self.manifest.bbr_layers().any(|(_, b)| {
+                    self.bbr_index_dir(b).file_name() == Some(e.file_name().as_os_str())
+                });
             if !used {
                 if let Err(err) = fs::remove_dir_all(e.path()) {
                     self.notes.push(format!(
@@ -824,7 +878,8 @@ impl Pool {
             .manifest
             .origin(name)
             .ok_or_else(|| Error::InvalidArgument(format!("no origin called {name:?}")))?;
-        Ok(FileDevice::open_read_only(self.resolve(&o.path))?.size())
+        let base = FileDevice::open_read_only(self.resolve(&o.path))?.size();
+        manifest::stack_size(base, &o.layers)
     }
 
     /// Checks that snapshot `name` may merge into its origin now: it exists, is not being
@@ -1016,6 +1071,8 @@ struct Prepared {
     new_file: Option<staging::NewFile>,
     /// An adopted file the load will format (`--format`): see [`Pool::guard_format`].
     formats_adopted: bool,
+    /// Files made for the COW's layers.
+    layers: StagedLayers,
 }
 
 fn cow_device(dev: FileDevice) -> Arc<dyn BlockDevice> {

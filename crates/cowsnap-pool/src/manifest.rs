@@ -17,6 +17,12 @@
 //! before version 3 would serve the half-merged origin as it is, so it must refuse the
 //! pool, and it does (the version check names the version). A pool with no merge is still
 //! written as version 2, which every cowsnap since version 2 opens.
+//!
+//! Version 4 is written only while some volume has a stack of layers (`layers` of an
+//! origin, `cow_layers` of a snapshot: `linear`, `bbr` and the `test-*` layers): cowsnap
+//! before version 4 would open the bare files and serve them without their layers (a
+//! `bbr` origin without its relocations would read stale data), so it must refuse the
+//! pool, and it does, naming the version. A pool without layers is written as before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -27,12 +33,15 @@ use serde::{Deserialize, Serialize};
 use cowsnap_core::dev::FileId;
 use cowsnap_core::error::{Error, Result};
 use cowsnap_core::exception::StoreKind;
+use cowsnap_core::layers::LayerSpec;
 use cowsnap_core::units::ChunkSize;
 
 /// File name of the manifest inside the pool directory.
 pub const MANIFEST: &str = "pool.json";
-/// The newest manifest format version this code reads (and writes while a snapshot merges).
-pub const MANIFEST_VERSION: u32 = 3;
+/// The newest manifest format version this code reads (and writes while a volume has layers).
+pub const MANIFEST_VERSION: u32 = 4;
+/// The version written while a snapshot merges and no volume has layers.
+pub const MANIFEST_VERSION_MERGING: u32 = 3;
 /// The version written when no snapshot is merging.
 pub const MANIFEST_VERSION_PLAIN: u32 = 2;
 /// The oldest manifest format version this code reads.
@@ -50,6 +59,64 @@ pub struct OriginEntry {
     /// The file's identity when the pool took it (absent in version 1 manifests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<FileId>,
+    /// The layers between the file and the origin, bottom first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerEntry>,
+}
+
+/// One layer of a volume's stack, as the manifest keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerEntry {
+    /// Bad-block relocation, with its spare file.
+    Bbr(BbrEntry),
+    /// A layer that needs no file of its own (`linear`, `test-*`).
+    Target(LayerSpec),
+}
+
+/// The only value of [`BbrEntry::target`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BbrTarget {
+    /// `"bbr"`.
+    Bbr,
+}
+
+/// A `bbr` layer: its spares and relocation table live in a file the pool made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BbrEntry {
+    /// Always `bbr`.
+    pub target: BbrTarget,
+    /// The spare file (a plain name inside the pool).
+    pub spares: PathBuf,
+    /// Its identity when the pool made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<FileId>,
+    /// Chunk size (the unit of relocation) in sectors.
+    pub chunk_sectors: u64,
+}
+
+impl LayerEntry {
+    /// The target's name, as in a table line.
+    pub fn target_name(&self) -> &'static str {
+        match self {
+            LayerEntry::Bbr(_) => "bbr",
+            LayerEntry::Target(spec) => spec.target_name(),
+        }
+    }
+
+    /// Its size over a device of `below` bytes.
+    pub fn size_over(&self, below: u64) -> Result<u64> {
+        match self {
+            LayerEntry::Bbr(_) => Ok(below),
+            LayerEntry::Target(spec) => spec.size_over(below),
+        }
+    }
+}
+
+/// The size of a stack of `layers` over a base of `base` bytes.
+pub fn stack_size(base: u64, layers: &[LayerEntry]) -> Result<u64> {
+    layers.iter().try_fold(base, |size, l| l.size_over(size))
 }
 
 /// One snapshot volume.
@@ -79,6 +146,9 @@ pub struct SnapshotEntry {
     /// origin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merging: Option<MergeRecord>,
+    /// The layers between the COW file and the store, bottom first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cow_layers: Vec<LayerEntry>,
 }
 
 /// A snapshot's merge into its origin, as the manifest keeps it.
@@ -125,6 +195,32 @@ pub struct Manifest {
     pub origins: Vec<OriginEntry>,
     /// Snapshots, in creation order.
     pub snapshots: Vec<SnapshotEntry>,
+}
+
+/// Checks one volume's stack: each layer's parameters, at most one `bbr`, its spare file a
+/// plain name inside the pool with a valid chunk size.
+fn check_stack(name: &str, layers: &[LayerEntry], plain: &dyn Fn(&PathBuf) -> bool) -> Result<()> {
+    let bad = |why: String| Error::InvalidArgument(format!("volume {name:?}: {why}"));
+    let mut bbr = 0;
+    for l in layers {
+        match l {
+            LayerEntry::Target(spec) => spec.check().map_err(|e| bad(e.to_string()))?,
+            LayerEntry::Bbr(b) => {
+                bbr += 1;
+                if !plain(&b.spares) {
+                    return Err(bad(format!(
+                        "a bbr spare file must be a plain name inside the pool, not {}",
+                        b.spares.display()
+                    )));
+                }
+                ChunkSize::from_sectors(b.chunk_sectors).map_err(|e| bad(format!("bbr: {e}")))?;
+            }
+        }
+    }
+    if bbr > 1 {
+        return Err(bad("a stack holds at most one bbr layer".into()));
+    }
+    Ok(())
 }
 
 /// Checks a volume name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`, not starting with `.`
@@ -215,6 +311,19 @@ impl Manifest {
                 )));
             }
         }
+        for (name, layers) in self.stacks() {
+            check_stack(name, layers, &plain)?;
+        }
+        if let Some(s) = self
+            .snapshots
+            .iter()
+            .find(|s| s.cow_layers.iter().any(|l| matches!(l, LayerEntry::Bbr(_))))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {:?}: a bbr layer under a COW is not supported (keep COWs on healthy files)",
+                s.name
+            )));
+        }
         for s in &self.snapshots {
             if self.origin(&s.origin).is_none() {
                 return Err(Error::InvalidArgument(format!(
@@ -244,6 +353,28 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// Every volume's stack of layers: `(volume, layers)`, origins first.
+    pub fn stacks(&self) -> impl Iterator<Item = (&str, &[LayerEntry])> {
+        self.origins
+            .iter()
+            .map(|o| (o.name.as_str(), o.layers.as_slice()))
+            .chain(
+                self.snapshots
+                    .iter()
+                    .map(|s| (s.name.as_str(), s.cow_layers.as_slice())),
+            )
+    }
+
+    /// The spare files of every `bbr` layer: `(volume, entry)`.
+    pub fn bbr_layers(&self) -> impl Iterator<Item = (&str, &BbrEntry)> {
+        self.stacks().flat_map(|(name, layers)| {
+            layers.iter().filter_map(move |l| match l {
+                LayerEntry::Bbr(b) => Some((name, b)),
+                LayerEntry::Target(_) => None,
+            })
+        })
     }
 
     /// The snapshot merging (or waiting to merge) into origin `origin`.
@@ -280,8 +411,10 @@ impl Manifest {
     /// the directory).
     pub fn store(&self, dir: &Path) -> Result<()> {
         let mut this = self.clone();
-        this.version = if this.snapshots.iter().any(|s| s.merging.is_some()) {
+        this.version = if this.stacks().any(|(_, l)| !l.is_empty()) {
             MANIFEST_VERSION
+        } else if this.snapshots.iter().any(|s| s.merging.is_some()) {
+            MANIFEST_VERSION_MERGING
         } else {
             MANIFEST_VERSION_PLAIN
         };
@@ -326,6 +459,7 @@ mod tests {
             path: "base.img".into(),
             owned: true,
             id: None,
+            layers: Vec::new(),
         });
         m.snapshots.push(SnapshotEntry {
             name: "snap1".into(),
@@ -337,6 +471,7 @@ mod tests {
             id: Some(FileId::File { dev: 2049, ino: 12 }),
             removing: true,
             merging: None,
+            cow_layers: Vec::new(),
         });
         m
     }

@@ -204,6 +204,11 @@ pub(crate) fn recover(dir: &Path, manifest: &Manifest) -> Result<Vec<String>> {
                 .filter(|s| s.owned)
                 .map(|s| (dir.join(&s.cow), s.id, s.name.clone())),
         )
+        .chain(
+            manifest
+                .bbr_layers()
+                .map(|(v, b)| (dir.join(&b.spares), b.id, format!("the bbr spares of {v}"))),
+        )
         .collect();
     let mut changed = false;
     for e in entries.flatten() {

@@ -35,6 +35,7 @@ fn tmpdir(tag: &str) -> TestDir {
 
 fn req(name: &str, origin: &str, cow: CowSpec) -> SnapshotRequest {
     SnapshotRequest {
+        cow_layers: Vec::new(),
         name: name.into(),
         origin: origin.into(),
         cow,
@@ -59,10 +60,10 @@ fn offline_pool_lifecycle_and_restart() {
     let dir = tmpdir("life");
     let mut pool = Pool::init(&dir).unwrap();
     assert!(Pool::init(&dir).is_err(), "a second init is refused");
-    pool.create_origin("base", 1 << 20).unwrap();
-    assert!(pool.create_origin("base", 1 << 20).is_err());
-    assert!(pool.create_origin("bad name", 1 << 20).is_err());
-    assert!(pool.create_origin("odd", 1000).is_err());
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
+    assert!(pool.create_origin("base", 1 << 20, &[]).is_err());
+    assert!(pool.create_origin("bad name", 1 << 20, &[]).is_err());
+    assert!(pool.create_origin("odd", 1000, &[]).is_err());
     let (entry, warning) = pool
         .create_snapshot(&req("s1", "base", CowSpec::Size(256 << 10)))
         .unwrap();
@@ -168,7 +169,7 @@ fn offline_pool_lifecycle_and_restart() {
 fn adopting_a_cow_keeps_it_and_refuses_reuse() {
     let dir = tmpdir("adopt");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     let ext = dir.join("external.cow");
     create_new_sparse(&ext, 256 << 10);
     let mut r = req("ext", "base", CowSpec::Path(ext.clone()));
@@ -217,7 +218,7 @@ fn external_8k_cow(path: &Path) {
 fn an_adopted_cow_keeps_its_chunk_size_with_a_warning_only_when_another_was_asked_for() {
     let dir = tmpdir("adopt-chunk");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     let adopt = |pool: &mut Pool, name: &str, asked: Option<u64>| {
         let cow = dir.join(format!("{name}.ext"));
         external_8k_cow(&cow);
@@ -251,7 +252,7 @@ fn bytes(p: &Path) -> Vec<u8> {
 fn a_cow_that_aliases_a_volume_is_refused_whatever_its_path() {
     let dir = tmpdir("alias");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     let origin = dir.join("base.img");
     fs::write(&origin, vec![0x5au8; 1 << 20]).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
@@ -277,7 +278,7 @@ fn a_cow_that_aliases_a_volume_is_refused_whatever_its_path() {
                 "{e}"
             );
         }
-        let e = pool.add_origin("o2", path).unwrap_err().to_string();
+        let e = pool.add_origin("o2", path, &[]).unwrap_err().to_string();
         assert!(e.contains("already used by this pool"), "{e}");
     }
     assert_eq!(bytes(&origin), vec![0x5au8; 1 << 20]);
@@ -289,8 +290,8 @@ fn a_cow_that_aliases_a_volume_is_refused_whatever_its_path() {
 fn a_manifest_pointing_a_cow_at_another_volume_fails_that_snapshot_only() {
     let dir = tmpdir("alias-start");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
-    pool.create_origin("other", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
+    pool.create_origin("other", 1 << 20, &[]).unwrap();
     fs::write(dir.join("base.img"), vec![0x11u8; 1 << 20]).unwrap();
     pool.create_snapshot(&req("a", "base", CowSpec::Size(256 << 10)))
         .unwrap();
@@ -332,7 +333,7 @@ fn a_manifest_pointing_a_cow_at_another_volume_fails_that_snapshot_only() {
 fn a_file_with_data_is_never_formatted() {
     let dir = tmpdir("noformat");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     // Like a fresh mkfs.ext4 image: zeros first, a superblock at 1024, more data later.
     let fs_img = dir.join("ext4.img");
     let mut data = vec![0u8; 512 << 10];
@@ -367,7 +368,7 @@ fn a_file_with_data_is_never_formatted() {
 fn a_failed_remove_leaves_the_snapshot_working() {
     let dir = tmpdir("failremove");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
         .unwrap();
     let (active, _) = activate(&dir);
@@ -400,7 +401,7 @@ fn a_failed_remove_leaves_the_snapshot_working() {
 fn a_removal_marked_before_a_crash_is_finished_at_the_next_open() {
     let dir = tmpdir("marked");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
         .unwrap();
     let ext = dir.join("ext.cow");
@@ -427,7 +428,7 @@ fn a_removal_marked_before_a_crash_is_finished_at_the_next_open() {
 fn leftovers_of_interrupted_creates_and_removes_are_settled() {
     let dir = tmpdir("leftover");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
         .unwrap();
     // A create that crashed before its commit, and a remove after its commit.
@@ -451,11 +452,11 @@ fn leftovers_of_interrupted_creates_and_removes_are_settled() {
     // a COW larger than ext4's largest file, refused at once (no space taken meanwhile).
     let big = dir.with_extension("big.img");
     create_new_sparse(&big, (1 << 44) - (1 << 20));
-    pool.add_origin("bigbase", &big).unwrap();
+    pool.add_origin("bigbase", &big, &[]).unwrap();
     assert!(pool
         .create_snapshot(&req("huge", "bigbase", CowSpec::Size(1 << 60)))
         .is_err());
-    assert!(pool.create_origin("huge2", 1 << 60).is_err());
+    assert!(pool.create_origin("huge2", 1 << 60, &[]).is_err());
     let names: Vec<String> = fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -471,7 +472,7 @@ fn pool_files_are_private() {
     use std::os::unix::fs::MetadataExt;
     let dir = tmpdir("private");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
         .unwrap();
     let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
@@ -508,7 +509,7 @@ fn one_process_holds_a_pool() {
 fn a_zeroed_pool_cow_fails_its_snapshot_and_is_never_reformatted() {
     let dir = tmpdir("fresh");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     pool.create_snapshot(&req("s", "base", CowSpec::Size(256 << 10)))
         .unwrap();
     pool.create_snapshot(&req("t", "base", CowSpec::Size(256 << 10)))
@@ -544,7 +545,7 @@ fn a_zeroed_pool_cow_fails_its_snapshot_and_is_never_reformatted() {
 fn a_format_interrupted_before_its_commit_leaves_no_valid_header() {
     let dir = tmpdir("fmtcrash");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     let outside = tmpdir("fmtcrash-user");
     fs::create_dir_all(&outside).unwrap();
     let ext = outside.join("zeros.cow");
@@ -581,7 +582,7 @@ fn pools_keep_to_their_own_directory() {
     assert!(e.contains("not empty"), "{e}");
     fs::remove_file(dir.join("notes.txt")).unwrap();
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     // The pool's own files are never adopted.
     let staged = dir.join(".x.cow.new");
     create_new_sparse(&staged, 256 << 10);
@@ -603,7 +604,7 @@ fn pools_keep_to_their_own_directory() {
 fn a_staged_file_is_matched_by_its_name_as_well_as_its_inode() {
     let dir = tmpdir("reuse");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("base", 1 << 20).unwrap();
+    pool.create_origin("base", 1 << 20, &[]).unwrap();
     pool.create_snapshot(&req("x", "base", CowSpec::Size(256 << 10)))
         .unwrap();
     // x's COW went missing, and a staged file of another name got its inode number.
@@ -626,7 +627,7 @@ fn a_staged_file_is_matched_by_its_name_as_well_as_its_inode() {
 fn a_cow_size_in_percent_of_the_origin_and_one_too_big_is_capped() {
     let dir = tmpdir("cowsize");
     let mut pool = Pool::init(&dir).unwrap();
-    pool.create_origin("o", 8 << 20).unwrap();
+    pool.create_origin("o", 8 << 20, &[]).unwrap();
     let (_, warning) = pool
         .create_snapshot(&req("p", "o", CowSpec::PercentOfOrigin(25)))
         .unwrap();

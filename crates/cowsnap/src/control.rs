@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cowsnap_core::units::ChunkSize;
-use cowsnap_pool::{CowSpec, MergeAction, MergeInfo, SnapshotRequest, VolumeInfo};
+use cowsnap_pool::{CowSpec, LayerRequest, MergeAction, MergeInfo, SnapshotRequest, VolumeInfo};
 use serde::{Deserialize, Serialize};
 
 /// File name of the control socket inside the pool directory.
@@ -97,6 +97,15 @@ pub enum Request {
         /// What to do.
         action: MergeAction,
     },
+    /// Send a message to a layer of a volume's stack (`dmsetup message`).
+    LayerMessage {
+        /// The volume.
+        volume: String,
+        /// The layer: its position (0 at the bottom) or its target's name.
+        layer: String,
+        /// The message's words.
+        words: Vec<String>,
+    },
 }
 
 /// What `snapshot create` asks for, as it travels to the daemon.
@@ -122,6 +131,9 @@ pub struct SnapshotSpec {
     /// Format an adopted COW that has no header (it must be all zeros).
     #[serde(default)]
     pub format: bool,
+    /// Layers between the COW file and the store, bottom first (`TARGET ARGS`).
+    #[serde(default)]
+    pub cow_layers: Vec<String>,
 }
 
 impl SnapshotSpec {
@@ -146,6 +158,11 @@ impl SnapshotSpec {
             transient: self.transient,
             overflow: self.overflow,
             format: self.format,
+            cow_layers: self
+                .cow_layers
+                .iter()
+                .map(|l| LayerRequest::parse(l))
+                .collect::<std::result::Result<_, _>>()?,
         })
     }
 }
@@ -167,6 +184,9 @@ pub struct Reply {
     /// A merge the request started or changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<MergeInfo>,
+    /// A layer's answer to a message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// The daemon serves too many control clients: ask again later.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub busy: bool,
@@ -493,6 +513,7 @@ mod tests {
             transient: false,
             overflow: true,
             format: false,
+            cow_layers: vec!["test-delay 0".into()],
         });
         let text = serde_json::to_string(&r).unwrap();
         assert!(text.contains("\"op\":\"create-snapshot\""), "{text}");

@@ -15,6 +15,7 @@ mod control;
 #[cfg(test)]
 mod control_fuzz;
 mod cow;
+mod layer;
 mod merge;
 mod serve;
 mod tcp;
@@ -75,6 +76,10 @@ enum Command {
     /// Inspect, check and export persistent COW devices (the kernel's `P`/`PO` format).
     #[command(subcommand)]
     Cow(cow::CowCommand),
+    /// The stacks of layers under volumes (bbr, linear, test-*): table, status, message,
+    /// add, remove.
+    #[command(subcommand)]
+    Layer(layer::LayerCommand),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +108,7 @@ fn main() -> ExitCode {
         Command::Merge(cmd) => pool().and_then(|d| merge::run(&d, cmd)),
         Command::Serve(args) => pool().and_then(|d| serve::run(&d, args)),
         Command::Cow(cmd) => cow::run(cmd),
+        Command::Layer(cmd) => pool().and_then(|d| layer::run(&d, cmd)),
     };
     match result {
         Ok(code) => code,

@@ -334,6 +334,22 @@ fn handle(
                     ..Reply::volumes(Vec::new())
                 })
             }
+            Request::LayerMessage {
+                volume,
+                layer,
+                words,
+            } => {
+                let words: Vec<&str> = words.iter().map(String::as_str).collect();
+                let answer = active.layer_message(&volume, &layer, &words)?;
+                eprintln!(
+                    "cowsnap: message to layer {layer} of {volume}: {}",
+                    words.join(" ")
+                );
+                Ok(Reply {
+                    message: Some(answer),
+                    ..Reply::volumes(Vec::new())
+                })
+            }
         }
     })();
     result.unwrap_or_else(|e| Reply::error(format!("{e:#}")))

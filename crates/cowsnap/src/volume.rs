@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use cowsnap_core::copy::Copier;
 use cowsnap_core::units::{parse_size, ChunkSize};
-use cowsnap_pool::{Pool, PoolLock, VolumeInfo, VolumeKind};
+use cowsnap_pool::{LayerRequest, Pool, PoolLock, VolumeInfo, VolumeKind};
 
 use crate::control::{self, Reply, Request, SnapshotSpec};
 
@@ -50,23 +50,34 @@ fn chunk_arg(s: &str) -> Result<ChunkSize, String> {
 pub enum OriginCommand {
     /// Create a new sparse origin image inside the pool.
     ///
-    /// Example: cowsnap --pool /srv/pool origin create vm1 --size 20G
+    /// Examples:
+    ///   cowsnap --pool /srv/pool origin create vm1 --size 20G
+    ///   cowsnap --pool /srv/pool origin create rig --size 1G --layer "test-dust 8" --layer bbr
+    #[command(after_help = crate::layer::LAYERS_HELP)]
     Create {
         /// Volume name (also its NBD export name).
         name: String,
         /// Size, with K/M/G/T suffixes (binary).
         #[arg(long, value_parser = size_arg)]
         size: u64,
+        /// A layer between the image and the origin, `TARGET ARGS` (repeat, bottom first;
+        /// see below).
+        #[arg(long = "layer", value_name = "SPEC")]
+        layers: Vec<String>,
     },
     /// Add an existing image file or block device as an origin (never deleted by cowsnap).
     ///
     /// Example: cowsnap --pool /srv/pool origin add data --path /dev/vg/data
+    #[command(after_help = crate::layer::LAYERS_HELP)]
     Add {
         /// Volume name.
         name: String,
         /// The image file or block device.
         #[arg(long)]
         path: PathBuf,
+        /// A layer between the file and the origin, `TARGET ARGS` (repeat, bottom first).
+        #[arg(long = "layer", value_name = "SPEC")]
+        layers: Vec<String>,
     },
 }
 
@@ -138,6 +149,10 @@ pub struct SnapshotCreate {
     /// `Overflow` (reads keep working) instead of invalidating the snapshot (store `PO`).
     #[arg(long)]
     overflow: bool,
+    /// A layer between the COW file and the store, `TARGET ARGS` (repeat, bottom first):
+    /// the test-* layers make a COW fail on purpose (see `cowsnap layer add --help`).
+    #[arg(long = "cow-layer", value_name = "SPEC")]
+    cow_layers: Vec<String>,
     /// Print the new snapshot's status as JSON.
     #[arg(long)]
     json: bool,
@@ -181,15 +196,15 @@ pub fn origin(dir: &Path, cmd: OriginCommand) -> Result<ExitCode> {
     }
     let (_lock, mut pool) = locked(dir)?;
     match cmd {
-        OriginCommand::Create { name, size } => {
-            let e = pool.create_origin(&name, size)?;
+        OriginCommand::Create { name, size, layers } => {
+            let e = pool.create_origin(&name, size, &parse_layers(&layers)?)?;
             println!(
                 "created origin {name}: {} ({size} bytes)",
                 pool.resolve(&e.path).display()
             );
         }
-        OriginCommand::Add { name, path } => {
-            let e = pool.add_origin(&name, &path)?;
+        OriginCommand::Add { name, path, layers } => {
+            let e = pool.add_origin(&name, &path, &parse_layers(&layers)?)?;
             println!("added origin {name}: {}", e.path.display());
         }
     }
@@ -216,6 +231,7 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
                 transient: a.transient,
                 overflow: a.overflow,
                 format: a.format,
+                cow_layers: a.cow_layers.clone(),
             };
             let req = Request::CreateSnapshot(spec.clone());
             let (info, warning) = match control::call(dir, &req)? {
@@ -275,8 +291,15 @@ pub fn snapshot(dir: &Path, cmd: SnapshotCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_layers(specs: &[String]) -> Result<Vec<LayerRequest>> {
+    Ok(specs
+        .iter()
+        .map(|s| LayerRequest::parse(s))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
 /// Every volume's status, or only `only`'s, from the daemon or from the files.
-fn volumes(dir: &Path, only: Option<&str>) -> Result<Vec<VolumeInfo>> {
+pub(crate) fn volumes(dir: &Path, only: Option<&str>) -> Result<Vec<VolumeInfo>> {
     let req = match only {
         Some(name) => Request::Status { name: name.into() },
         None => Request::List,
@@ -361,6 +384,9 @@ pub fn status(dir: &Path, name: Option<&str>, json: bool) -> Result<ExitCode> {
                 m.percent
             ),
             _ => println!("{}: 0 {} {target} {}", v.name, v.size / 512, v.status),
+        }
+        for l in &v.layers {
+            println!("{}", crate::layer::line(&v.name, l, true));
         }
     }
     Ok(ExitCode::SUCCESS)
