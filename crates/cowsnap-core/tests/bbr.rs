@@ -21,8 +21,9 @@ use cowsnap_core::dev::{
 use cowsnap_core::exception::index::IndexConfig;
 use cowsnap_core::exception::persistent::format::TableKind;
 use cowsnap_core::exception::{ExceptionStore, PersistentStore};
+use cowsnap_core::layers::{Layer, LayerSpec};
 use cowsnap_core::targets::bbr::{Bbr, UnreadableList, SPARE_KEY};
-use cowsnap_core::testkit::{pattern, scratch, wait_until};
+use cowsnap_core::testkit::{pattern, scratch, wait_until, SplitMix};
 use cowsnap_core::units::{Chunk, ChunkSize};
 use cowsnap_core::{Error, Result};
 
@@ -245,6 +246,38 @@ fn without_spares_writes_to_bad_chunks_fail_and_everything_else_goes_on() {
 }
 
 #[test]
+fn a_table_that_cannot_be_written_keeps_serving_what_it_relocated() {
+    let (disk, spares, bbr) = rig();
+    disk.bad_write_chunk(3);
+    let a = pattern(5, 0, CS);
+    bbr.write_at(&a, 3 * CS, Fua::No).unwrap();
+    // The table's area fails: the next relocation cannot be committed.
+    spares.bad_write_chunk(1);
+    disk.bad_write_chunk(4);
+    let err = bbr.write_at(&a, 4 * CS, Fua::No).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    let st = bbr.status();
+    assert_eq!(st.state, "failed", "{st:?}");
+    assert!(st.failure.unwrap().contains("relocation table"));
+    assert_eq!(
+        read(&*bbr, 3 * CS, CS).unwrap(),
+        a,
+        "relocated data still served"
+    );
+    assert_eq!(
+        read(&*bbr, 4 * CS, CS).unwrap(),
+        pattern(1, 4 * CS, CS),
+        "the old data, not the failed write"
+    );
+    bbr.write_at(&a, 5 * CS, Fua::No).unwrap();
+    // Reopened, the table (marked invalid) still serves the relocation made before.
+    spares.bad_writes.lock().clear();
+    let again = Bbr::in_memory(disk.clone(), relocation_store(spares.clone())).unwrap();
+    assert_eq!(read(&*again, 3 * CS, CS).unwrap(), a);
+    assert_eq!(again.status().state, "failed");
+}
+
+#[test]
 fn the_table_survives_reopening_and_is_never_taken_for_a_snapshot() {
     let dir = scratch("bbr-reopen");
     let disk = Media::new(Arc::new(MemDevice::from_bytes(&pattern(1, 0, 16 * CS))));
@@ -339,21 +372,35 @@ fn a_relocation_waits_for_writes_already_going_to_the_failing_chunk() {
 /// A power cut at every write and flush of a relocation (spare data, flush, table area),
 /// with every subset of unflushed sectors surviving: after restart the chunk reads either
 /// its old data (the write was not acknowledged) or the relocated data, and never both
-/// in part; an acknowledged write is always there.
-#[test]
-fn a_relocation_survives_a_power_cut_at_every_step() {
+/// in part; an acknowledged write is always there. With `lost_sector`, sector 0 of the
+/// chunk cannot be read at the relocation: it must read as EIO after any crash (it is
+/// listed before the relocation commits), never as the zeros the spare holds there.
+fn relocation_power_cut(lost_sector: bool) {
+    let dir = scratch("bbr-crash");
     let old = pattern(1, 0, 8 * CS);
     let data = pattern(30, 0, 1536);
     let mut relocated = old.clone();
     relocated[5 * CS as usize + 512..5 * CS as usize + 2048].copy_from_slice(&data);
     let mut cut = 0;
     loop {
+        let list = dir.join(format!("unreadable-{cut}"));
         let power = PowerDomain::new();
         let disk_dev = Arc::new(CrashDevice::from_bytes(&old, power.clone(), "disk"));
         let spare_dev = Arc::new(CrashDevice::in_domain(8 * CS, power.clone(), "spares"));
         let disk = Media::new(disk_dev.clone());
         disk.bad_write_chunk(5);
-        let bbr = Bbr::in_memory(disk.clone(), relocation_store(spare_dev.clone())).unwrap();
+        if lost_sector {
+            disk.bad_reads.lock().insert(5 * 8);
+        }
+        let open = |disk: Arc<Media>| {
+            Bbr::open(
+                disk,
+                relocation_store(spare_dev.clone()),
+                IndexConfig::temporary(),
+                UnreadableList::open(&list).unwrap(),
+            )
+        };
+        let bbr = open(disk.clone()).unwrap();
         power.cut_after(cut);
         let acked = bbr.write_at(&data, 5 * CS + 512, Fua::No).is_ok();
         let finished = !power.is_cut();
@@ -362,17 +409,34 @@ fn a_relocation_survives_a_power_cut_at_every_step() {
             disk_dev.crash(seed);
             spare_dev.crash(seed + cut);
             power.restore();
-            let bbr = Bbr::in_memory(disk.clone(), relocation_store(spare_dev.clone()))
+            let bbr = open(disk.clone())
                 .unwrap_or_else(|e| panic!("cut {cut} seed {seed}: reopening: {e}"));
-            let got = read(&*bbr, 0, 8 * CS).unwrap();
+            let skip = if lost_sector {
+                assert!(
+                    read(&*bbr, 5 * CS, 512).is_err(),
+                    "cut {cut} seed {seed}: the lost sector read as data"
+                );
+                512
+            } else {
+                0
+            };
+            let got = [
+                read(&*bbr, 0, 5 * CS).unwrap(),
+                read(&*bbr, 5 * CS + skip, 3 * CS - skip).unwrap(),
+            ]
+            .concat();
+            let (o, r) = (&old[..], &relocated[..]);
+            let cut_out =
+                |v: &[u8]| [&v[..(5 * CS) as usize], &v[(5 * CS + skip) as usize..]].concat();
             if acked {
                 assert_eq!(
-                    got, relocated,
+                    got,
+                    cut_out(r),
                     "cut {cut} seed {seed}: the acknowledged write was lost"
                 );
             } else {
                 assert!(
-                    got == old || got == relocated,
+                    got == cut_out(o) || got == cut_out(r),
                     "cut {cut} seed {seed}: neither old nor relocated"
                 );
             }
@@ -387,4 +451,165 @@ fn a_relocation_survives_a_power_cut_at_every_step() {
         cut >= 3,
         "a relocation writes the spare, flushes and writes the table: {cut} steps"
     );
+}
+
+#[test]
+fn a_relocation_survives_a_power_cut_at_every_step() {
+    relocation_power_cut(false);
+}
+
+#[test]
+fn a_relocation_that_lost_a_sector_survives_a_power_cut_at_every_step() {
+    relocation_power_cut(true);
+}
+
+/// What a sector may read as: a version of its data (`Some`) or EIO (`None`, lost).
+type Allowed = BTreeSet<Option<u64>>;
+
+fn sector_bytes(sector: u64, version: u64) -> Vec<u8> {
+    let mut b = pattern(sector ^ (version << 32), sector * 512, 512);
+    b[..8].copy_from_slice(&sector.to_le_bytes());
+    b[8..16].copy_from_slice(&version.to_le_bytes());
+    b
+}
+
+fn bad_blocks(dust: &dyn Layer) -> BTreeSet<u64> {
+    match dust.spec() {
+        LayerSpec::TestDust { bad, .. } => bad.into_iter().collect(),
+        other => panic!("not a dust layer: {other:?}"),
+    }
+}
+
+/// The model test: random reads and writes through a `bbr` whose device and spares both
+/// sit on `test-dust` layers, while bad blocks appear (with and without write failures)
+/// and disappear on both. Every acknowledged write reads back; a sector reads as one of
+/// the versions the model allows and never as other data; a read fails only where the
+/// model says the data is lost or the chunk's current place has a bad block; a write fails
+/// only once the spares are exhausted or failing. Seed printed.
+#[test]
+fn random_io_while_blocks_go_bad_matches_the_model() {
+    const CHUNKS: u64 = 48;
+    const SPARE_CHUNKS: u64 = 14; // header, table area, 12 spares
+    let seed = cowsnap_core::testkit::seed();
+    let mut rng = SplitMix(seed);
+    let sectors = CHUNKS * 8;
+    let initial: Vec<u8> = (0..sectors).flat_map(|s| sector_bytes(s, 0)).collect();
+    let disk = LayerSpec::parse("test-dust 8 enabled")
+        .unwrap()
+        .build(Arc::new(MemDevice::from_bytes(&initial)))
+        .unwrap();
+    let spare_dust = LayerSpec::parse("test-dust 8 enabled")
+        .unwrap()
+        .build(Arc::new(MemDevice::new(SPARE_CHUNKS * CS)))
+        .unwrap();
+    let bbr = Bbr::in_memory(
+        disk.clone().as_device(),
+        relocation_store(spare_dust.clone().as_device()),
+    )
+    .unwrap();
+    let mut model: Vec<Allowed> = (0..sectors).map(|_| BTreeSet::from([Some(0)])).collect();
+    let mut version = 0u64;
+    // The dust blocks that make chunk `c`'s current place fail.
+    let place_bad = |c: u64| match bbr.relocation_of(Chunk(c)).unwrap() {
+        None => bad_blocks(&*disk).contains(&c),
+        Some(s) => bad_blocks(&*spare_dust).contains(&s.0),
+    };
+    for step in 0..3000 {
+        let what = rng.below(100);
+        if what < 12 {
+            // Spare chunks only: the table's own chunks failing is another test's.
+            let (layer, b) = if rng.below(3) == 0 {
+                (&spare_dust, 2 + rng.below(SPARE_CHUNKS - 2))
+            } else {
+                (&disk, rng.below(CHUNKS))
+            };
+            let b = b.to_string();
+            let fails = rng.below(3).to_string();
+            let words: Vec<&str> = match rng.below(3) {
+                0 => vec!["removebadblock", &b],
+                _ => vec!["addbadblock", &b, &fails],
+            };
+            let _ = layer.message(&words);
+            continue;
+        }
+        let first = rng.below(sectors);
+        let len = 1 + rng.below(24.min(sectors - first));
+        let range = first as usize..(first + len) as usize;
+        let chunks = first / 8..=(first + len - 1) / 8;
+        let was_bad = chunks.clone().any(place_bad);
+        if what < 60 {
+            version += 1;
+            let data: Vec<u8> = (first..first + len)
+                .flat_map(|s| sector_bytes(s, version))
+                .collect();
+            let before = bbr.status();
+            match bbr.write_at(&data, first * 512, Fua::No) {
+                Ok(()) => {
+                    for s in range.clone() {
+                        model[s] = BTreeSet::from([Some(version)]);
+                    }
+                }
+                Err(e) => {
+                    let after = bbr.status();
+                    assert!(
+                        was_bad && (after.state == "exhausted" || after.spare_failures > before.spare_failures),
+                        "step {step}: a write failed with spares left and none failing: {e} ({after:?})"
+                    );
+                    for s in range.clone() {
+                        model[s].insert(Some(version));
+                    }
+                }
+            }
+            // A relocation lists the sectors of the chunk it could not read: only where
+            // the chunk's place had a bad block.
+            for c in chunks {
+                for s in c * 8..c * 8 + 8 {
+                    if bbr.unreadable().intersects(s, s + 1) && !model[s as usize].contains(&None) {
+                        assert!(
+                            was_bad,
+                            "step {step}: sector {s} listed unreadable on a healthy chunk"
+                        );
+                        model[s as usize] = BTreeSet::from([None]);
+                    }
+                }
+            }
+        } else {
+            let mut buf = vec![0u8; (len * 512) as usize];
+            match bbr.read_at(&mut buf, first * 512) {
+                Ok(()) => {
+                    for (i, s) in range.clone().enumerate() {
+                        let got = &buf[i * 512..(i + 1) * 512];
+                        let v = u64::from_le_bytes(got[8..16].try_into().unwrap());
+                        assert_eq!(
+                            got,
+                            &sector_bytes(s as u64, v)[..],
+                            "step {step}: sector {s} reads as other data"
+                        );
+                        assert!(
+                            model[s].contains(&Some(v)),
+                            "step {step}: sector {s} reads version {v}, the model allows {:?}",
+                            model[s]
+                        );
+                        model[s] = BTreeSet::from([Some(v)]);
+                    }
+                }
+                Err(e) => {
+                    assert_eq!(e.errno(), libc::EIO, "step {step}: {e}");
+                    let lost = range.clone().any(|s| model[s].contains(&None));
+                    assert!(
+                        lost || was_bad,
+                        "step {step}: a read of healthy, readable sectors failed: {e}"
+                    );
+                    for s in range.clone() {
+                        if bbr.unreadable().intersects(s as u64, s as u64 + 1) {
+                            model[s] = BTreeSet::from([None]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let st = bbr.status();
+    eprintln!("model: {st:?}");
+    assert!(st.relocations > 0, "the workload relocated nothing: {st:?}");
 }

@@ -49,12 +49,14 @@ impl LayerRequest {
     pub fn parse(line: &str) -> Result<LayerRequest> {
         let words: Vec<&str> = line.split_whitespace().collect();
         if words.first() != Some(&"bbr") {
-            return LayerSpec::parse(line).map(LayerRequest::Target).map_err(|e| match e {
-                Error::InvalidArgument(m) if m.contains("known targets:") => {
-                    Error::InvalidArgument(format!("{m}, bbr"))
-                }
-                other => other,
-            });
+            return LayerSpec::parse(line)
+                .map(LayerRequest::Target)
+                .map_err(|e| match e {
+                    Error::InvalidArgument(m) if m.contains("known targets:") => {
+                        Error::InvalidArgument(format!("{m}, bbr"))
+                    }
+                    other => other,
+                });
         }
         if words.len() > 3 {
             return Err(Error::InvalidArgument(format!(

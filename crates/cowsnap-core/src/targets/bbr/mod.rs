@@ -436,7 +436,11 @@ impl Bbr {
         }];
         let report = self.copier.copy(src, src_base, len, &dest, Some(overlay));
         let copied = match (&report.read_error, report.dest_result(0)) {
-            (Some(_), _) => self.salvage(src, src_base, len, p, data, spare_at),
+            // The failing place cannot be read whole: salvage what it can give.
+            (Some(re), _) if is_media_error(re) => {
+                self.salvage(src, src_base, len, p, data, spare_at)
+            }
+            (Some(re), _) => Err(re.clone()),
             (None, r) => r,
         };
         if let Err(we) = copied {
@@ -479,9 +483,14 @@ impl Bbr {
         let mut bad = Vec::new();
         for (i, sector) in buf.chunks_mut(mem_usize(SECTOR_SIZE)).enumerate() {
             let at = i as u64 * SECTOR_SIZE;
-            if src.read_at(sector, src_base + at).is_err() {
-                sector.fill(0);
-                bad.push(at);
+            match src.read_at(sector, src_base + at) {
+                Ok(()) => {}
+                Err(e) if is_media_error(&e) => {
+                    sector.fill(0);
+                    bad.push(at);
+                }
+                // Not the medium (the device went away): nothing is known lost.
+                Err(e) => return Err(e),
             }
         }
         let first_sector = self.cs.first_sector(p.chunk).0;
@@ -539,13 +548,16 @@ enum Relocated {
     Again,
 }
 
-/// The sectors of `off..off+len` on `dev` that fail to read, as ranges of sector indices
-/// relative to `off`.
+/// The sectors of `off..off+len` on `dev` that fail to read with a media error, as ranges
+/// of sector indices relative to `off`.
 fn probe(dev: &dyn BlockDevice, off: u64, len: u64) -> Vec<(u64, u64)> {
     let mut sector = AlignedBuf::zeroed(mem_usize(SECTOR_SIZE));
     let mut bad: Vec<(u64, u64)> = Vec::new();
     for i in 0..len / SECTOR_SIZE {
-        if dev.read_at(&mut sector, off + i * SECTOR_SIZE).is_err() {
+        if dev
+            .read_at(&mut sector, off + i * SECTOR_SIZE)
+            .is_err_and(|e| is_media_error(&e))
+        {
             match bad.last_mut() {
                 Some((_, e)) if *e == i => *e = i + 1,
                 _ => bad.push((i, i + 1)),
