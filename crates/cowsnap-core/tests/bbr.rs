@@ -480,6 +480,100 @@ fn bad_blocks(dust: &dyn Layer) -> BTreeSet<u64> {
     }
 }
 
+/// The reference of the model test: what each sector may read as, and the devices.
+struct Model {
+    bbr: Arc<Bbr>,
+    disk: Arc<dyn Layer>,
+    spare_dust: Arc<dyn Layer>,
+    allowed: Vec<Allowed>,
+    version: u64,
+}
+
+impl Model {
+    /// True when chunk `c`'s current place (device or spare) has a dust bad block.
+    fn place_bad(&self, c: u64) -> bool {
+        match self.bbr.relocation_of(Chunk(c)).unwrap() {
+            None => bad_blocks(&*self.disk).contains(&c),
+            Some(s) => bad_blocks(&*self.spare_dust).contains(&s.0),
+        }
+    }
+
+    fn write(&mut self, step: usize, first: u64, len: u64, was_bad: bool) {
+        self.version += 1;
+        let v = self.version;
+        let data: Vec<u8> = (first..first + len)
+            .flat_map(|s| sector_bytes(s, v))
+            .collect();
+        let before = self.bbr.status();
+        let range = first as usize..(first + len) as usize;
+        match self.bbr.write_at(&data, first * 512, Fua::No) {
+            Ok(()) => range.for_each(|s| self.allowed[s] = BTreeSet::from([Some(v)])),
+            Err(e) => {
+                let after = self.bbr.status();
+                assert!(
+                    was_bad
+                        && (after.state == "exhausted"
+                            || after.spare_failures > before.spare_failures),
+                    "step {step}: a write failed with spares left and none failing: {e} ({after:?})"
+                );
+                range.for_each(|s| {
+                    self.allowed[s].insert(Some(v));
+                });
+            }
+        }
+        // A relocation lists the sectors of the chunk it could not read: only where the
+        // chunk's place had a bad block.
+        for s in first / 8 * 8..(first + len).div_ceil(8) * 8 {
+            if self.bbr.unreadable().intersects(s, s + 1)
+                && !self.allowed[s as usize].contains(&None)
+            {
+                assert!(
+                    was_bad,
+                    "step {step}: sector {s} listed unreadable on a healthy chunk"
+                );
+                self.allowed[s as usize] = BTreeSet::from([None]);
+            }
+        }
+    }
+
+    fn read(&mut self, step: usize, first: u64, len: u64, was_bad: bool) {
+        let mut buf = vec![0u8; (len * 512) as usize];
+        let range = first as usize..(first + len) as usize;
+        match self.bbr.read_at(&mut buf, first * 512) {
+            Ok(()) => {
+                for (i, s) in range.enumerate() {
+                    let got = &buf[i * 512..(i + 1) * 512];
+                    let v = u64::from_le_bytes(got[8..16].try_into().unwrap());
+                    assert_eq!(
+                        got,
+                        &sector_bytes(s as u64, v)[..],
+                        "step {step}: sector {s} reads as other data"
+                    );
+                    assert!(
+                        self.allowed[s].contains(&Some(v)),
+                        "step {step}: sector {s} reads version {v}, the model allows {:?}",
+                        self.allowed[s]
+                    );
+                    self.allowed[s] = BTreeSet::from([Some(v)]);
+                }
+            }
+            Err(e) => {
+                assert_eq!(e.errno(), libc::EIO, "step {step}: {e}");
+                let lost = range.clone().any(|s| self.allowed[s].contains(&None));
+                assert!(
+                    lost || was_bad,
+                    "step {step}: a read of healthy, readable sectors failed: {e}"
+                );
+                for s in range {
+                    if self.bbr.unreadable().intersects(s as u64, s as u64 + 1) {
+                        self.allowed[s] = BTreeSet::from([None]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The model test: random reads and writes through a `bbr` whose device and spares both
 /// sit on `test-dust` layers, while bad blocks appear (with and without write failures)
 /// and disappear on both. Every acknowledged write reads back; a sector reads as one of
@@ -494,37 +588,36 @@ fn random_io_while_blocks_go_bad_matches_the_model() {
     let mut rng = SplitMix(seed);
     let sectors = CHUNKS * 8;
     let initial: Vec<u8> = (0..sectors).flat_map(|s| sector_bytes(s, 0)).collect();
-    let disk = LayerSpec::parse("test-dust 8 enabled")
-        .unwrap()
-        .build(Arc::new(MemDevice::from_bytes(&initial)))
-        .unwrap();
-    let spare_dust = LayerSpec::parse("test-dust 8 enabled")
-        .unwrap()
-        .build(Arc::new(MemDevice::new(SPARE_CHUNKS * CS)))
-        .unwrap();
+    let dust = |dev: Arc<dyn BlockDevice>| {
+        LayerSpec::parse("test-dust 8 enabled")
+            .unwrap()
+            .build(dev)
+            .unwrap()
+    };
+    let disk = dust(Arc::new(MemDevice::from_bytes(&initial)));
+    let spare_dust = dust(Arc::new(MemDevice::new(SPARE_CHUNKS * CS)));
     let bbr = Bbr::in_memory(
         disk.clone().as_device(),
         relocation_store(spare_dust.clone().as_device()),
     )
     .unwrap();
-    let mut model: Vec<Allowed> = (0..sectors).map(|_| BTreeSet::from([Some(0)])).collect();
-    let mut version = 0u64;
-    // The dust blocks that make chunk `c`'s current place fail.
-    let place_bad = |c: u64| match bbr.relocation_of(Chunk(c)).unwrap() {
-        None => bad_blocks(&*disk).contains(&c),
-        Some(s) => bad_blocks(&*spare_dust).contains(&s.0),
+    let mut m = Model {
+        bbr,
+        disk,
+        spare_dust,
+        allowed: (0..sectors).map(|_| BTreeSet::from([Some(0)])).collect(),
+        version: 0,
     };
     for step in 0..3000 {
         let what = rng.below(100);
         if what < 12 {
             // Spare chunks only: the table's own chunks failing is another test's.
             let (layer, b) = if rng.below(3) == 0 {
-                (&spare_dust, 2 + rng.below(SPARE_CHUNKS - 2))
+                (&m.spare_dust, 2 + rng.below(SPARE_CHUNKS - 2))
             } else {
-                (&disk, rng.below(CHUNKS))
+                (&m.disk, rng.below(CHUNKS))
             };
-            let b = b.to_string();
-            let fails = rng.below(3).to_string();
+            let (b, fails) = (b.to_string(), rng.below(3).to_string());
             let words: Vec<&str> = match rng.below(3) {
                 0 => vec!["removebadblock", &b],
                 _ => vec!["addbadblock", &b, &fails],
@@ -534,82 +627,14 @@ fn random_io_while_blocks_go_bad_matches_the_model() {
         }
         let first = rng.below(sectors);
         let len = 1 + rng.below(24.min(sectors - first));
-        let range = first as usize..(first + len) as usize;
-        let chunks = first / 8..=(first + len - 1) / 8;
-        let was_bad = chunks.clone().any(place_bad);
+        let was_bad = (first / 8..=(first + len - 1) / 8).any(|c| m.place_bad(c));
         if what < 60 {
-            version += 1;
-            let data: Vec<u8> = (first..first + len)
-                .flat_map(|s| sector_bytes(s, version))
-                .collect();
-            let before = bbr.status();
-            match bbr.write_at(&data, first * 512, Fua::No) {
-                Ok(()) => {
-                    for s in range.clone() {
-                        model[s] = BTreeSet::from([Some(version)]);
-                    }
-                }
-                Err(e) => {
-                    let after = bbr.status();
-                    assert!(
-                        was_bad && (after.state == "exhausted" || after.spare_failures > before.spare_failures),
-                        "step {step}: a write failed with spares left and none failing: {e} ({after:?})"
-                    );
-                    for s in range.clone() {
-                        model[s].insert(Some(version));
-                    }
-                }
-            }
-            // A relocation lists the sectors of the chunk it could not read: only where
-            // the chunk's place had a bad block.
-            for c in chunks {
-                for s in c * 8..c * 8 + 8 {
-                    if bbr.unreadable().intersects(s, s + 1) && !model[s as usize].contains(&None) {
-                        assert!(
-                            was_bad,
-                            "step {step}: sector {s} listed unreadable on a healthy chunk"
-                        );
-                        model[s as usize] = BTreeSet::from([None]);
-                    }
-                }
-            }
+            m.write(step, first, len, was_bad);
         } else {
-            let mut buf = vec![0u8; (len * 512) as usize];
-            match bbr.read_at(&mut buf, first * 512) {
-                Ok(()) => {
-                    for (i, s) in range.clone().enumerate() {
-                        let got = &buf[i * 512..(i + 1) * 512];
-                        let v = u64::from_le_bytes(got[8..16].try_into().unwrap());
-                        assert_eq!(
-                            got,
-                            &sector_bytes(s as u64, v)[..],
-                            "step {step}: sector {s} reads as other data"
-                        );
-                        assert!(
-                            model[s].contains(&Some(v)),
-                            "step {step}: sector {s} reads version {v}, the model allows {:?}",
-                            model[s]
-                        );
-                        model[s] = BTreeSet::from([Some(v)]);
-                    }
-                }
-                Err(e) => {
-                    assert_eq!(e.errno(), libc::EIO, "step {step}: {e}");
-                    let lost = range.clone().any(|s| model[s].contains(&None));
-                    assert!(
-                        lost || was_bad,
-                        "step {step}: a read of healthy, readable sectors failed: {e}"
-                    );
-                    for s in range.clone() {
-                        if bbr.unreadable().intersects(s as u64, s as u64 + 1) {
-                            model[s] = BTreeSet::from([None]);
-                        }
-                    }
-                }
-            }
+            m.read(step, first, len, was_bad);
         }
     }
-    let st = bbr.status();
+    let st = m.bbr.status();
     eprintln!("model: {st:?}");
     assert!(st.relocations > 0, "the workload relocated nothing: {st:?}");
 }

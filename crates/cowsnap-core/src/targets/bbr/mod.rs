@@ -503,7 +503,9 @@ impl Bbr {
                 (s, s + 1)
             })
             .collect();
-        self.unreadable.add(&lost)?;
+        if !mutation::active("bbr-salvage-not-listed") {
+            self.unreadable.add(&lost)?;
+        }
         buf[mem_usize(w0)..mem_usize(w1)].copy_from_slice(data);
         self.spares.write_at(&buf, spare_at, Fua::No)
     }
