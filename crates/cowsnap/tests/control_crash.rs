@@ -627,3 +627,67 @@ fn a_merge_killed_at_any_control_step_finishes_at_the_next_start() {
         daemon.stop_ok();
     }
 }
+
+/// The spare files of origin `o`'s bbr layer: its final name, staged names and list.
+fn spare_files(pool: &Pool) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&pool.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("o.spares") || f.starts_with(".o.spares"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn has_bbr(pool: &Pool) -> bool {
+    pool.ok(&["layer", "table", "o"]).contains(" bbr ")
+}
+
+/// `layer add` and `layer remove` of a bbr layer (the steps that make or delete its spare
+/// file and change the manifest), killed at each step: afterwards the stack either has
+/// the layer with its spare file, or has neither, and the operation can be done again.
+#[test]
+fn a_layer_add_or_remove_killed_at_any_step_leaves_a_consistent_stack() {
+    for point in CRASH_POINTS
+        .iter()
+        .filter(|p| p.ends_with("-layer:staged") || p.ends_with("-layer:committed"))
+    {
+        let pool = new_pool("layer");
+        let adding = point.starts_with("add-layer");
+        if !adding {
+            pool.ok(&["layer", "add", "o", "bbr 1M"]);
+        }
+        let args: &[&str] = if adding {
+            &["layer", "add", "o", "bbr 1M"]
+        } else {
+            &["layer", "remove", "o", "bbr"]
+        };
+        let out = pool
+            .cmd()
+            .env("COWSNAP_CRASH_AT", point)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}: did not crash");
+        // The next command opens the pool and settles its files.
+        let present = has_bbr(&pool);
+        let files = spare_files(&pool);
+        if present {
+            assert_eq!(files, vec!["o.spares".to_string()], "{point}");
+            let daemon = pool.serve();
+            let st = pool.ok(&["status", "o"]);
+            assert!(
+                st.contains("o/0: 0 ") && st.contains(" bbr "),
+                "{point}: {st}"
+            );
+            daemon.stop_ok();
+            pool.ok(&["layer", "remove", "o", "bbr"]);
+        } else {
+            assert!(files.is_empty(), "{point}: {files:?}");
+            pool.ok(&["layer", "add", "o", "bbr 1M"]);
+        }
+        let committed = *point == "add-layer:committed";
+        let removed = *point == "remove-layer:committed";
+        assert_eq!(present, committed || (!adding && !removed), "{point}");
+    }
+}
