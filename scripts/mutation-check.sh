@@ -38,7 +38,7 @@ mutations=(
   "merge-skips-copy-out@cowsnap-core@merge@a_merge_rolls_the_origin_back_while_the_view_and_other_snapshots_take_writes"
   "merge-snapshot-writes-not-drained@cowsnap-core@merge@the_switch_waits_for_the_snapshots_own_writes_in_flight"
   "merge-view-holds-list@cowsnap-core@merge@a_view_write_waiting_on_the_window_never_blocks_the_merger_behind_a_deactivation"
-  "bbr-salvage-not-listed@cowsnap-core@bbr@random_io_while_blocks_go_bad_matches_the_model"
+  "bbr-salvage-not-listed@cowsnap-core@bbr@a_relocation_that_lost_a_sector_survives_a_power_cut_at_every_step"
   "bbr-relocation-not-drained@cowsnap-core@bbr@a_relocation_waits_for_writes_already_going_to_the_failing_chunk"
   "merge-switched-before-record@cowsnap@control_crash@a_merge_killed_at_any_control_step_finishes_at_the_next_start"
 )

@@ -510,6 +510,25 @@ impl Bbr {
         self.spares.write_at(&buf, spare_at, Fua::No)
     }
 
+    /// The common case as one device request: when no chunk of `offset..offset+len` is
+    /// relocated and no sector of it is listed, the whole range lives on the device; the
+    /// chunks are tracked (as one piece's I/O would be) until the guards drop. `None`
+    /// otherwise: the caller goes piece by piece.
+    fn all_on_device(&self, offset: u64, len: u64) -> Result<Option<Vec<TrackedRead>>> {
+        let first = offset / SECTOR_SIZE;
+        if self.unreadable.intersects(first, first + len / SECTOR_SIZE) {
+            return Ok(None);
+        }
+        let mut tracked = Vec::new();
+        for p in self.cs.split(offset, len) {
+            match self.tracker.route_read(p.chunk)? {
+                ReadRoute::Unmapped(t) => tracked.push(t),
+                ReadRoute::Remapped(_) => return Ok(None),
+            }
+        }
+        Ok(Some(tracked))
+    }
+
     /// Status now.
     pub fn status(&self) -> BbrStatus {
         let failure = self.failure.lock().clone();
@@ -576,6 +595,12 @@ impl BlockDevice for Bbr {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
+        if let Some(_tracked) = self.all_on_device(offset, buf.len() as u64)? {
+            match self.data.read_at(buf, offset) {
+                Err(e) if is_media_error(&e) => {} // piece by piece, to list what failed
+                other => return other,
+            }
+        }
         for p in self.cs.split(offset, buf.len() as u64) {
             let at = offset + p.buf_offset;
             self.read_piece(&mut buf[p.buf_range()], &p, at)?;
@@ -585,6 +610,14 @@ impl BlockDevice for Bbr {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
+        if let Some(tracked) = self.all_on_device(offset, buf.len() as u64)? {
+            match self.data.write_at(buf, offset, fua) {
+                // Piece by piece: each failing chunk is relocated (pieces written already
+                // are written again, the same bytes at the same place).
+                Err(e) if is_media_error(&e) => drop(tracked),
+                other => return other,
+            }
+        }
         for p in self.cs.split(offset, buf.len() as u64) {
             let at = offset + p.buf_offset;
             self.write_piece(&buf[p.buf_range()], &p, at, fua)?;
