@@ -327,6 +327,25 @@ fn the_table_survives_reopening_and_is_never_taken_for_a_snapshot() {
     );
 }
 
+#[test]
+fn cow_check_and_dump_read_a_relocation_table() {
+    use cowsnap_core::exception::persistent::inspect;
+    let (disk, spares, bbr) = rig();
+    disk.bad_write_chunk(3);
+    disk.bad_write_chunk(7);
+    bbr.write_at(&pattern(2, 0, 2 * CS), 3 * CS, Fua::No)
+        .unwrap();
+    bbr.write_at(&pattern(2, 0, CS), 7 * CS, Fua::No).unwrap();
+    let report = inspect::check(&*spares);
+    assert!(report.is_clean(), "{:?}", report.findings);
+    assert_eq!(report.exceptions, 2);
+    let header = report.header.unwrap();
+    assert_eq!(header.table, TableKind::Relocation);
+    let dump = inspect::dump(&*spares).unwrap();
+    let olds: Vec<u64> = dump.exceptions.iter().map(|e| e.old).collect();
+    assert_eq!(olds, vec![3, 7]);
+}
+
 /// A write already going to a chunk's failing place when another write to the chunk
 /// fails and relocates it: the relocation waits for it, so the spare holds its bytes.
 /// Fails with the mutation `bbr-relocation-not-drained`.

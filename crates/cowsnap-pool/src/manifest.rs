@@ -539,4 +539,67 @@ mod tests {
             .to_string()
             .contains("not a cowsnap pool"));
     }
+
+    #[test]
+    fn layers_make_version_4_and_are_validated() {
+        let scratch = cowsnap_core::testkit::scratch("manifest-layers");
+        let dir = scratch.join("pool");
+        fs::create_dir_all(&dir).unwrap();
+        let bbr = LayerEntry::Bbr(BbrEntry {
+            target: BbrTarget::Bbr,
+            spares: "base.spares".into(),
+            id: None,
+            chunk_sectors: 8,
+        });
+        let dust = LayerEntry::Target(LayerSpec::parse("test-dust 8 enabled").unwrap());
+        let mut m = sample();
+        m.origins[0].layers = vec![dust.clone(), bbr.clone()];
+        m.snapshots[0].cow_layers = vec![LayerEntry::Target(LayerSpec::TestZero)];
+        m.store(&dir).unwrap();
+        let back = Manifest::load(&dir).unwrap();
+        assert_eq!(back.version, 4);
+        assert_eq!(back.origins[0].layers, m.origins[0].layers);
+        assert_eq!(back.snapshots[0].cow_layers, m.snapshots[0].cow_layers);
+        assert_eq!(
+            stack_size(1 << 20, &back.origins[0].layers).unwrap(),
+            1 << 20
+        );
+        let lin = LayerEntry::Target(LayerSpec::parse("linear 8 16").unwrap());
+        assert_eq!(stack_size(1 << 20, &[lin]).unwrap(), 16 * 512);
+        // Without layers, the older version again.
+        sample().store(&dir).unwrap();
+        assert_eq!(Manifest::load(&dir).unwrap().version, 2);
+
+        let refused = |m: Manifest, what: &str| {
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let mut two = sample();
+        two.origins[0].layers = vec![bbr.clone(), bbr.clone()];
+        refused(two, "at most one bbr");
+        let mut outside = sample();
+        outside.origins[0].layers = vec![LayerEntry::Bbr(BbrEntry {
+            target: BbrTarget::Bbr,
+            spares: "/etc/passwd".into(),
+            id: None,
+            chunk_sectors: 8,
+        })];
+        refused(outside, "plain name inside the pool");
+        let mut under_cow = sample();
+        under_cow.snapshots[0].cow_layers = vec![bbr];
+        refused(under_cow, "under a COW");
+        let mut bad_spec = sample();
+        bad_spec.origins[0].layers = vec![LayerEntry::Target(LayerSpec::TestError {
+            start: 0,
+            sectors: 0,
+        })];
+        refused(bad_spec, "must not be 0");
+        // A layer no version knows does not decode.
+        let text = fs::read_to_string(dir.join(MANIFEST)).unwrap().replace(
+            "\"origins\": [",
+            "\"origins\": [{\"name\":\"x\",\"path\":\"x.img\",\"owned\":true,\"layers\":[{\"target\":\"frob\"}]},",
+        );
+        fs::write(dir.join(MANIFEST), text).unwrap();
+        assert!(Manifest::load(&dir).is_err());
+    }
 }
