@@ -227,6 +227,7 @@ fn without_spares_writes_to_bad_chunks_fail_and_everything_else_goes_on() {
     assert_eq!(err.errno(), libc::EIO, "{err}");
     assert!(err.to_string().contains("no spare"), "{err}");
     assert_eq!(bbr.status().state, "exhausted");
+    assert_eq!(bbr.status().spares_left, 0);
     assert_eq!(
         read(&*bbr, 6 * CS, CS).unwrap(),
         a,

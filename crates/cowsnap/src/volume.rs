@@ -343,7 +343,7 @@ pub fn list(dir: &Path, json: bool) -> Result<ExitCode> {
                     Some(p) => format!("{} ({p:.1}% used)", v.status),
                     None => v.status.clone(),
                 },
-            }
+            } + &layers_note(v)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -390,6 +390,22 @@ pub fn status(dir: &Path, name: Option<&str>, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `  [on test-dust, bbr ok]`: the layers under a volume, bottom first, with a `bbr`'s state.
+fn layers_note(v: &VolumeInfo) -> String {
+    if v.layers.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = v
+        .layers
+        .iter()
+        .map(|l| match (&l.detail, l.target.as_str()) {
+            (Some(d), "bbr") => format!("bbr {}", d["state"].as_str().unwrap_or("?")),
+            _ => l.target.clone(),
+        })
+        .collect();
+    format!("  [on {}]", names.join(", "))
 }
 
 fn kind_name(k: VolumeKind) -> &'static str {

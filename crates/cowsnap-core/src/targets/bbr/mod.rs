@@ -108,6 +108,8 @@ pub struct BbrStatus {
     pub read_errors: u64,
     /// Media errors on writes (each led to a relocation attempt).
     pub write_errors: u64,
+    /// Spare chunks still free (each table area takes a chunk too, counted out).
+    pub spares_left: u64,
     /// The spare device's use in the kernel's numbers.
     pub spares: Usage,
     /// The chunk size.
@@ -115,11 +117,13 @@ pub struct BbrStatus {
 }
 
 impl BbrStatus {
-    /// The dm-style status line: `RELOCATIONS ALLOCATED/TOTAL UNREADABLE STATE`.
+    /// The dm-style status line: `RELOCATIONS SPARES_LEFT ALLOCATED/TOTAL UNREADABLE STATE`
+    /// (chunks, chunks, sectors of the spare file, sectors, `ok|exhausted|failed`).
     pub fn line(&self) -> String {
         format!(
-            "{} {}/{} {} {}",
+            "{} {} {}/{} {} {}",
             self.relocations,
+            self.spares_left,
             self.spares.allocated_sectors,
             self.spares.total_sectors,
             self.unreadable_sectors,
@@ -540,6 +544,12 @@ impl Bbr {
             "ok"
         };
         let c = &self.counters;
+        let spares = self.store.usage();
+        let spares_left = if self.exhausted.load(Ordering::SeqCst) {
+            0
+        } else {
+            free_data_chunks(&spares, self.cs)
+        };
         BbrStatus {
             state: state.into(),
             failure,
@@ -549,7 +559,8 @@ impl Bbr {
             unreadable_sectors: self.unreadable.sectors(),
             read_errors: c.read_errors.load(Ordering::SeqCst),
             write_errors: c.write_errors.load(Ordering::SeqCst),
-            spares: self.store.usage(),
+            spares_left,
+            spares,
             chunk_sectors: self.cs.sectors(),
         }
     }
@@ -567,6 +578,19 @@ impl Bbr {
 enum Relocated {
     Done,
     Again,
+}
+
+/// Chunks of a store not allocated yet that can hold data: the free chunks minus the
+/// metadata area slots among them (area `a` is chunk `1 + (epa + 1) * a`).
+fn free_data_chunks(u: &Usage, cs: ChunkSize) -> u64 {
+    let (lo, hi) = (
+        u.allocated_sectors / cs.sectors(),
+        u.total_sectors / cs.sectors(),
+    );
+    let stride = cs.bytes() / 16 + 1;
+    let slots_below = |x: u64| if x <= 1 { 0 } else { (x - 2) / stride + 1 };
+    hi.saturating_sub(lo)
+        .saturating_sub(slots_below(hi).saturating_sub(slots_below(lo)))
 }
 
 /// The sectors of `off..off+len` on `dev` that fail to read with a media error, as ranges
