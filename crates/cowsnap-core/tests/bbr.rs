@@ -84,6 +84,9 @@ impl BlockDevice for Media {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(offset, len)
+    }
 }
 
 fn cs() -> ChunkSize {
@@ -127,6 +130,20 @@ fn a_failing_write_is_relocated_and_reads_back() {
     assert!(st.line().starts_with("1 "), "{}", st.line());
     // Other chunks are untouched.
     assert_eq!(read(&*bbr, 0, 3 * CS).unwrap(), pattern(1, 0, 3 * CS));
+}
+
+#[test]
+fn discards_reach_the_device_where_chunks_live_there() {
+    let (disk, _spares, bbr) = rig();
+    disk.bad_write_chunk(3);
+    let data = pattern(7, 0, CS);
+    bbr.write_at(&data, 3 * CS, Fua::No).unwrap();
+    // MemDevice reads zeros after a discard.
+    bbr.discard(2 * CS, 3 * CS).unwrap();
+    assert_eq!(read(&*bbr, 2 * CS, CS).unwrap(), vec![0u8; CS as usize]);
+    assert_eq!(read(&*bbr, 3 * CS, CS).unwrap(), data, "the relocated chunk is left alone");
+    assert_eq!(read(&*bbr, 4 * CS, CS).unwrap(), vec![0u8; CS as usize]);
+    assert_eq!(read(&*bbr, 5 * CS, CS).unwrap(), pattern(1, 5 * CS, CS));
 }
 
 #[test]

@@ -654,6 +654,24 @@ impl BlockDevice for Bbr {
         self.spares.flush()
     }
 
+    /// Passes the discard on to the device for the chunks that live there; a relocated
+    /// chunk's spare is left as it is (a discard only says the data is no longer needed).
+    /// Listed sectors stay listed: a discard writes nothing.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_request(self.size(), offset, len)?;
+        if let Some(_tracked) = self.all_on_device(offset, len)? {
+            return self.data.discard(offset, len);
+        }
+        for p in self.cs.split(offset, len) {
+            let (place, _tracked) = self.resolve(p.chunk)?;
+            if let Place::Device(c) = place {
+                self.data
+                    .discard(self.cs.byte_offset(c) + p.offset_in_chunk, p.len)?;
+            }
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("bbr over {}", self.data.describe())
     }
