@@ -166,9 +166,13 @@ fn export_for(
     let path = PathBuf::from(&info.path);
     // Holes are read from the image by path: only when the path still names the file the
     // pool opened (a replaced file would report another file's holes).
-    let regular = std::fs::metadata(&path).is_ok_and(|m| {
-        m.is_file() && FileId::of(&m).is_some() && FileId::of(&m) == active.file_id(name)
-    });
+    // Only a volume that is its file: under layers (a linear offset, bbr's relocated
+    // chunks, test-zero) the file's holes are not the volume's, and punching the file
+    // would not zero a relocated chunk.
+    let regular = info.layers.is_empty()
+        && std::fs::metadata(&path).is_ok_and(|m| {
+            m.is_file() && FileId::of(&m).is_some() && FileId::of(&m) == active.file_id(name)
+        });
     e = match (kind, active.origin(name)) {
         // An origin reads its image file directly: its holes are exact, and punching one
         // zeroes fast where no snapshot has to copy the range out first.
