@@ -141,7 +141,11 @@ fn discards_reach_the_device_where_chunks_live_there() {
     // MemDevice reads zeros after a discard.
     bbr.discard(2 * CS, 3 * CS).unwrap();
     assert_eq!(read(&*bbr, 2 * CS, CS).unwrap(), vec![0u8; CS as usize]);
-    assert_eq!(read(&*bbr, 3 * CS, CS).unwrap(), data, "the relocated chunk is left alone");
+    assert_eq!(
+        read(&*bbr, 3 * CS, CS).unwrap(),
+        data,
+        "the relocated chunk is left alone"
+    );
     assert_eq!(read(&*bbr, 4 * CS, CS).unwrap(), vec![0u8; CS as usize]);
     assert_eq!(read(&*bbr, 5 * CS, CS).unwrap(), pattern(1, 5 * CS, CS));
 }

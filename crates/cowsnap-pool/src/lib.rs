@@ -748,7 +748,7 @@ impl Pool {
         let mut warnings = Vec::new();
         let invalidated = match live {
             Some(store) => store.invalidate(),
-            None => invalidate_cow_file(&path, entry.id, &entry.store),
+            None => invalidate_cow_file(&path, &entry),
         };
         if let Err(e) = invalidated {
             if entry.owned {
@@ -1084,20 +1084,31 @@ fn cow_device(dev: FileDevice) -> Arc<dyn BlockDevice> {
     }
 }
 
-/// Marks the persistent COW at `path` invalid on disk, if it is the file `id` and has a
-/// valid header (a COW of another format, or no COW at all, is left untouched).
-fn invalidate_cow_file(path: &Path, id: Option<FileId>, store: &str) -> Result<()> {
+/// Marks the persistent COW of `entry` at `path` invalid on disk, if it is the file the
+/// entry recorded and has a valid header (a COW of another format, or no COW at all, is
+/// left untouched). The COW's `linear` layers are applied (they decide where the header
+/// is); its test layers are not (they are there to fail, not to place data).
+fn invalidate_cow_file(path: &Path, entry: &SnapshotEntry) -> Result<()> {
+    let (id, store) = (entry.id, entry.store.as_str());
     if store == "N" {
         return Ok(());
     }
-    let dev = FileDevice::open_exclusive(path, false)?;
-    if id.is_some_and(|want| dev.id().ok() != Some(want)) {
+    let file = FileDevice::open_exclusive(path, false)?;
+    if id.is_some_and(|want| file.id().ok() != Some(want)) {
         return Err(Error::Replaced(format!(
             "{} is no longer the file the pool took",
             path.display()
         )));
     }
-    let store = PersistentStore::open(Arc::new(dev), None, false)?;
+    let mut dev: Arc<dyn BlockDevice> = Arc::new(file);
+    for l in &entry.cow_layers {
+        if let manifest::LayerEntry::Target(spec @ cowsnap_core::layers::LayerSpec::Linear { .. }) =
+            l
+        {
+            dev = spec.build(dev)?.as_device();
+        }
+    }
+    let store = PersistentStore::open(dev, None, false)?;
     if store.is_fresh() {
         return Ok(());
     }
