@@ -502,9 +502,16 @@ impl Bbr {
     /// Status now.
     pub fn status(&self) -> BbrStatus {
         let failure = self.failure.lock().clone();
+        let spares = self.store.usage();
+        // Exhausted since a relocation found no spare, or since the spares ran out in an
+        // earlier run (a restart forgets the first: the table still has no room).
+        let no_room = spares
+            .total_sectors
+            .saturating_sub(spares.allocated_sectors)
+            < self.cs.sectors();
         let state = if failure.is_some() {
             "failed"
-        } else if self.exhausted.load(Ordering::SeqCst) {
+        } else if self.exhausted.load(Ordering::SeqCst) || no_room {
             "exhausted"
         } else {
             "ok"
@@ -519,7 +526,7 @@ impl Bbr {
             unreadable_sectors: self.unreadable.sectors(),
             read_errors: c.read_errors.load(Ordering::SeqCst),
             write_errors: c.write_errors.load(Ordering::SeqCst),
-            spares: self.store.usage(),
+            spares,
             chunk_sectors: self.cs.sectors(),
         }
     }
