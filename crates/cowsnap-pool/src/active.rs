@@ -255,7 +255,8 @@ impl VolumeInfo {
             snap.status(),
             snap.store().usage(),
             snap.exceptions().completed_count(),
-            snap.invalid_reason(),
+            // The first reason, recorded when the COW's header may not have taken it.
+            entry.invalid.clone().or_else(|| snap.invalid_reason()),
         );
         let mut info = VolumeInfo::snapshot(entry, snap.size(), path, Some(numbers));
         let index = snap.exceptions().index();
@@ -731,6 +732,9 @@ impl ActivePool {
                 ))),
                 Some(origin) => {
                     open_snapshot(&pool, origin, s, &mut seen).and_then(|(snap, id)| {
+                        if let Some(why) = &s.invalid {
+                            snap.invalidate(why);
+                        }
                         origin.activate(&snap)?;
                         Ok((snap, id))
                     })
@@ -1073,6 +1077,45 @@ impl ActivePool {
             }
         }
         Ok(())
+    }
+
+    /// Records in the manifest why each invalid snapshot whose COW has layers is invalid
+    /// (see [`SnapshotEntry::invalid`]): its header may not say so. Returns a warning when
+    /// the manifest could not be written.
+    pub fn record_invalid(&self) -> Vec<String> {
+        let mut inner = self.inner.lock();
+        let found: Vec<(String, String)> = inner
+            .snapshots
+            .iter()
+            .filter(|(_, s)| {
+                !s.snap.is_valid() && !s.entry.cow_layers.is_empty() && s.entry.invalid.is_none()
+            })
+            .map(|(name, s)| {
+                let why = s.snap.invalid_reason().unwrap_or_else(|| "invalid".into());
+                (name.clone(), why)
+            })
+            .collect();
+        if found.is_empty() {
+            return Vec::new();
+        }
+        let mut next = inner.pool.manifest().clone();
+        for (name, why) in &found {
+            if let Some(e) = next.snapshots.iter_mut().find(|e| &e.name == name) {
+                e.invalid = Some(why.clone());
+            }
+        }
+        if let Err(e) = inner.pool.commit(next) {
+            return vec![format!(
+                "could not record in the manifest that snapshots {:?} are invalid ({e}): the header of a COW under failing layers may still call it valid",
+                found.iter().map(|(n, _)| n).collect::<Vec<_>>()
+            )];
+        }
+        for (name, why) in found {
+            if let Some(s) = inner.snapshots.get_mut(&name) {
+                s.entry.invalid = Some(why);
+            }
+        }
+        Vec::new()
     }
 
     /// Writes every snapshot's recent exceptions into its index (a stop does this, so the

@@ -531,6 +531,7 @@ impl Pool {
                 removing: false,
                 merging: None,
                 cow_layers,
+                invalid: None,
             },
             store,
             warning,

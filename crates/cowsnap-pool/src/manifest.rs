@@ -149,6 +149,12 @@ pub struct SnapshotEntry {
     /// The layers between the COW file and the store, bottom first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cow_layers: Vec<LayerEntry>,
+    /// Why the snapshot became invalid, recorded when its COW has layers: the header's
+    /// `valid = 0` went through those layers, which may have failed it too, and a stack
+    /// built afresh would load the COW as valid without the copy-outs it missed. The next
+    /// activation invalidates it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }
 
 /// A snapshot's merge into its origin, as the manifest keeps it.
@@ -472,6 +478,7 @@ mod tests {
             removing: true,
             merging: None,
             cow_layers: Vec::new(),
+            invalid: None,
         });
         m
     }

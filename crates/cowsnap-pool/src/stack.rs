@@ -338,6 +338,16 @@ impl Pool {
             id: Some(file.id()),
             chunk_sectors: chunk.sectors(),
         };
+        // An unreadable list (or an index) by this name is left by an earlier bbr layer
+        // whose removal stopped after its commit: it belongs to no layer, and the new one
+        // must not report that device's lost sectors as its own.
+        let list = self.bbr_unreadable_path(&entry);
+        if let Err(e) = std::fs::remove_file(&list) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(Error::io("unlink", 0, list.display().to_string(), e));
+            }
+        }
+        let _ = std::fs::remove_dir_all(self.bbr_index_dir(&entry));
         Ok((LayerEntry::Bbr(entry), file))
     }
 

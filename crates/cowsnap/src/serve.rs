@@ -530,7 +530,11 @@ fn stop(server: &Server, active: &ActivePool, sockets: &[PathBuf]) -> Result<()>
     // Each merger finishes its batch under way; the next start resumes from the COW.
     active.stop_merges();
     let flushed_all = active.flush_all();
-    for w in active.checkpoint_indexes() {
+    for w in active
+        .checkpoint_indexes()
+        .into_iter()
+        .chain(active.record_invalid())
+    {
         eprintln!("cowsnap: warning: {w}");
     }
     for s in sockets {

@@ -335,7 +335,17 @@ impl Bbr {
         }
     }
 
-    fn write_piece(&self, data: &[u8], p: &ChunkPiece, offset: u64, fua: Fua) -> Result<()> {
+    /// Writes piece `p` where its chunk lives, relocating it if that fails with a media
+    /// error. `failed`: the device already failed this piece's write (a whole request's
+    /// write reported its offset), so the first round relocates without writing again.
+    fn write_piece(
+        &self,
+        data: &[u8],
+        p: &ChunkPiece,
+        offset: u64,
+        fua: Fua,
+        mut failed: Option<Error>,
+    ) -> Result<()> {
         let first = offset / SECTOR_SIZE;
         let end = first + p.len / SECTOR_SIZE;
         let mut spare_tries = 0;
@@ -351,7 +361,10 @@ impl Bbr {
             }
             let (place, guard) = self.resolve(p.chunk)?;
             let (dev, base) = self.place_offset(place);
-            let r = dev.write_at(data, base + p.offset_in_chunk, fua);
+            let r = match failed.take() {
+                Some(e) if place == Place::Device(p.chunk) => Err(e),
+                _ => dev.write_at(data, base + p.offset_in_chunk, fua),
+            };
             drop(guard);
             match r {
                 Ok(()) => {
@@ -536,20 +549,22 @@ impl Bbr {
     /// Status now.
     pub fn status(&self) -> BbrStatus {
         let failure = self.failure.lock().clone();
-        let state = if failure.is_some() {
-            "failed"
-        } else if self.exhausted.load(Ordering::SeqCst) {
-            "exhausted"
-        } else {
-            "ok"
-        };
-        let c = &self.counters;
         let spares = self.store.usage();
+        // No spare left: a relocation found none, or none fits (a restart forgets the
+        // first; the table still has no room).
         let spares_left = if self.exhausted.load(Ordering::SeqCst) {
             0
         } else {
             free_data_chunks(&spares, self.cs)
         };
+        let state = if failure.is_some() {
+            "failed"
+        } else if spares_left == 0 {
+            "exhausted"
+        } else {
+            "ok"
+        };
+        let c = &self.counters;
         BbrStatus {
             state: state.into(),
             failure,
@@ -634,17 +649,29 @@ impl BlockDevice for Bbr {
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
+        let mut failed = None;
         if let Some(tracked) = self.all_on_device(offset, buf.len() as u64)? {
             match self.data.write_at(buf, offset, fua) {
-                // Piece by piece: each failing chunk is relocated (pieces written already
-                // are written again, the same bytes at the same place).
-                Err(e) if is_media_error(&e) => drop(tracked),
+                // Piece by piece: the piece the error names is relocated without another
+                // try; the others are written again (the same bytes at the same place),
+                // and relocated if they fail too.
+                Err(e) if is_media_error(&e) => {
+                    drop(tracked);
+                    failed = Some(e);
+                }
                 other => return other,
             }
         }
+        let failing = failed.as_ref().map(|e| match e {
+            Error::Io { offset: at, .. } if (offset..offset + buf.len() as u64).contains(at) => {
+                self.cs.chunk_of_byte(*at)
+            }
+            _ => self.cs.chunk_of_byte(offset),
+        });
         for p in self.cs.split(offset, buf.len() as u64) {
             let at = offset + p.buf_offset;
-            self.write_piece(&buf[p.buf_range()], &p, at, fua)?;
+            let known = failed.take_if(|_| failing == Some(p.chunk));
+            self.write_piece(&buf[p.buf_range()], &p, at, fua, known)?;
         }
         Ok(())
     }
