@@ -138,7 +138,14 @@ impl UnreadableList {
         staged.push(".new");
         let staged = PathBuf::from(staged);
         let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&staged)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Private, like every file of a pool.
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&staged)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&staged, path)?;
@@ -251,6 +258,8 @@ mod tests {
         assert_eq!(l.sectors(), 0);
         l.add(&[(5, 9)]).unwrap();
         assert_eq!(UnreadableList::open(&p).unwrap().ranges(), vec![(5, 4)]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         fs::write(&p, b"{\"version\":1,\"ranges\":[[3,0]]}").unwrap();
         assert!(matches!(
             UnreadableList::open(&p),
