@@ -169,7 +169,8 @@ fn export_for(
     // Only a volume that is its file: under layers (a linear offset, bbr's relocated
     // chunks, test-zero) the file's holes are not the volume's, and punching the file
     // would not zero a relocated chunk.
-    let regular = info.layers.is_empty()
+    let regular = (info.layers.is_empty()
+        || cowsnap_core::mutation::active("layered-origin-file-holes"))
         && std::fs::metadata(&path).is_ok_and(|m| {
             m.is_file() && FileId::of(&m).is_some() && FileId::of(&m) == active.file_id(name)
         });

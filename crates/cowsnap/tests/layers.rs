@@ -1008,3 +1008,63 @@ fn layers_make_the_manifest_version_4_and_their_removal_brings_back_2() {
     pool.ok(&["layer", "remove", "s", "test-zero"]);
     assert_eq!(manifest_version(&pool), 2);
 }
+
+/// A copy tool trusts block status: a chunk relocated off a hole of the origin's file must
+/// not be reported as a hole (the file's holes are not the volume's under layers), or
+/// `qemu-img convert` copies zeros in its place. Likewise a `linear` origin's holes are
+/// not its file's at the same offsets.
+#[test]
+fn block_status_of_an_origin_on_layers_is_the_volumes_not_its_files() {
+    need_tools(&["qemu-io", "qemu-img"]);
+    let pool = Pool::new("layers-holes");
+    pool.ok(&[
+        "origin",
+        "create",
+        "disk",
+        "--size",
+        "8M",
+        "--layer",
+        "test-dust 8 enabled",
+        "--layer",
+        "bbr 1M",
+    ]);
+    pool.ok(&[
+        "origin",
+        "create",
+        "lin",
+        "--size",
+        "8M",
+        "--layer",
+        "linear 2048 4096",
+    ]);
+    let d = pool.serve();
+    let disk = pool.uri("disk");
+    // Block 5 fails its first write: the data goes to a spare, the file keeps its hole.
+    message(&pool, "disk", "test-dust", "addbadblock 5 1");
+    qemu_io(&disk, &["write -P 0x5a 20k 4k"]);
+    assert_eq!(u64_of(&detail(&pool, "disk", "bbr"), "relocations"), 1);
+    let file = std::fs::read(pool.path("disk.img")).unwrap();
+    assert!(
+        file[20 << 10..24 << 10].iter().all(|&b| b == 0),
+        "the file has no data there"
+    );
+    let copy = pool.dir.with_extension("disk-copy.img");
+    image_of(&disk, &copy);
+    let got = std::fs::read(&copy).unwrap();
+    assert!(
+        got[20 << 10..24 << 10].iter().all(|&b| b == 0x5a),
+        "the relocated chunk was copied as a hole"
+    );
+    // `lin` is sectors 2048.. of its file: data at its offset 0 is at 1 MiB in the file,
+    // where the file's first MiB (a hole) says nothing.
+    let lin = pool.uri("lin");
+    qemu_io(&lin, &["write -P 0x6b 0 64k"]);
+    let copy = pool.dir.with_extension("lin-copy.img");
+    image_of(&lin, &copy);
+    let got = std::fs::read(&copy).unwrap();
+    assert!(
+        got[..64 << 10].iter().all(|&b| b == 0x6b),
+        "linear data copied as a hole"
+    );
+    d.stop_ok();
+}

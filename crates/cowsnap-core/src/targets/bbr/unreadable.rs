@@ -259,7 +259,10 @@ mod tests {
         l.add(&[(5, 9)]).unwrap();
         assert_eq!(UnreadableList::open(&p).unwrap().ranges(), vec![(5, 4)]);
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::write(&p, b"{\"version\":1,\"ranges\":[[3,0]]}").unwrap();
         assert!(matches!(
             UnreadableList::open(&p),
