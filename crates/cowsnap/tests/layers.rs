@@ -76,6 +76,22 @@ fn identical(a: &str, b: &str) -> bool {
 }
 
 /// `cowsnap layer message VOLUME LAYER WORDS...`, which must succeed; its answer.
+/// Creates origin `name` of `size` on `test-dust 8 enabled` under `bbr` (the layer spec
+/// given, e.g. `bbr 1M`).
+fn dust_bbr_origin(pool: &Pool, name: &str, size: &str, bbr: &str) {
+    pool.ok(&[
+        "origin",
+        "create",
+        name,
+        "--size",
+        size,
+        "--layer",
+        "test-dust 8 enabled",
+        "--layer",
+        bbr,
+    ]);
+}
+
 fn message(pool: &Pool, volume: &str, layer: &str, words: &str) -> String {
     let mut args = vec!["layer", "message", volume, layer];
     args.extend(words.split_whitespace());
@@ -230,17 +246,7 @@ fn ext4_on_bbr_over_bad_blocks_through_fuse_and_loop_with_a_live_snapshot() {
     let seed = seed();
     let mut rng = SplitMix(seed);
     let pool = Pool::new("layers-ext4");
-    pool.ok(&[
-        "origin",
-        "create",
-        "disk",
-        "--size",
-        "64M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 8M",
-    ]);
+    dust_bbr_origin(&pool, "disk", "64M", "bbr 8M");
     let files = pool.dir.with_extension("files");
     std::fs::create_dir_all(&files).unwrap();
     let d = pool.serve_with(&["--fuse", files.to_str().unwrap()], &[]);
@@ -406,17 +412,7 @@ fn relocations_outlive_a_restart_that_forgets_the_bad_blocks() {
     let seed = seed();
     let mut rng = SplitMix(seed);
     let pool = Pool::new("layers-restart");
-    pool.ok(&[
-        "origin",
-        "create",
-        "disk",
-        "--size",
-        "16M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 2M",
-    ]);
+    dust_bbr_origin(&pool, "disk", "16M", "bbr 2M");
     let d = pool.serve();
     let disk = pool.uri("disk");
     qemu_io(&disk, &["write -P 0x11 0 8M"]);
@@ -505,17 +501,7 @@ fn relocations_outlive_a_restart_that_forgets_the_bad_blocks() {
 fn read_errors_are_reported_and_listed_never_relocated() {
     need_tools(&["qemu-io"]);
     let pool = Pool::new("layers-unreadable");
-    pool.ok(&[
-        "origin",
-        "create",
-        "disk",
-        "--size",
-        "8M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 1M",
-    ]);
+    dust_bbr_origin(&pool, "disk", "8M", "bbr 1M");
     let d = pool.serve();
     let disk = pool.uri("disk");
     qemu_io(&disk, &["write -P 0x31 0 1M"]);
@@ -565,17 +551,7 @@ fn spares_run_out_and_the_daemon_serves_on() {
     need_tools(&["qemu-io"]);
     let pool = Pool::new("layers-exhausted");
     // 16 KiB of 4 KiB chunks: the header, a table area and 2 spares.
-    pool.ok(&[
-        "origin",
-        "create",
-        "small",
-        "--size",
-        "8M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 16K",
-    ]);
+    dust_bbr_origin(&pool, "small", "8M", "bbr 16K");
     pool.ok(&["origin", "create", "other", "--size", "8M"]);
     let d = pool.serve();
     let small = pool.uri("small");
@@ -834,17 +810,7 @@ fn bad_layer_specs_and_misuses_are_refused_clearly() {
     names.sort();
     assert!(names.is_empty(), "left behind: {names:?}");
 
-    pool.ok(&[
-        "origin",
-        "create",
-        "disk",
-        "--size",
-        "8M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 1M",
-    ]);
+    dust_bbr_origin(&pool, "disk", "8M", "bbr 1M");
     let e = pool.refused(&[
         "snapshot",
         "create",
@@ -926,17 +892,7 @@ fn bad_layer_specs_and_misuses_are_refused_clearly() {
 fn a_bbr_made_again_after_a_crashed_removal_inherits_no_unreadable_sector() {
     need_tools(&["qemu-io"]);
     let pool = Pool::new("layers-stale-list");
-    pool.ok(&[
-        "origin",
-        "create",
-        "disk",
-        "--size",
-        "8M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 1M",
-    ]);
+    dust_bbr_origin(&pool, "disk", "8M", "bbr 1M");
     let d = pool.serve();
     let disk = pool.uri("disk");
     qemu_io(&disk, &["write -P 0x21 0 64k"]);
@@ -1017,17 +973,7 @@ fn layers_make_the_manifest_version_4_and_their_removal_brings_back_2() {
 fn block_status_of_an_origin_on_layers_is_the_volumes_not_its_files() {
     need_tools(&["qemu-io", "qemu-img"]);
     let pool = Pool::new("layers-holes");
-    pool.ok(&[
-        "origin",
-        "create",
-        "disk",
-        "--size",
-        "8M",
-        "--layer",
-        "test-dust 8 enabled",
-        "--layer",
-        "bbr 1M",
-    ]);
+    dust_bbr_origin(&pool, "disk", "8M", "bbr 1M");
     pool.ok(&[
         "origin",
         "create",
