@@ -410,6 +410,49 @@ fn a_relocation_waits_for_writes_already_going_to_the_failing_chunk() {
     );
 }
 
+/// A write that arrives while its chunk is being relocated waits for the relocation and
+/// then goes to the spare: sent to the old place, it would be acknowledged and left
+/// behind. Fails with the mutation `bbr-writes-ignore-pending`.
+#[test]
+fn a_write_during_a_relocation_waits_for_it() {
+    let disk = Media::new(Arc::new(MemDevice::from_bytes(&pattern(1, 0, 16 * CS))));
+    let spare_mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(16 * CS));
+    let spares = Arc::new(GatedDevice::new(spare_mem));
+    let bbr = Bbr::in_memory(disk.clone(), relocation_store(spares.clone())).unwrap();
+    // Sectors 4..8 of chunk 2 fail writes; sectors 0..4 take them.
+    disk.bad_writes.lock().extend(2 * 8 + 4..2 * 8 + 8);
+    // Hold the relocation's copy to its spare (the table's first data chunk, 2).
+    let gate = spares.gate(OpKind::Write, 2 * CS, 3 * CS, 1);
+    let first = pattern(41, 0, 2048);
+    let second = pattern(42, 0, 2048);
+    thread::scope(|s| {
+        let b1 = bbr.clone();
+        let f = first.clone();
+        let w1 = s.spawn(move || b1.write_at(&f, 2 * CS + 2048, Fua::No));
+        gate.wait_arrived(1);
+        let b2 = bbr.clone();
+        let sd = second.clone();
+        let w2 = s.spawn(move || b2.write_at(&sd, 2 * CS, Fua::No));
+        // The second write waits on the relocation, or (without the rule) finishes.
+        wait_until(|| {
+            bbr.exceptions()
+                .pending(Chunk(2))
+                .is_some_and(|p| p.waiters() >= 1)
+                || w2.is_finished()
+        });
+        gate.release();
+        w1.join().unwrap().unwrap();
+        w2.join().unwrap().unwrap();
+    });
+    let got = read(&*bbr, 2 * CS, CS).unwrap();
+    assert_eq!(&got[2048..], &first[..]);
+    assert_eq!(
+        &got[..2048],
+        &second[..],
+        "the write made during the relocation was left behind"
+    );
+}
+
 /// A power cut at every write and flush of a relocation (spare data, flush, table area),
 /// with every subset of unflushed sectors surviving: after restart the chunk reads either
 /// its old data (the write was not acknowledged) or the relocated data, and never both

@@ -472,7 +472,8 @@ fn open_origin(
 ) -> Result<(Arc<Origin>, FileId)> {
     let path = pool.resolve(&o.path);
     unaliased(&path, &format!("origin {:?}", o.name), seen)?;
-    let dev = pool.open_volume_file(&path, o.id)?;
+    let under_bbr = o.layers.iter().any(|l| matches!(l, LayerEntry::Bbr(_)));
+    let dev = pool.open_volume_file_with(&path, o.id, under_bbr)?;
     let id = dev.id()?;
     for i in id.with_backing() {
         seen.insert(i, format!("origin {:?}", o.name));
@@ -1025,7 +1026,7 @@ impl ActivePool {
             )));
         }
         // The message runs outside the pool's lock: a slow layer must not stall the pool.
-        let (entries, layers) = inner
+        let (_, entries, layers) = inner
             .pool
             .running_stack(volume)
             .ok_or_else(|| Error::InvalidArgument(format!("volume {volume:?} has no layers")))?;
@@ -1550,6 +1551,10 @@ pub(super) fn list_offline(
             }
             Err(e) => VolumeInfo::failed(&s.name, &Failed::snapshot(pool, s, e.to_string())),
         });
+        if let (Some(info), false) = (out.last_mut(), s.cow_layers.is_empty()) {
+            let base = FileDevice::open_read_only(&path).map_or(0, |d| d.size());
+            info.layers = stack::layer_infos(base, &s.cow_layers, None);
+        }
     }
     Ok(out)
 }

@@ -265,7 +265,23 @@ impl Pool {
         path: &Path,
         expected: Option<FileId>,
     ) -> Result<FileDevice> {
-        let dev = FileDevice::open_exclusive(path, self.direct)?;
+        self.open_volume_file_with(path, expected, false)
+    }
+
+    /// [`open_volume_file`](Self::open_volume_file), with `sync` every write durable when it
+    /// returns (`O_DSYNC`): the file under a `bbr` layer, whose write errors must come
+    /// from the write that failed.
+    pub(crate) fn open_volume_file_with(
+        &self,
+        path: &Path,
+        expected: Option<FileId>,
+        sync: bool,
+    ) -> Result<FileDevice> {
+        let dev = if sync {
+            FileDevice::open_exclusive_sync(path, self.direct)?
+        } else {
+            FileDevice::open_exclusive(path, self.direct)?
+        };
         let id = dev.id()?;
         if let Some(want) = expected {
             if want != id {
@@ -338,6 +354,9 @@ impl Pool {
             .chain(self.manifest.snapshots.iter().filter_map(|s| {
                 id(&s.cow, s.id).map(|i| (format!("the COW of snapshot {:?}", s.name), i))
             }))
+            .chain(self.manifest.bbr_layers().filter_map(|(v, b)| {
+                id(&b.spares, b.id).map(|i| (format!("the bbr spare file of {v:?}"), i))
+            }))
             .collect()
     }
 
@@ -346,7 +365,13 @@ impl Pool {
         let in_pool = fs::canonicalize(&self.dir).is_ok_and(|d| path.parent() == Some(&d));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
         if in_pool
-            && name.is_some_and(|n| n.starts_with('.') || n == MANIFEST || n == "daemon.lock")
+            && name.is_some_and(|n| {
+                n.starts_with('.')
+                    || n == MANIFEST
+                    || n == "daemon.lock"
+                    || n.ends_with(".spares")
+                    || n.ends_with(".unreadable")
+            })
         {
             return Err(Error::InvalidArgument(format!(
                 "{} is one of the pool's own files: keep adopted files outside the pool directory",

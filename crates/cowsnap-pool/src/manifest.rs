@@ -219,7 +219,11 @@ fn check_stack(name: &str, layers: &[LayerEntry], plain: &dyn Fn(&PathBuf) -> bo
                         b.spares.display()
                     )));
                 }
-                ChunkSize::from_sectors(b.chunk_sectors).map_err(|e| bad(format!("bbr: {e}")))?;
+                let cs = ChunkSize::from_sectors(b.chunk_sectors)
+                    .map_err(|e| bad(format!("bbr: {e}")))?;
+                if cs.bytes() > cowsnap_core::targets::bbr::MAX_CHUNK_BYTES {
+                    return Err(bad(format!("bbr: chunk size {cs} is larger than 1M")));
+                }
             }
         }
     }
@@ -417,7 +421,11 @@ impl Manifest {
     /// the directory).
     pub fn store(&self, dir: &Path) -> Result<()> {
         let mut this = self.clone();
-        this.version = if this.stacks().any(|(_, l)| !l.is_empty()) {
+        // A recorded invalid snapshot needs version 4 too: an older cowsnap ignores the
+        // record and would serve the snapshot as valid.
+        this.version = if this.stacks().any(|(_, l)| !l.is_empty())
+            || this.snapshots.iter().any(|s| s.invalid.is_some())
+        {
             MANIFEST_VERSION
         } else if this.snapshots.iter().any(|s| s.merging.is_some()) {
             MANIFEST_VERSION_MERGING

@@ -20,7 +20,7 @@ use cowsnap_core::exception::persistent::format::TableKind;
 use cowsnap_core::exception::persistent::PersistentStore;
 use cowsnap_core::exception::{ExceptionStore, IndexConfig, Resume};
 use cowsnap_core::layers::{Layer, LayerSpec};
-use cowsnap_core::targets::bbr::{Bbr, UnreadableList};
+use cowsnap_core::targets::bbr::{Bbr, UnreadableList, MAX_CHUNK_BYTES};
 use cowsnap_core::units::{is_sector_aligned, parse_size, ChunkSize};
 
 use super::manifest::{stack_size, BbrEntry, BbrTarget, LayerEntry};
@@ -73,6 +73,15 @@ impl LayerRequest {
                 size(w, "chunk size").and_then(|b| {
                     ChunkSize::from_bytes(b)
                         .map_err(|e| Error::InvalidArgument(format!("bbr chunk size: {e}")))
+                        .and_then(|c| {
+                            if c.bytes() > MAX_CHUNK_BYTES {
+                                Err(Error::InvalidArgument(format!(
+                                    "bbr chunk size {c} is too large: at most 1M (a chunk that cannot be read whole is salvaged in memory)"
+                                )))
+                            } else {
+                                Ok(c)
+                            }
+                        })
                 })
             })
             .transpose()?;
@@ -80,8 +89,37 @@ impl LayerRequest {
     }
 }
 
-/// A running stack: its base's size, its entries and its layers.
-pub(crate) type RunningStack = (u64, Vec<LayerEntry>, Vec<BuiltLayer>);
+/// A running stack: its base's size, its entries and its layers, held weakly: the volume
+/// holds its stack (each layer holds the one below), and a stack whose volume is gone
+/// (removed, merged, a create that failed) must let go of its files at once.
+pub(crate) type RunningStack = (u64, Vec<LayerEntry>, Vec<WeakLayer>);
+
+/// A layer of a running stack, not keeping it alive.
+#[derive(Clone, Debug)]
+pub(crate) enum WeakLayer {
+    /// A layer with no file of its own.
+    Target(std::sync::Weak<dyn Layer>),
+    /// Bad-block relocation.
+    Bbr(std::sync::Weak<Bbr>),
+}
+
+impl WeakLayer {
+    fn upgrade(&self) -> Option<BuiltLayer> {
+        match self {
+            WeakLayer::Target(w) => w.upgrade().map(BuiltLayer::Target),
+            WeakLayer::Bbr(w) => w.upgrade().map(BuiltLayer::Bbr),
+        }
+    }
+}
+
+impl BuiltLayer {
+    fn downgrade(&self) -> WeakLayer {
+        match self {
+            BuiltLayer::Target(l) => WeakLayer::Target(Arc::downgrade(l)),
+            BuiltLayer::Bbr(b) => WeakLayer::Bbr(Arc::downgrade(b)),
+        }
+    }
+}
 
 /// A layer of a running stack.
 #[derive(Clone, Debug)]
@@ -375,41 +413,35 @@ impl Pool {
             top = layer.device();
             built.push(layer);
         }
+        let mut running = self.running.lock();
+        // Stacks whose volumes are gone.
+        running.retain(|_, (_, _, weak)| weak.iter().all(|w| w.upgrade().is_some()));
         if built.is_empty() {
-            self.running.lock().remove(volume);
+            running.remove(volume);
         } else {
-            self.running.lock().insert(
-                volume.to_string(),
-                (base_bytes, layers.to_vec(), built.clone()),
-            );
+            let weak = built.iter().map(BuiltLayer::downgrade).collect();
+            running.insert(volume.to_string(), (base_bytes, layers.to_vec(), weak));
         }
+        drop(running);
         Ok((top, built))
     }
 
-    /// The running layers of volume `volume`, bottom first.
-    pub fn running_layers(&self, volume: &str) -> Vec<BuiltLayer> {
-        self.running
-            .lock()
-            .get(volume)
-            .map(|(_, _, b)| b.clone())
-            .unwrap_or_default()
+    /// The entries and layers of volume `volume`'s running stack, while its volume lives.
+    pub(crate) fn running_stack(
+        &self,
+        volume: &str,
+    ) -> Option<(u64, Vec<LayerEntry>, Vec<BuiltLayer>)> {
+        let running = self.running.lock();
+        let (base, entries, weak) = running.get(volume)?;
+        let built: Option<Vec<BuiltLayer>> = weak.iter().map(WeakLayer::upgrade).collect();
+        Some((*base, entries.clone(), built?))
     }
 
     /// Table and status of volume `volume`'s running layers.
     pub fn running_layer_infos(&self, volume: &str) -> Vec<LayerInfo> {
-        self.running
-            .lock()
-            .get(volume)
-            .map(|(base, entries, built)| layer_infos(*base, entries, Some(built)))
+        self.running_stack(volume)
+            .map(|(base, entries, built)| layer_infos(base, &entries, Some(&built)))
             .unwrap_or_default()
-    }
-
-    /// The entries and layers of volume `volume`'s running stack.
-    pub(crate) fn running_stack(&self, volume: &str) -> Option<(Vec<LayerEntry>, Vec<BuiltLayer>)> {
-        self.running
-            .lock()
-            .get(volume)
-            .map(|(_, e, b)| (e.clone(), b.clone()))
     }
 
     fn open_bbr(
@@ -527,16 +559,26 @@ impl Pool {
             }
             LayerEntry::Target(_) => {}
             LayerEntry::Bbr(b) => {
-                let (relocations, unreadable) = self.bbr_holds(b)?;
-                if (relocations > 0 || unreadable > 0) && !force {
-                    return Err(Error::WrongState(format!(
-                        "the bbr layer of {volume:?} holds {relocations} relocated chunks and {unreadable} unreadable sectors: without it the volume would read the failing device's stale data there. Copy the volume off first, or add --force"
-                    )));
-                }
-                if relocations > 0 || unreadable > 0 {
-                    notes.push(format!(
+                match self.bbr_holds(b) {
+                    Ok((0, 0)) => {}
+                    Ok((relocations, unreadable)) if !force => {
+                        return Err(Error::WrongState(format!(
+                            "the bbr layer of {volume:?} holds {relocations} relocated chunks and {unreadable} unreadable sectors: without it the volume would read the failing device's stale data there. Copy the volume off first, or add --force"
+                        )));
+                    }
+                    Ok((relocations, unreadable)) => notes.push(format!(
                         "{relocations} relocated chunks and {unreadable} unreadable sectors of {volume:?} are forgotten: those places read what the device below holds"
-                    ));
+                    )),
+                    // A spare file that cannot be read may hold relocations: only --force
+                    // gives them up (a broken layer must stay removable).
+                    Err(e) if !force => {
+                        return Err(Error::WrongState(format!(
+                            "the bbr layer of {volume:?} cannot be read ({e}): it may hold relocated data. Add --force to remove it anyway"
+                        )));
+                    }
+                    Err(e) => notes.push(format!(
+                        "the bbr layer of {volume:?} could not be read ({e}); whatever it relocated is forgotten"
+                    )),
                 }
                 staged_removal =
                     Some((staging::stage_removal(&self.resolve(&b.spares), b.id)?, b.clone()));
@@ -562,8 +604,14 @@ impl Pool {
     /// What a `bbr` layer holds: relocations in its table, sectors on its unreadable list.
     fn bbr_holds(&self, b: &BbrEntry) -> Result<(u64, u64)> {
         let path = self.resolve(&b.spares);
-        let dev: Arc<dyn BlockDevice> =
-            Arc::new(cowsnap_core::dev::FileDevice::open_read_only(&path)?);
+        let file = cowsnap_core::dev::FileDevice::open_read_only(&path)?;
+        if b.id.is_some_and(|want| file.id().ok() != Some(want)) {
+            return Err(Error::Replaced(format!(
+                "{} is not the spare file the pool made",
+                path.display()
+            )));
+        }
+        let dev: Arc<dyn BlockDevice> = Arc::new(file);
         let store = PersistentStore::open_as(dev, None, false, TableKind::Relocation)?;
         let mut n = 0u64;
         if !store.is_fresh() {

@@ -92,6 +92,21 @@ fn dust_bbr_origin(pool: &Pool, name: &str, size: &str, bbr: &str) {
     ]);
 }
 
+/// Creates snapshot `name` of `origin` with a COW of `size` on the layer `layer`.
+fn snapshot_on_layer(pool: &Pool, name: &str, origin: &str, size: &str, layer: &str) {
+    pool.ok(&[
+        "snapshot",
+        "create",
+        name,
+        "--origin",
+        origin,
+        "--cow-size",
+        size,
+        "--cow-layer",
+        layer,
+    ]);
+}
+
 fn message(pool: &Pool, volume: &str, layer: &str, words: &str) -> String {
     let mut args = vec!["layer", "message", volume, layer];
     args.extend(words.split_whitespace());
@@ -341,10 +356,10 @@ fn ext4_on_bbr_over_bad_blocks_through_fuse_and_loop_with_a_live_snapshot() {
     run(&mut Command::new("sync"));
     let bbr = detail(&pool, "disk", "bbr");
     eprintln!("{failing} blocks failed writes; bbr: {bbr}");
-    // Every write error was relocated. A request over several failing blocks fails
-    // once (dust counts a failure on each of them, and reports the first); bbr relocates
-    // the chunk it names and writes the others again, one by one, so a block whose
-    // failures were used up takes its write in place: at most one relocation each.
+    // Every write error of a chunk was relocated. A request over several failing blocks
+    // fails once (dust counts a failure on each of them); bbr writes its pieces again one
+    // by one, so a block whose failures were used up takes its write in place: at most
+    // one relocation each.
     let relocations = u64_of(&bbr, "relocations");
     assert!((1..=failing).contains(&relocations), "{failing}: {bbr}");
     assert_eq!(u64_of(&bbr, "write_errors"), relocations, "{bbr}");
@@ -352,9 +367,9 @@ fn ext4_on_bbr_over_bad_blocks_through_fuse_and_loop_with_a_live_snapshot() {
     assert_eq!(u64_of(&bbr, "unreadable_sectors"), 0, "{bbr}");
     assert_eq!(u64_of(&bbr, "spare_failures"), 0, "{bbr}");
     let dust = detail(&pool, "disk", "test-dust");
-    // dust fails a request once (however many of its blocks fail): each failure reached
-    // bbr, which relocated it.
-    assert_eq!(u64_of(&dust, "write_errors"), relocations, "{dust}");
+    // dust fails a request once however many of its blocks fail; bbr writes the pieces
+    // of a failed request again one by one, and relocates each piece that fails again.
+    assert!(u64_of(&dust, "write_errors") >= relocations, "{dust}");
     assert_eq!(u64_of(&dust, "read_errors"), 0, "{dust}");
     let line = pool.ok(&["status", "disk"]);
     assert!(
@@ -614,17 +629,7 @@ fn a_failing_cow_invalidates_its_snapshot_with_the_reason_and_the_daemon_serves_
     let d = pool.serve();
     let o = pool.uri("o");
     qemu_io(&o, &["write -P 0x51 0 2M"]);
-    pool.ok(&[
-        "snapshot",
-        "create",
-        "s",
-        "--origin",
-        "o",
-        "--cow-size",
-        "8M",
-        "--cow-layer",
-        "test-flakey 1000000 1 error_writes",
-    ]);
+    snapshot_on_layer(&pool, "s", "o", "8M", "test-flakey 1000000 1 error_writes");
     pool.ok(&[
         "snapshot",
         "create",
@@ -715,17 +720,7 @@ fn a_merge_whose_cow_fails_reports_merge_failed_and_resumes_once_repaired() {
     let d = pool.serve();
     let disk = pool.uri("disk");
     qemu_io(&disk, &["write -P 0x61 0 4M"]);
-    pool.ok(&[
-        "snapshot",
-        "create",
-        "s",
-        "--origin",
-        "disk",
-        "--cow-size",
-        "4M",
-        "--cow-layer",
-        "test-dust 8 enabled",
-    ]);
+    snapshot_on_layer(&pool, "s", "disk", "4M", "test-dust 8 enabled");
     qemu_io(
         &pool.uri("s"),
         &["write -P 0x62 1M 64k", "write -P 0x63 3M 32k"],
@@ -933,17 +928,7 @@ fn layers_make_the_manifest_version_4_and_their_removal_brings_back_2() {
         "bbr 1M",
     ]);
     assert_eq!(manifest_version(&pool), 4);
-    pool.ok(&[
-        "snapshot",
-        "create",
-        "s",
-        "--origin",
-        "plain",
-        "--cow-size",
-        "1M",
-        "--cow-layer",
-        "test-delay 0",
-    ]);
+    snapshot_on_layer(&pool, "s", "plain", "1M", "test-delay 0");
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(pool.path("pool.json")).unwrap()).unwrap();
     assert_eq!(m["origins"][1]["layers"][1]["target"], "bbr", "{m}");
@@ -1013,4 +998,66 @@ fn block_status_of_an_origin_on_layers_is_the_volumes_not_its_files() {
         "linear data copied as a hole"
     );
     d.stop_ok();
+}
+
+/// The files a process has open (the targets of its `/proc/PID/fd` links).
+fn open_files(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// A snapshot on COW layers, removed live, lets go of its COW file at once (its space is
+/// freed, and nothing holds its lock), as a snapshot without layers does.
+#[test]
+fn a_removed_snapshot_on_layers_closes_its_cow() {
+    need_tools(&["qemu-io"]);
+    let pool = Pool::new("layers-close");
+    pool.ok(&["origin", "create", "o", "--size", "8M"]);
+    let d = pool.serve();
+    snapshot_on_layer(&pool, "s", "o", "4M", "test-delay 0");
+    qemu_io(&pool.uri("o"), &["write -P 0x12 0 1M"]);
+    let cow = std::fs::canonicalize(pool.path("s.cow"))
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        open_files(d.pid()).iter().any(|f| f.starts_with(&cow)),
+        "the daemon holds the COW while the snapshot lives"
+    );
+    pool.ok(&["snapshot", "remove", "s"]);
+    let held: Vec<String> = open_files(d.pid())
+        .into_iter()
+        .filter(|f| f.contains("s.cow"))
+        .collect();
+    assert!(held.is_empty(), "the removed COW is still open: {held:?}");
+    d.stop_ok();
+}
+
+/// A spare file is one of the pool's files (no volume may adopt it); a snapshot's COW
+/// layers show offline too; a bbr layer whose spare file is broken is removable, but only
+/// with --force (it may have held relocations).
+#[test]
+fn spare_files_are_the_pools_and_a_broken_bbr_is_removable_with_force() {
+    let pool = Pool::new("layers-spares");
+    dust_bbr_origin(&pool, "o", "8M", "bbr 1M");
+    let spares = pool.path("o.spares");
+    let e = pool.refused(&["origin", "add", "x", "--path", spares.to_str().unwrap()]);
+    assert!(
+        e.contains("pool's own files") || e.contains("already used"),
+        "{e}"
+    );
+    snapshot_on_layer(&pool, "s", "o", "2M", "test-delay 0");
+    let table = pool.ok(&["layer", "table", "s"]);
+    assert!(table.contains("s/0: 0 4096 test-delay"), "{table}");
+    assert!(pool.ok(&["list"]).contains("[on test-delay]"));
+    // The spare file loses its table: the layer cannot tell what it relocated.
+    std::fs::write(&spares, vec![0xffu8; 4096]).unwrap();
+    let e = pool.refused(&["layer", "remove", "o", "bbr"]);
+    assert!(e.contains("--force"), "{e}");
+    let out = pool.ok(&["layer", "remove", "o", "bbr", "--force"]);
+    assert!(out.contains("removed layer"), "{out}");
+    assert!(!spares.exists());
 }

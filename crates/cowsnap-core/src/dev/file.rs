@@ -82,7 +82,28 @@ impl FileDevice {
         Ok(dev)
     }
 
+    /// [`open_exclusive`](Self::open_exclusive) with `O_DSYNC` as well: every write is
+    /// durable when it returns, so a write the device cannot store fails itself. Through
+    /// the page cache alone it would succeed and its error surface at a later flush,
+    /// naming no write; a bad-block relocation layer needs the failing write.
+    pub fn open_exclusive_sync(path: impl AsRef<Path>, direct: bool) -> Result<Self> {
+        let path = path.as_ref();
+        let dev = Self::open_flags(path, false, direct, true, true)?;
+        super::claim::claim(&dev.file, &dev.path.display().to_string())?;
+        Ok(dev)
+    }
+
     fn open_with(path: &Path, read_only: bool, direct: bool, exclusive: bool) -> Result<Self> {
+        Self::open_flags(path, read_only, direct, exclusive, false)
+    }
+
+    fn open_flags(
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        exclusive: bool,
+        sync: bool,
+    ) -> Result<Self> {
         use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         let name = path.display().to_string();
         let mut opts = OpenOptions::new();
@@ -90,6 +111,9 @@ impl FileDevice {
         let mut flags = rustix::fs::OFlags::empty();
         if direct {
             flags |= rustix::fs::OFlags::DIRECT;
+        }
+        if sync {
+            flags |= rustix::fs::OFlags::DSYNC;
         }
         let block = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         if exclusive && block {

@@ -28,6 +28,6 @@ pub use persistent::PersistentStore;
 pub use store::{ExceptionStore, LoadOutcome, Resume, StoreKind, Usage};
 pub use table::{AlreadyMapped, Exception, ExceptionTable};
 pub use tracker::{
-    ExceptionTracker, OwnedPending, PendingException, ReadRoute, TrackedRead, WriteRoute,
+    ExceptionTracker, IoRoute, OwnedPending, PendingException, ReadRoute, TrackedRead, WriteRoute,
 };
 pub use transient::TransientStore;

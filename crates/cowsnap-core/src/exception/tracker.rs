@@ -140,6 +140,19 @@ pub enum WriteRoute {
     Own(OwnedPending),
 }
 
+/// Where an I/O of one chunk goes when a pending exception must hold it back (a
+/// relocation target's writes: the chunk is being moved, and a write to its old place
+/// would be left behind).
+#[derive(Debug)]
+pub enum IoRoute {
+    /// The chunk has a completed exception: use the new chunk.
+    Remapped(Chunk),
+    /// The chunk is being moved: wait on it, then route again.
+    Pending(Arc<PendingException>),
+    /// Use the old chunk; the I/O stays tracked until the guard drops.
+    Unmapped(TrackedRead),
+}
+
 /// A read routed to the old location; ends its tracking when dropped.
 #[derive(Debug)]
 pub struct TrackedRead {
@@ -247,6 +260,27 @@ impl ExceptionTracker {
             *st.tracked.entry(old).or_insert(0) += 1;
         }
         Ok(ReadRoute::Unmapped(TrackedRead {
+            tracker: self.inner.clone(),
+            chunk: old,
+        }))
+    }
+
+    /// Routes an I/O of chunk `old` that must not reach the old location while an exception
+    /// of it is pending; see [`IoRoute`]. While every I/O of the old location is routed
+    /// this way, the pending exception's owner may
+    /// [`wait_reads_drained`](Self::wait_reads_drained) before it completes: nothing new
+    /// is tracked meanwhile.
+    pub fn route_io(&self, old: Chunk) -> Result<IoRoute> {
+        let mut st = self.inner.shards[shard_of(old)].state.lock();
+        if self.inner.index.contains(old) {
+            drop(st);
+            return self.inner.index.lookup_member(old).map(IoRoute::Remapped);
+        }
+        if let Some(p) = st.pending.get(&old) {
+            return Ok(IoRoute::Pending(p.clone()));
+        }
+        *st.tracked.entry(old).or_insert(0) += 1;
+        Ok(IoRoute::Unmapped(TrackedRead {
             tracker: self.inner.clone(),
             chunk: old,
         }))

@@ -4,10 +4,11 @@
 //! It is the generic exception layer's second user, after snapshots, and holds only the
 //! policy. What it reuses unchanged:
 //! * [`ExceptionTracker`] (over an [`ExceptionIndex`]): *key → spare chunk* as completed
-//!   exceptions; a relocation is a pending exception, so requests on a chunk being
-//!   relocated wait on it (`route_write` answers `Wait`); every I/O to a chunk's current
-//!   location is *tracked* (`route_read`), so a relocation drains the writes already going
-//!   to the failing place before it reads the rest of the chunk from it;
+//!   exceptions; a relocation is a pending exception, so writes to a chunk being
+//!   relocated wait on it (`route_io` answers `Pending`, `route_write` `Wait`); every write
+//!   to a chunk's current place is *tracked* (`route_io`), so a relocation drains the
+//!   writes already going to the failing place before it reads the rest of the chunk;
+//!   reads follow the chain with `lookup`, untracked;
 //! * [`ExceptionStore`]: spares are allocated by `prepare` and `{key, spare}` committed by
 //!   `commit` with the store's crash-tested order (data durable before the entry); the
 //!   persistent store keeps them in the kernel's COW layout with the magic `BbRt`
@@ -16,7 +17,9 @@
 //! * [`Copier`]: moves the readable rest of a failing chunk to its spare with the request's
 //!   bytes laid over it (no read at all when the write covers the chunk).
 //!
-//! What it added to the layer: [`ExceptionStore::release`] (give up an allocation whose
+//! What it added to the layer: `ExceptionTracker::route_io` (a write must not reach the
+//! old place while a relocation is pending, where a snapshot's read may),
+//! [`ExceptionStore::release`] (give up an allocation whose
 //! spare write failed *without* failing the store, so another spare can be tried), a
 //! relocation table's magic, and loading a relocation table whose header was marked invalid
 //! (its relocations stay true; only new ones are refused).
@@ -59,14 +62,17 @@ use crate::dev::{check_request, AlignedBuf, BlockDevice, Fua};
 use crate::error::{Error, Result};
 use crate::exception::index::{load_store, IndexConfig};
 use crate::exception::{
-    Exception, ExceptionIndex, ExceptionStore, ExceptionTracker, LoadOutcome, ReadRoute,
-    TrackedRead, Usage, WriteRoute,
+    Exception, ExceptionIndex, ExceptionStore, ExceptionTracker, IoRoute, LoadOutcome,
+    PendingException, ReadRoute, TrackedRead, Usage, WriteRoute,
 };
 use crate::mutation;
 use crate::units::{mem_usize, Chunk, ChunkPiece, ChunkSize, SECTOR_SIZE};
 
 /// The tag of a key that names a failed spare chunk rather than a chunk of the device.
 pub const SPARE_KEY: u64 = 1 << 62;
+/// The largest chunk a relocation target takes: a relocation that cannot read its chunk
+/// whole holds it in memory, outside the copier's budget.
+pub const MAX_CHUNK_BYTES: u64 = 1 << 20;
 /// Spares one request tries before its write fails.
 pub const SPARE_ATTEMPTS: usize = 4;
 
@@ -187,6 +193,12 @@ impl Bbr {
         unreadable: UnreadableList,
     ) -> Result<Arc<Bbr>> {
         let cs = store.chunk_size();
+        if cs.bytes() > MAX_CHUNK_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "a relocation chunk of {cs} is too large: at most {}K",
+                MAX_CHUNK_BYTES >> 10
+            )));
+        }
         let spares = store.cow().clone();
         let device = spares.describe();
         let data_chunks = cs.chunks_covering(data.size());
@@ -265,22 +277,66 @@ impl Bbr {
         &self.tracker
     }
 
-    /// Where chunk `c`'s data lives now, following the chain of relocations.
-    fn resolve(&self, c: Chunk) -> Result<(Place, TrackedRead)> {
+    /// Where chunk `c`'s data lives now, following the chain of relocations (reads: not
+    /// tracked; a read of a place being moved returns what it held, all writes to it
+    /// being held back by the relocation).
+    fn locate(&self, c: Chunk) -> Result<Place> {
         let mut place = Place::Device(c);
         // Each link names a spare allocated once, so a chain is at most as long as the
         // table; the bound only protects against a damaged table.
         for _ in 0..=self.tracker.completed_count() {
-            match self.tracker.route_read(place.key())? {
-                ReadRoute::Remapped(s) => place = Place::Spare(s),
-                ReadRoute::Unmapped(guard) => return Ok((place, guard)),
+            match self.tracker.lookup(place.key())? {
+                Some(s) => place = Place::Spare(s),
+                None => return Ok(place),
             }
         }
-        Err(Error::Corrupt {
+        Err(self.loop_error(c))
+    }
+
+    /// Where a write (or discard) of chunk `c` goes: the chunk's current place, tracked
+    /// until the guard drops, or the relocation under way to wait for (then route again).
+    fn route(
+        &self,
+        c: Chunk,
+    ) -> Result<std::result::Result<(Place, TrackedRead), Arc<PendingException>>> {
+        let mut place = Place::Device(c);
+        for _ in 0..=self.tracker.completed_count() {
+            let route = if mutation::active("bbr-writes-ignore-pending") {
+                match self.tracker.route_read(place.key())? {
+                    ReadRoute::Remapped(s) => IoRoute::Remapped(s),
+                    ReadRoute::Unmapped(t) => IoRoute::Unmapped(t),
+                }
+            } else {
+                self.tracker.route_io(place.key())?
+            };
+            match route {
+                IoRoute::Remapped(s) => place = Place::Spare(s),
+                IoRoute::Pending(p) => return Ok(Err(p)),
+                IoRoute::Unmapped(guard) => return Ok(Ok((place, guard))),
+            }
+        }
+        Err(self.loop_error(c))
+    }
+
+    fn loop_error(&self, c: Chunk) -> Error {
+        Error::Corrupt {
             device: self.spares.describe(),
             offset: 0,
             reason: format!("the relocations of chunk {c} form a loop"),
-        })
+        }
+    }
+
+    /// EIO when a sector of `first..end` is on the unreadable list.
+    fn check_listed(&self, first: u64, end: u64) -> Result<()> {
+        if self.unreadable.intersects(first, end) {
+            return Err(eio(
+                "read",
+                self.describe(),
+                first * SECTOR_SIZE,
+                "the sectors read are on the unreadable list: their data was lost".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn place_offset(&self, p: Place) -> (&dyn BlockDevice, u64) {
@@ -299,18 +355,13 @@ impl Bbr {
     fn read_piece(&self, buf: &mut [u8], p: &ChunkPiece, offset: u64) -> Result<()> {
         let first = offset / SECTOR_SIZE;
         let end = first + p.len / SECTOR_SIZE;
-        if self.unreadable.intersects(first, end) {
-            return Err(eio(
-                "read",
-                self.describe(),
-                offset,
-                "the sectors read are on the unreadable list: their data was lost".into(),
-            ));
-        }
-        let (place, _guard) = self.resolve(p.chunk)?;
+        self.check_listed(first, end)?;
+        let place = self.locate(p.chunk)?;
         let (dev, base) = self.place_offset(place);
         match dev.read_at(buf, base + p.offset_in_chunk) {
-            Ok(()) => Ok(()),
+            // Listed meanwhile: a relocation that could not read these sectors committed
+            // (it lists them first), and the spare holds zeros there.
+            Ok(()) => self.check_listed(first, end),
             Err(e) if is_media_error(&e) => {
                 self.counters.read_errors.fetch_add(1, Ordering::SeqCst);
                 let bad = probe(dev, base + p.offset_in_chunk, p.len)
@@ -359,7 +410,14 @@ impl Bbr {
                     self.describe()
                 )));
             }
-            let (place, guard) = self.resolve(p.chunk)?;
+            let (place, guard) = match self.route(p.chunk)? {
+                Ok(routed) => routed,
+                Err(pending) => {
+                    // Its outcome does not matter: the next round routes again.
+                    let _ = pending.wait();
+                    continue;
+                }
+            };
             let (dev, base) = self.place_offset(place);
             let r = match failed.take() {
                 Some(e) if place == Place::Device(p.chunk) => Err(e),
@@ -497,28 +555,14 @@ impl Bbr {
         spare_at: u64,
     ) -> Result<()> {
         let mut buf = AlignedBuf::zeroed(mem_usize(len));
-        let mut bad = Vec::new();
-        for (i, sector) in buf.chunks_mut(mem_usize(SECTOR_SIZE)).enumerate() {
-            let at = i as u64 * SECTOR_SIZE;
-            match src.read_at(sector, src_base + at) {
-                Ok(()) => {}
-                Err(e) if is_media_error(&e) => {
-                    sector.fill(0);
-                    bad.push(at);
-                }
-                // Not the medium (the device went away): nothing is known lost.
-                Err(e) => return Err(e),
-            }
-        }
+        // Not the medium (the device went away): nothing is known lost, no relocation.
+        let bad = read_salvaging(src, src_base, &mut buf)?;
         let first_sector = self.cs.first_sector(p.chunk).0;
         let (w0, w1) = (p.offset_in_chunk, p.offset_in_chunk + p.len);
         let lost: Vec<(u64, u64)> = bad
             .into_iter()
-            .filter(|&at| at < w0 || at >= w1)
-            .map(|at| {
-                let s = first_sector + at / SECTOR_SIZE;
-                (s, s + 1)
-            })
+            .filter(|&i| i * SECTOR_SIZE < w0 || i * SECTOR_SIZE >= w1)
+            .map(|i| (first_sector + i, first_sector + i + 1))
             .collect();
         if !mutation::active("bbr-salvage-not-listed") {
             self.unreadable.add(&lost)?;
@@ -528,19 +572,30 @@ impl Bbr {
     }
 
     /// The common case as one device request: when no chunk of `offset..offset+len` is
-    /// relocated and no sector of it is listed, the whole range lives on the device; the
-    /// chunks are tracked (as one piece's I/O would be) until the guards drop. `None`
-    /// otherwise: the caller goes piece by piece.
-    fn all_on_device(&self, offset: u64, len: u64) -> Result<Option<Vec<TrackedRead>>> {
+    /// relocated (or, for a `write`, being relocated) and no sector of it is listed, the
+    /// whole range lives on the device; a write's chunks are tracked (as one piece's write
+    /// would be) until the guards drop. `None` otherwise: the caller goes piece by piece.
+    fn all_on_device(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<Option<Vec<TrackedRead>>> {
         let first = offset / SECTOR_SIZE;
         if self.unreadable.intersects(first, first + len / SECTOR_SIZE) {
             return Ok(None);
         }
         let mut tracked = Vec::new();
         for p in self.cs.split(offset, len) {
-            match self.tracker.route_read(p.chunk)? {
-                ReadRoute::Unmapped(t) => tracked.push(t),
-                ReadRoute::Remapped(_) => return Ok(None),
+            if !write {
+                if self.tracker.index().contains(p.chunk) {
+                    return Ok(None);
+                }
+                continue;
+            }
+            match self.route(p.chunk)? {
+                Ok((Place::Device(_), t)) => tracked.push(t),
+                Ok((Place::Spare(_), _)) | Err(_) => return Ok(None),
             }
         }
         Ok(Some(tracked))
@@ -582,8 +637,7 @@ impl Bbr {
 
     /// Where chunk `c` of the device lives now: `None` on the device, `Some(spare)`.
     pub fn relocation_of(&self, c: Chunk) -> Result<Option<Chunk>> {
-        let (place, _guard) = self.resolve(c)?;
-        Ok(match place {
+        Ok(match self.locate(c)? {
             Place::Device(_) => None,
             Place::Spare(s) => Some(s),
         })
@@ -608,20 +662,43 @@ fn free_data_chunks(u: &Usage, cs: ChunkSize) -> u64 {
         .saturating_sub(slots_below(hi).saturating_sub(slots_below(lo)))
 }
 
-/// The sectors of `off..off+len` on `dev` that fail to read with a media error, as ranges
-/// of sector indices relative to `off`.
-fn probe(dev: &dyn BlockDevice, off: u64, len: u64) -> Vec<(u64, u64)> {
-    let mut sector = AlignedBuf::zeroed(mem_usize(SECTOR_SIZE));
-    let mut bad: Vec<(u64, u64)> = Vec::new();
-    for i in 0..len / SECTOR_SIZE {
-        if dev
-            .read_at(&mut sector, off + i * SECTOR_SIZE)
-            .is_err_and(|e| is_media_error(&e))
-        {
-            match bad.last_mut() {
-                Some((_, e)) if *e == i => *e = i + 1,
-                _ => bad.push((i, i + 1)),
+/// Reads `buf.len()` bytes at `off` of `dev` piece by piece, 512 bytes at a time (4 KiB
+/// at a time on a device that refuses 512-byte requests, a 4Kn disk under `O_DIRECT`);
+/// a piece that fails with a media error is left as zeros. Returns the indices of the
+/// 512-byte sectors left as zeros; any other error is returned as it is.
+fn read_salvaging(dev: &dyn BlockDevice, off: u64, buf: &mut [u8]) -> Result<Vec<u64>> {
+    'unit: for unit in [SECTOR_SIZE, 8 * SECTOR_SIZE] {
+        let mut bad = Vec::new();
+        for (i, piece) in buf.chunks_mut(mem_usize(unit)).enumerate() {
+            let at = i as u64 * unit;
+            match dev.read_at(piece, off + at) {
+                Ok(()) => {}
+                Err(e) if is_media_error(&e) => {
+                    piece.fill(0);
+                    let first = at / SECTOR_SIZE;
+                    bad.extend(first..first + piece.len() as u64 / SECTOR_SIZE);
+                }
+                Err(e) if unit == SECTOR_SIZE && e.errno() == libc::EINVAL => continue 'unit,
+                Err(e) => return Err(e),
             }
+        }
+        return Ok(bad);
+    }
+    Err(Error::InvalidArgument(format!(
+        "{}: no read size works to find the unreadable sectors",
+        dev.describe()
+    )))
+}
+
+/// The sectors of `off..off+len` on `dev` that fail to read with a media error, as ranges
+/// of sector indices relative to `off` (empty when they cannot be told apart).
+fn probe(dev: &dyn BlockDevice, off: u64, len: u64) -> Vec<(u64, u64)> {
+    let mut scratch = AlignedBuf::zeroed(mem_usize(len));
+    let mut bad: Vec<(u64, u64)> = Vec::new();
+    for i in read_salvaging(dev, off, &mut scratch).unwrap_or_default() {
+        match bad.last_mut() {
+            Some((_, e)) if *e == i => *e = i + 1,
+            _ => bad.push((i, i + 1)),
         }
     }
     bad
@@ -634,10 +711,15 @@ impl BlockDevice for Bbr {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
-        if let Some(_tracked) = self.all_on_device(offset, buf.len() as u64)? {
+        if self
+            .all_on_device(offset, buf.len() as u64, false)?
+            .is_some()
+        {
+            let first = offset / SECTOR_SIZE;
             match self.data.read_at(buf, offset) {
+                Ok(()) => return self.check_listed(first, first + buf.len() as u64 / SECTOR_SIZE),
                 Err(e) if is_media_error(&e) => {} // piece by piece, to list what failed
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
         for p in self.cs.split(offset, buf.len() as u64) {
@@ -650,11 +732,11 @@ impl BlockDevice for Bbr {
     fn write_at(&self, buf: &[u8], offset: u64, fua: Fua) -> Result<()> {
         check_request(self.size(), offset, buf.len() as u64)?;
         let mut failed = None;
-        if let Some(tracked) = self.all_on_device(offset, buf.len() as u64)? {
+        if let Some(tracked) = self.all_on_device(offset, buf.len() as u64, true)? {
             match self.data.write_at(buf, offset, fua) {
-                // Piece by piece: the piece the error names is relocated without another
-                // try; the others are written again (the same bytes at the same place),
-                // and relocated if they fail too.
+                // Piece by piece: a one-chunk request's chunk is relocated without
+                // another try; the pieces of a longer one are written again (the same
+                // bytes at the same place) and relocated if they fail.
                 Err(e) if is_media_error(&e) => {
                     drop(tracked);
                     failed = Some(e);
@@ -662,12 +744,13 @@ impl BlockDevice for Bbr {
                 other => return other,
             }
         }
-        let failing = failed.as_ref().map(|e| match e {
-            Error::Io { offset: at, .. } if (offset..offset + buf.len() as u64).contains(at) => {
-                self.cs.chunk_of_byte(*at)
-            }
-            _ => self.cs.chunk_of_byte(offset),
-        });
+        // A request inside one chunk failed there; a longer one may have failed anywhere
+        // (a file reports the request's offset, not the sector's): every piece is tried.
+        let single = self.cs.chunk_range(offset, buf.len() as u64).count() == 1;
+        let failing = failed
+            .is_some()
+            .then(|| self.cs.chunk_of_byte(offset))
+            .filter(|_| single);
         for p in self.cs.split(offset, buf.len() as u64) {
             let at = offset + p.buf_offset;
             let known = failed.take_if(|_| failing == Some(p.chunk));
@@ -686,14 +769,23 @@ impl BlockDevice for Bbr {
     /// Listed sectors stay listed: a discard writes nothing.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_request(self.size(), offset, len)?;
-        if let Some(_tracked) = self.all_on_device(offset, len)? {
+        if let Some(_tracked) = self.all_on_device(offset, len, true)? {
             return self.data.discard(offset, len);
         }
         for p in self.cs.split(offset, len) {
-            let (place, _tracked) = self.resolve(p.chunk)?;
-            if let Place::Device(c) = place {
-                self.data
-                    .discard(self.cs.byte_offset(c) + p.offset_in_chunk, p.len)?;
+            loop {
+                match self.route(p.chunk)? {
+                    Ok((Place::Device(c), _tracked)) => {
+                        self.data
+                            .discard(self.cs.byte_offset(c) + p.offset_in_chunk, p.len)?;
+                    }
+                    Ok((Place::Spare(_), _)) => {}
+                    Err(pending) => {
+                        let _ = pending.wait();
+                        continue;
+                    }
+                }
+                break;
             }
         }
         Ok(())
