@@ -268,9 +268,9 @@ impl Pool {
         self.open_volume_file_with(path, expected, false)
     }
 
-    /// [`open_volume_file`](Self::open_volume_file), with `sync` every write durable when it
-    /// returns (`O_DSYNC`): the file under a `bbr` layer, whose write errors must come
-    /// from the write that failed.
+    /// [`open_volume_file`](Self::open_volume_file); with `sync`, for a file whose write
+    /// errors must come from the write that failed (under a `bbr` layer, and its spare
+    /// file): `O_DIRECT | O_DSYNC` ([`FileDevice::open_exclusive_sync`]).
     pub(crate) fn open_volume_file_with(
         &self,
         path: &Path,
@@ -278,7 +278,7 @@ impl Pool {
         sync: bool,
     ) -> Result<FileDevice> {
         let dev = if sync {
-            FileDevice::open_exclusive_sync(path, self.direct)?
+            FileDevice::open_exclusive_sync(path)?
         } else {
             FileDevice::open_exclusive(path, self.direct)?
         };

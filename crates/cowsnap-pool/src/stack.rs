@@ -104,6 +104,14 @@ pub(crate) enum WeakLayer {
 }
 
 impl WeakLayer {
+    /// True while the layer lives (takes no reference: a check never ends a stack).
+    fn alive(&self) -> bool {
+        match self {
+            WeakLayer::Target(w) => w.strong_count() > 0,
+            WeakLayer::Bbr(w) => w.strong_count() > 0,
+        }
+    }
+
     fn upgrade(&self) -> Option<BuiltLayer> {
         match self {
             WeakLayer::Target(w) => w.upgrade().map(BuiltLayer::Target),
@@ -415,7 +423,7 @@ impl Pool {
         }
         let mut running = self.running.lock();
         // Stacks whose volumes are gone.
-        running.retain(|_, (_, _, weak)| weak.iter().all(|w| w.upgrade().is_some()));
+        running.retain(|_, (_, _, weak)| weak.iter().all(WeakLayer::alive));
         if built.is_empty() {
             running.remove(volume);
         } else {
@@ -452,7 +460,8 @@ impl Pool {
         seen: &mut HashMap<FileId, String>,
     ) -> Result<Arc<Bbr>> {
         let path = self.resolve(&b.spares);
-        let dev = self.open_volume_file(&path, b.id)?;
+        // A spare whose write fails must say so at once (another spare is tried).
+        let dev = self.open_volume_file_with(&path, b.id, true)?;
         let id = dev.id()?;
         if let Some(other) = seen.get(&id) {
             return Err(Error::SameFile(format!(

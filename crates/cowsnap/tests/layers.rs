@@ -362,7 +362,8 @@ fn ext4_on_bbr_over_bad_blocks_through_fuse_and_loop_with_a_live_snapshot() {
     // one relocation each.
     let relocations = u64_of(&bbr, "relocations");
     assert!((1..=failing).contains(&relocations), "{failing}: {bbr}");
-    assert_eq!(u64_of(&bbr, "write_errors"), relocations, "{bbr}");
+    // Two requests failing on one chunk count two errors for its one relocation.
+    assert!(u64_of(&bbr, "write_errors") >= relocations, "{bbr}");
     assert_eq!(bbr["state"], "ok", "{bbr}");
     assert_eq!(u64_of(&bbr, "unreadable_sectors"), 0, "{bbr}");
     assert_eq!(u64_of(&bbr, "spare_failures"), 0, "{bbr}");

@@ -53,7 +53,11 @@ impl FileDevice {
     }
 
     fn open_direct_with(path: &Path, exclusive: bool) -> Result<Self> {
-        let dev = Self::open_with(path, false, true, exclusive)?;
+        Self::open_direct_flags(path, exclusive, false)
+    }
+
+    fn open_direct_flags(path: &Path, exclusive: bool, sync: bool) -> Result<Self> {
+        let dev = Self::open_flags(path, false, true, exclusive, sync)?;
         // Probe: a 512-byte read at 0 into an aligned buffer.
         if dev.size >= 512 {
             let mut probe = AlignedBuf::zeroed(512);
@@ -82,13 +86,23 @@ impl FileDevice {
         Ok(dev)
     }
 
-    /// [`open_exclusive`](Self::open_exclusive) with `O_DSYNC` as well: every write is
-    /// durable when it returns, so a write the device cannot store fails itself. Through
-    /// the page cache alone it would succeed and its error surface at a later flush,
-    /// naming no write; a bad-block relocation layer needs the failing write.
-    pub fn open_exclusive_sync(path: impl AsRef<Path>, direct: bool) -> Result<Self> {
+    /// [`open_exclusive`](Self::open_exclusive) for a device whose write errors must come
+    /// back to the write that failed (the device under a bad-block relocation layer):
+    /// `O_DIRECT | O_DSYNC`, so a write goes to the device and is durable when it returns.
+    /// Through the page cache a failing write succeeds, and its error surfaces later, to
+    /// whichever write or flush of the file checks first. Where the file system refuses
+    /// `O_DIRECT` (tmpfs: memory has no bad blocks) it falls back to `O_DSYNC`; see
+    /// [`is_direct`](Self::is_direct).
+    pub fn open_exclusive_sync(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let dev = Self::open_flags(path, false, direct, true, true)?;
+        let dev = match Self::open_direct_flags(path, true, true) {
+            Ok(dev) => dev,
+            Err(Error::InvalidArgument(_)) => Self::open_flags(path, false, false, true, true)?,
+            Err(Error::Io { cause, .. }) if cause.raw_os_error() == Some(libc::EINVAL) => {
+                Self::open_flags(path, false, false, true, true)?
+            }
+            Err(e) => return Err(e),
+        };
         super::claim::claim(&dev.file, &dev.path.display().to_string())?;
         Ok(dev)
     }
@@ -384,6 +398,29 @@ impl BlockDevice for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_device_is_opened_dsync_and_direct_where_it_can_be() {
+        let dir = crate::testkit::scratch("filedev-sync");
+        let path = dir.join("f");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let dev = FileDevice::open_exclusive_sync(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&dev.file);
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        let dsync = rustix::fs::OFlags::DSYNC.bits();
+        assert_ne!(flags & dsync, 0, "O_DSYNC: {flags:o}");
+        let direct = rustix::fs::OFlags::DIRECT.bits();
+        assert_eq!(flags & direct != 0, dev.is_direct(), "{flags:o}");
+        let data = AlignedBuf::zeroed(4096);
+        dev.write_at(&data, 4096, Fua::No).unwrap();
+        // A second exclusive open is refused: the claim holds.
+        assert!(FileDevice::open_exclusive_sync(&path).is_err());
+    }
 
     #[test]
     fn file_device_round_trips_and_punches_holes() {

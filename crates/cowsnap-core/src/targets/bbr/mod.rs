@@ -356,34 +356,48 @@ impl Bbr {
         let first = offset / SECTOR_SIZE;
         let end = first + p.len / SECTOR_SIZE;
         self.check_listed(first, end)?;
-        let place = self.locate(p.chunk)?;
-        let (dev, base) = self.place_offset(place);
-        match dev.read_at(buf, base + p.offset_in_chunk) {
-            // Listed meanwhile: a relocation that could not read these sectors committed
-            // (it lists them first), and the spare holds zeros there.
-            Ok(()) => self.check_listed(first, end),
-            Err(e) if is_media_error(&e) => {
-                self.counters.read_errors.fetch_add(1, Ordering::SeqCst);
-                let bad = probe(dev, base + p.offset_in_chunk, p.len)
-                    .into_iter()
-                    .map(|(s, e)| (first + s, first + e))
-                    .collect::<Vec<_>>();
-                // Listed even if nothing failed on the probe (an intermittent error): the
-                // read failed, so its data may be lost.
-                let bad = if bad.is_empty() {
-                    vec![(first, end)]
-                } else {
-                    bad
-                };
-                if let Err(le) = self.unreadable.add(&bad) {
-                    return Err(Error::Invalid(format!(
-                        "{e}; and the unreadable list could not be written: {le}"
-                    )));
-                }
-                Err(e)
+        let mut place = self.locate(p.chunk)?;
+        // A read of a place that was moved meanwhile is read again where the data is now;
+        // each round follows a committed relocation, so this ends.
+        for _ in 0..=SPARE_ATTEMPTS {
+            let (dev, base) = self.place_offset(place);
+            let e = match dev.read_at(buf, base + p.offset_in_chunk) {
+                // Listed meanwhile: a relocation that could not read these sectors
+                // committed (it lists them first), and the spare holds zeros there.
+                Ok(()) => return self.check_listed(first, end),
+                Err(e) if is_media_error(&e) => e,
+                Err(e) => return Err(e),
+            };
+            let bad: Vec<(u64, u64)> = probe(dev, base + p.offset_in_chunk, p.len)
+                .into_iter()
+                .map(|(s, e)| (first + s, first + e))
+                .collect();
+            let now = self.locate(p.chunk)?;
+            if now != place {
+                place = now;
+                continue;
             }
-            Err(e) => Err(e),
+            self.counters.read_errors.fetch_add(1, Ordering::SeqCst);
+            // Listed even if nothing failed on the probe (an intermittent error): the read
+            // failed, so its data may be lost.
+            let bad = if bad.is_empty() {
+                vec![(first, end)]
+            } else {
+                bad
+            };
+            if let Err(le) = self.unreadable.add(&bad) {
+                return Err(Error::Invalid(format!(
+                    "{e}; and the unreadable list could not be written: {le}"
+                )));
+            }
+            return Err(e);
         }
+        Err(eio(
+            "read",
+            self.describe(),
+            offset,
+            format!("chunk {} kept moving while it was read", p.chunk),
+        ))
     }
 
     /// Writes piece `p` where its chunk lives, relocating it if that fails with a media
@@ -423,26 +437,22 @@ impl Bbr {
                 Some(e) if place == Place::Device(p.chunk) => Err(e),
                 _ => dev.write_at(data, base + p.offset_in_chunk, fua),
             };
-            drop(guard);
             match r {
                 Ok(()) => {
                     if self.unreadable.intersects(first, end) {
-                        // Off the list only once the new data is durable.
+                        // Off the list only once the new data is durable, and while the
+                        // write is still tracked: a relocation of this chunk that lists
+                        // these sectors must not start until the list is cleared.
                         dev.flush()?;
                         self.unreadable.clear(first, end)?;
                     }
                     return Ok(());
                 }
                 Err(e) if is_media_error(&e) => {
+                    drop(guard);
                     self.counters.write_errors.fetch_add(1, Ordering::SeqCst);
                     match self.relocate(place, data, p, &mut spare_tries, &e)? {
-                        Relocated::Done => {
-                            // The commit made the spare's data durable.
-                            if self.unreadable.intersects(first, end) {
-                                self.unreadable.clear(first, end)?;
-                            }
-                            return Ok(());
-                        }
+                        Relocated::Done => return Ok(()),
                         Relocated::Again => {}
                     }
                 }
@@ -537,9 +547,21 @@ impl Bbr {
             self.tracker.fail(owned, ce);
             return Err(refuse(&why));
         }
+        // The commit made the written sectors durable on the spare: off the list, before
+        // the chunk is released to others (a relocation of the spare in turn lists what
+        // it cannot read only after this).
+        let (first, end) = (
+            self.cs.first_sector(p.chunk).0 + p.offset_in_chunk / SECTOR_SIZE,
+            self.cs.first_sector(p.chunk).0 + (p.offset_in_chunk + p.len) / SECTOR_SIZE,
+        );
+        let cleared = if self.unreadable.intersects(first, end) {
+            self.unreadable.clear(first, end)
+        } else {
+            Ok(())
+        };
         self.tracker.complete(owned)?;
         self.counters.relocated.fetch_add(1, Ordering::SeqCst);
-        Ok(Relocated::Done)
+        cleared.map(|()| Relocated::Done)
     }
 
     /// The failing place could not be read whole: reads it sector by sector, lists the
