@@ -43,7 +43,7 @@ mod staging;
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Seek};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1171,7 +1171,9 @@ fn permission_warnings(pool: &Pool) -> Vec<String> {
 /// The exclusive hold of a pool by one process (a daemon, or a command acting on the files).
 ///
 /// It is an advisory `flock` on `DIR/daemon.lock`, released when dropped or when the
-/// process dies; the file holds the holder's pid for error messages.
+/// process dies. Who holds it is found in `/proc` (the processes with the file open); the
+/// file also holds the holder's pid, written in one write at its start (never truncated
+/// first, so a reader never finds it empty), for processes `/proc` does not show.
 #[derive(Debug)]
 pub struct PoolLock {
     _file: fs::File,
@@ -1180,6 +1182,17 @@ pub struct PoolLock {
 impl PoolLock {
     /// Takes the lock, or fails at once naming the holder.
     pub fn acquire(dir: &Path) -> Result<PoolLock> {
+        Self::acquire_waiting(dir, std::time::Duration::ZERO, &mut |_| {})
+    }
+
+    /// Takes the lock, waiting up to `timeout` while another process holds it (two
+    /// commands at once take turns, as lvm's do); `waiting` is called once, with a message
+    /// naming the holder, when the wait begins. Fails after `timeout` naming the holder.
+    pub fn acquire_waiting(
+        dir: &Path,
+        timeout: std::time::Duration,
+        waiting: &mut dyn FnMut(&str),
+    ) -> Result<PoolLock> {
         if !dir.join(MANIFEST).exists() {
             // The manifest's own error says what to do.
             Manifest::load(dir)?;
@@ -1194,19 +1207,60 @@ impl PoolLock {
             .open(&path)
             .map_err(|e| Error::io("open", 0, path.display().to_string(), e))?;
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            return Err(Error::InUse(format!(
-                "pool {} is in use by another cowsnap process (pid {})",
+            let why = format!(
+                "pool {} is in use by another cowsnap process ({})",
                 dir.display(),
-                pid.trim()
-            )));
+                lock_holder(&mut file)
+            );
+            if timeout.is_zero() {
+                return Err(Error::InUse(why));
+            }
+            waiting(&format!(
+                "{why}: waiting up to {} s for it",
+                timeout.as_secs()
+            ));
+            // A blocking flock in a thread of its own, waited for with a timeout: the
+            // kernel wakes a blocked waiter when the holder lets go, so a loop of short
+            // holders (a monitoring `status`) cannot starve it as polling would be. A
+            // waiter given up on takes the lock at worst after its caller went, and lets
+            // go of it at once (its handle is the last on the file).
+            let blocked = file
+                .try_clone()
+                .map_err(|e| Error::io("dup", 0, path.display().to_string(), e))?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let got = rustix::fs::flock(&blocked, rustix::fs::FlockOperation::LockExclusive);
+                let _ = tx.send(got.is_ok());
+                drop(blocked);
+            });
+            match rx.recv_timeout(timeout) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return Err(Error::InUse(why)),
+            }
         }
-        let _ = file.set_len(0);
-        let _ = file.rewind();
-        let _ = write!(file, "{}", std::process::id());
+        // One write at the start: padded, so an earlier, longer pid leaves no digits.
+        let _ = std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            format!("{:<20}\n", std::process::id()).as_bytes(),
+            0,
+        );
         Ok(PoolLock { _file: file })
     }
+}
+
+/// Who holds the pool lock `file`: the other processes that have it open (from `/proc`),
+/// else the pid its holder wrote.
+fn lock_holder(file: &mut fs::File) -> String {
+    let others = FileId::of_file(file, "daemon.lock")
+        .map(|id| cowsnap_core::dev::claim::holders(&id))
+        .unwrap_or_default();
+    if !others.is_empty() {
+        return others.join(", ");
+    }
+    let mut pid = String::new();
+    let _ = file.rewind();
+    let _ = file.read_to_string(&mut pid);
+    format!("pid {}", pid.trim())
 }
 
 #[cfg(test)]

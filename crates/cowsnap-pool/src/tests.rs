@@ -4,6 +4,7 @@ use super::*;
 use cowsnap_core::copy::Copier;
 use cowsnap_core::dev::Fua;
 use cowsnap_core::exception::index::IndexState;
+use std::time::Duration;
 
 /// A pool directory `SCRATCH/pool`, not yet created; files a test puts beside it stay in
 /// the scratch directory, which goes away with it (also when the test fails).
@@ -502,6 +503,24 @@ fn one_process_holds_a_pool() {
     );
     drop(held);
     PoolLock::acquire(&dir).unwrap();
+    // A waiter gets the lock when its holder lets go; a short wait gives up naming it.
+    let held = PoolLock::acquire(&dir).unwrap();
+    let mut told = Vec::new();
+    let e = PoolLock::acquire_waiting(&dir, Duration::from_millis(100), &mut |m| {
+        told.push(m.to_string());
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string().contains(&std::process::id().to_string()),
+        "{e}"
+    );
+    assert_eq!(told.len(), 1, "{told:?}");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    PoolLock::acquire_waiting(&dir, Duration::from_secs(30), &mut |_| {}).unwrap();
+    release.join().unwrap();
     fs::remove_dir_all(&dir).unwrap();
 }
 

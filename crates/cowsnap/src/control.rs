@@ -234,7 +234,8 @@ pub fn set_timeout(timeout: Duration) {
     let _ = TIMEOUT.set(timeout);
 }
 
-fn timeout() -> Duration {
+/// How long commands wait for the daemon, and for the pool's lock.
+pub(crate) fn timeout() -> Duration {
     TIMEOUT.get().copied().unwrap_or(DEFAULT_TIMEOUT)
 }
 

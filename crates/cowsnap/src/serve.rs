@@ -194,6 +194,27 @@ fn export_for(
     Ok(Arc::new(e))
 }
 
+/// The pool's lock for a daemon: a daemon serving the pool already is refused at once; a
+/// command holding it for a moment (a `status` in a monitoring loop) is waited for.
+fn take_pool(dir: &Path) -> Result<PoolLock> {
+    match PoolLock::acquire(dir) {
+        Ok(lock) => Ok(lock),
+        Err(e)
+            if crate::control::call(dir, &crate::control::Request::List)
+                .ok()
+                .flatten()
+                .is_some() =>
+        {
+            Err(e.into())
+        }
+        Err(_) => Ok(PoolLock::acquire_waiting(
+            dir,
+            crate::control::timeout(),
+            &mut |m| eprintln!("cowsnap: {m}"),
+        )?),
+    }
+}
+
 /// Set when the daemon stops: from then on an invalid snapshot's flush succeeds.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
@@ -578,7 +599,7 @@ pub fn run(dir: &Path, args: ServeArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    let _lock = PoolLock::acquire(dir)?;
+    let _lock = take_pool(dir)?;
     let mut pool = Pool::open(dir)?;
     pool.set_direct(args.direct);
     pool.set_cache_bytes(args.cache_size);

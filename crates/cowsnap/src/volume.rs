@@ -165,8 +165,55 @@ pub fn pool_dir(pool: Option<&Path>) -> Result<PathBuf> {
     })
 }
 
+/// How a command reaches the pool when no daemon answered at first.
+pub(crate) enum Access {
+    /// It holds the pool's lock.
+    Locked(PoolLock),
+    /// A daemon started serving the pool while it waited: go through the daemon.
+    Daemon,
+}
+
+/// Waits for the pool's lock while another process holds it, up to `--timeout` (commands
+/// take turns, as lvm's do), saying once whom it waits for; between short waits it asks
+/// whether a daemon now serves the pool (one starting up holds the lock for good).
+pub(crate) fn wait_for_pool(dir: &Path) -> Result<Access> {
+    let first = match PoolLock::acquire(dir) {
+        Ok(lock) => return Ok(Access::Locked(lock)),
+        Err(e) => e,
+    };
+    let timeout = control::timeout();
+    eprintln!(
+        "cowsnap: {first}: waiting up to {} s for it",
+        timeout.as_secs()
+    );
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match PoolLock::acquire_waiting(
+            dir,
+            left.min(std::time::Duration::from_millis(250)),
+            &mut |_| {},
+        ) {
+            Ok(lock) => return Ok(Access::Locked(lock)),
+            Err(e) if left.is_zero() => return Err(e.into()),
+            Err(_) => {
+                if control::call(dir, &Request::List)?.is_some() {
+                    return Ok(Access::Daemon);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the pool's lock ([`wait_for_pool`]) and opens the pool.
 pub(crate) fn locked(dir: &Path) -> Result<(PoolLock, Pool)> {
-    let lock = PoolLock::acquire(dir)?;
+    let lock = match wait_for_pool(dir)? {
+        Access::Locked(lock) => lock,
+        Access::Daemon => bail!(
+            "a daemon started serving pool {} while this command waited for it: run the command again to go through the daemon",
+            dir.display()
+        ),
+    };
     let pool = Pool::open(dir)?;
     for n in pool.notes() {
         eprintln!("cowsnap: {n}");
@@ -304,11 +351,19 @@ pub(crate) fn volumes(dir: &Path, only: Option<&str>) -> Result<Vec<VolumeInfo>>
         Some(name) => Request::Status { name: name.into() },
         None => Request::List,
     };
-    match control::call(dir, &req)? {
-        Some(reply) => Ok(daemon_reply(reply)?.volumes),
-        None => {
-            let (_lock, pool) = locked(dir)?;
-            Ok(pool.list_offline(Arc::new(Copier::default()), only)?)
+    loop {
+        if let Some(reply) = control::call(dir, &req)? {
+            return Ok(daemon_reply(reply)?.volumes);
+        }
+        // A daemon that started while this waited for the pool answers the next round.
+        if let Access::Locked(lock) = wait_for_pool(dir)? {
+            let pool = Pool::open(dir)?;
+            for n in pool.notes() {
+                eprintln!("cowsnap: {n}");
+            }
+            let out = pool.list_offline(Arc::new(Copier::default()), only)?;
+            drop(lock);
+            return Ok(out);
         }
     }
 }
