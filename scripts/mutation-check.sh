@@ -41,6 +41,7 @@ mutations=(
   "bbr-salvage-not-listed@cowsnap-core@bbr@a_relocation_that_lost_a_sector_survives_a_power_cut_at_every_step"
   "layered-origin-file-holes@cowsnap@layers@block_status_of_an_origin_on_layers_is_the_volumes_not_its_files"
   "bbr-writes-ignore-pending@cowsnap-core@bbr@a_write_during_a_relocation_waits_for_it"
+  "bbr-cleared-untracked@cowsnap-core@bbr@a_relocation_waits_for_a_write_that_clears_the_list"
   "bbr-relocation-not-drained@cowsnap-core@bbr@a_relocation_waits_for_writes_already_going_to_the_failing_chunk"
   "merge-switched-before-record@cowsnap@control_crash@a_merge_killed_at_any_control_step_finishes_at_the_next_start"
 )

@@ -453,6 +453,51 @@ fn a_write_during_a_relocation_waits_for_it() {
     );
 }
 
+/// A write over a listed sector, still clearing the list when a neighbouring write fails
+/// and relocates the chunk: the relocation waits for it, so the sector reads the write's
+/// data or (when the device cannot give it back) EIO, never the zeros the salvage put on
+/// the spare. Fails with the mutation `bbr-cleared-untracked`.
+#[test]
+fn a_relocation_waits_for_a_write_that_clears_the_list() {
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(&pattern(1, 0, 16 * CS)));
+    let gated = Arc::new(GatedDevice::new(mem));
+    let disk = Media::new(gated.clone());
+    let bbr = Bbr::in_memory(
+        disk.clone(),
+        relocation_store(Arc::new(MemDevice::new(16 * CS))),
+    )
+    .unwrap();
+    // Sector 2*8 (X) cannot be read: a read lists it.
+    disk.bad_reads.lock().insert(2 * 8);
+    assert!(read(&*bbr, 2 * CS, 512).is_err());
+    assert_eq!(bbr.unreadable().ranges(), vec![(16, 1)]);
+    // Sectors 4..8 of chunk 2 fail writes.
+    disk.bad_writes.lock().extend(2 * 8 + 4..2 * 8 + 8);
+    let x = pattern(51, 0, 512);
+    let other = pattern(52, 0, 2048);
+    // Hold the flush the write over X makes before it clears X from the list.
+    let gate = gated.gate(OpKind::Flush, 0, 0, 1);
+    thread::scope(|s| {
+        let b1 = bbr.clone();
+        let xd = x.clone();
+        let w1 = s.spawn(move || b1.write_at(&xd, 2 * CS, Fua::No));
+        gate.wait_arrived(1);
+        let b2 = bbr.clone();
+        let od = other.clone();
+        let w2 = s.spawn(move || b2.write_at(&od, 2 * CS + 2048, Fua::No));
+        wait_until(|| bbr.exceptions().drain_waits() >= 1 || w2.is_finished());
+        gate.release();
+        w1.join().unwrap().unwrap();
+        w2.join().unwrap().unwrap();
+    });
+    assert!(bbr.relocation_of(Chunk(2)).unwrap().is_some());
+    match read(&*bbr, 2 * CS, 512) {
+        Ok(got) => assert_eq!(got, x, "sector X reads as other data"),
+        Err(e) => assert_eq!(e.errno(), libc::EIO),
+    }
+    assert_eq!(read(&*bbr, 2 * CS + 2048, 2048).unwrap(), other);
+}
+
 /// A power cut at every write and flush of a relocation (spare data, flush, table area),
 /// with every subset of unflushed sectors surviving: after restart the chunk reads either
 /// its old data (the write was not acknowledged) or the relocated data, and never both

@@ -439,6 +439,9 @@ impl Bbr {
             };
             match r {
                 Ok(()) => {
+                    if mutation::active("bbr-cleared-untracked") {
+                        drop(guard);
+                    }
                     if self.unreadable.intersects(first, end) {
                         // Off the list only once the new data is durable, and while the
                         // write is still tracked: a relocation of this chunk that lists
