@@ -1485,7 +1485,7 @@ pub(super) fn list_offline(
         match FileDevice::open_read_only(&path) {
             Ok(dev) => {
                 let base = dev.size();
-                let top = offline_stack(Arc::new(dev), &o.layers);
+                let top = stack::offline_stack(Arc::new(dev), &o.layers, |_| true);
                 if wanted(&o.name) {
                     let mut info = match &top {
                         Ok(t) => VolumeInfo::origin(&o.name, t.size(), &path),
@@ -1525,7 +1525,7 @@ pub(super) fn list_offline(
                 Error::WrongState(format!("its origin {:?} is not available", s.origin))
             })?;
             let cow: Arc<dyn BlockDevice> = Arc::new(FileDevice::open_read_only(&path)?);
-            let cow = offline_stack(cow, &s.cow_layers)?;
+            let cow = stack::offline_stack(cow, &s.cow_layers, |_| true)?;
             let store = PersistentStore::open(
                 cow,
                 Some(s.chunk_size()?),
@@ -1557,20 +1557,4 @@ pub(super) fn list_offline(
         }
     }
     Ok(out)
-}
-
-/// A stack read offline: the layers that need no file of their own are built over `base`
-/// (so `linear` moves and sizes it as it will be served); a `bbr` layer is left out (its
-/// spare file belongs to the daemon that serves it; listing needs sizes, not its data).
-fn offline_stack(
-    base: Arc<dyn BlockDevice>,
-    layers: &[LayerEntry],
-) -> Result<Arc<dyn BlockDevice>> {
-    let mut top = base;
-    for l in layers {
-        if let LayerEntry::Target(spec) = l {
-            top = spec.build(top)?.as_device();
-        }
-    }
-    Ok(top)
 }

@@ -1126,14 +1126,9 @@ fn invalidate_cow_file(path: &Path, entry: &SnapshotEntry) -> Result<()> {
             path.display()
         )));
     }
-    let mut dev: Arc<dyn BlockDevice> = Arc::new(file);
-    for l in &entry.cow_layers {
-        if let manifest::LayerEntry::Target(spec @ cowsnap_core::layers::LayerSpec::Linear { .. }) =
-            l
-        {
-            dev = spec.build(dev)?.as_device();
-        }
-    }
+    let dev = stack::offline_stack(Arc::new(file), &entry.cow_layers, |spec| {
+        matches!(spec, cowsnap_core::layers::LayerSpec::Linear { .. })
+    })?;
     let store = PersistentStore::open(dev, None, false)?;
     if store.is_fresh() {
         return Ok(());

@@ -500,13 +500,14 @@ impl Pool {
 }
 
 impl Pool {
-    /// The base size and stack of volume `volume` (an origin's image, a snapshot's COW).
-    fn stack_of(&self, volume: &str) -> Result<(PathBuf, Option<FileId>, Vec<LayerEntry>, bool)> {
+    /// The file under volume `volume` (an origin's image, a snapshot's COW), its stack, and
+    /// whether the volume is an origin.
+    fn stack_of(&self, volume: &str) -> Result<(PathBuf, Vec<LayerEntry>, bool)> {
         if let Some(o) = self.manifest().origin(volume) {
-            return Ok((self.resolve(&o.path), o.id, o.layers.clone(), true));
+            return Ok((self.resolve(&o.path), o.layers.clone(), true));
         }
         if let Some(s) = self.manifest().snapshot(volume) {
-            return Ok((self.resolve(&s.cow), s.id, s.cow_layers.clone(), false));
+            return Ok((self.resolve(&s.cow), s.cow_layers.clone(), false));
         }
         Err(Error::InvalidArgument(format!(
             "no volume called {volume:?} in this pool"
@@ -536,7 +537,7 @@ impl Pool {
                 "a linear layer changes where the volume's data lies: give it when the volume is created, not to a volume that holds data".into(),
             ));
         }
-        let (path, _, layers, is_origin) = self.stack_of(volume)?;
+        let (path, layers, is_origin) = self.stack_of(volume)?;
         let base = cowsnap_core::dev::FileDevice::open_read_only(&path)?.size();
         let (mut added, staged) =
             self.stage_layers(volume, is_origin, base, &layers, std::slice::from_ref(req))?;
@@ -556,7 +557,7 @@ impl Pool {
     /// (without it the volume would read the failing device's stale data there); its spare
     /// file is deleted once the manifest no longer lists it.
     pub fn remove_layer(&mut self, volume: &str, which: &str, force: bool) -> Result<Vec<String>> {
-        let (_, _, layers, _) = self.stack_of(volume)?;
+        let (_, layers, _) = self.stack_of(volume)?;
         let i = find_layer(volume, &layers, which)?;
         let mut notes = Vec::new();
         let mut staged_removal = None;
@@ -632,11 +633,24 @@ impl Pool {
         let unreadable = UnreadableList::open(&self.bbr_unreadable_path(b))?.sectors();
         Ok((n, unreadable))
     }
+}
 
-    /// The table lines of volume `volume`'s layers, offline.
-    pub fn layer_table(&self, volume: &str) -> Result<Vec<LayerInfo>> {
-        let (path, _, layers, _) = self.stack_of(volume)?;
-        let base = cowsnap_core::dev::FileDevice::open_read_only(&path)?.size();
-        Ok(layer_infos(base, &layers, None))
+/// A stack built offline over `base` from the layers that need no file of their own and
+/// that `keep` accepts: a listing builds them all (so `linear` moves and sizes the volume
+/// as it will be served); a `bbr` is always left out (its spare file is the serving
+/// daemon's; a listing needs sizes and metadata, not relocated data).
+pub(crate) fn offline_stack(
+    base: Arc<dyn BlockDevice>,
+    layers: &[LayerEntry],
+    keep: impl Fn(&LayerSpec) -> bool,
+) -> Result<Arc<dyn BlockDevice>> {
+    let mut top = base;
+    for l in layers {
+        if let LayerEntry::Target(spec) = l {
+            if keep(spec) {
+                top = spec.build(top)?.as_device();
+            }
+        }
     }
+    Ok(top)
 }

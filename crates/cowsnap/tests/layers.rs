@@ -22,21 +22,11 @@ use std::process::Command;
 
 mod common;
 
-use common::{ci, need_tools, run, seed, wait_for, Pool};
+use common::{ci, has_volume, identical, image_of, need_tools, qemu_io, run, seed, wait_for, Pool};
 use cowsnap_core::testkit::{pattern, SplitMix};
 
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-/// `qemu-io` commands on `target`, which must all succeed.
-fn qemu_io(target: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    text(&run(c.arg(target)).stdout)
 }
 
 /// One `qemu-io` command on `target` that must fail with EIO.
@@ -51,28 +41,6 @@ fn qemu_io_eio(target: &str, cmd: &str) {
         "{cmd:?} on {target} should fail with EIO: {} {all}",
         out.status
     );
-}
-
-/// A raw copy of an NBD export into `to`.
-fn image_of(from: &str, to: &Path) {
-    let _ = std::fs::remove_file(to);
-    run(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        from,
-        to.to_str().unwrap(),
-    ]));
-}
-
-fn identical(a: &str, b: &str) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw", a, b])
-        .status()
-        .unwrap()
-        .success()
 }
 
 /// `cowsnap layer message VOLUME LAYER WORDS...`, which must succeed; its answer.
@@ -134,11 +102,6 @@ fn u64_of(v: &serde_json::Value, key: &str) -> u64 {
     v[key]
         .as_u64()
         .unwrap_or_else(|| panic!("no number {key} in {v}"))
-}
-
-fn has_volume(pool: &Pool, name: &str) -> bool {
-    let v: serde_json::Value = serde_json::from_str(&pool.ok(&["list", "--json"])).unwrap();
-    v.as_array().unwrap().iter().any(|v| v["name"] == name)
 }
 
 fn manifest_version(pool: &Pool) -> u64 {

@@ -13,50 +13,11 @@ use std::time::Duration;
 
 mod common;
 
-use common::{require_tools, run, seed, wait_for, Pool};
+use common::{has_volume, identical, image_of, qemu_io, require_tools, run, seed, wait_for, Pool};
 use cowsnap_core::testkit::SplitMix;
-
-fn qemu_io(target: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    run(c.arg(target));
-}
-
-/// A raw copy of an NBD export (or a file) into `to`.
-fn image_of(from: &str, to: &Path) {
-    let _ = std::fs::remove_file(to);
-    run(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        from,
-        to.to_str().unwrap(),
-    ]));
-}
-
-fn identical(a: &str, b: &str) -> bool {
-    Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "raw", a, b])
-        .status()
-        .unwrap()
-        .success()
-}
 
 fn volumes(pool: &Pool) -> serde_json::Value {
     serde_json::from_str(&pool.ok(&["list", "--json"])).unwrap()
-}
-
-fn has_volume(pool: &Pool, name: &str) -> bool {
-    volumes(pool)
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|v| v["name"] == name)
 }
 
 /// What a merging origin and its merging snapshot refuse.

@@ -253,3 +253,43 @@ pub fn proc_field(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap()
 }
+
+/// `qemu-io` commands on `target` (an NBD URI or a file), which must all succeed; their
+/// output.
+pub fn qemu_io(target: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    String::from_utf8_lossy(&run(c.arg(target)).stdout).into_owned()
+}
+
+/// A raw copy of an NBD export (or a file) into `to`.
+pub fn image_of(from: &str, to: &std::path::Path) {
+    let _ = std::fs::remove_file(to);
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        from,
+        to.to_str().unwrap(),
+    ]));
+}
+
+/// True when two raw images (exports or files) hold the same bytes.
+pub fn identical(a: &str, b: &str) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw", a, b])
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// True when `cowsnap list` shows a volume called `name`.
+pub fn has_volume(pool: &Pool, name: &str) -> bool {
+    let v: serde_json::Value = serde_json::from_str(&pool.ok(&["list", "--json"])).unwrap();
+    v.as_array().unwrap().iter().any(|v| v["name"] == name)
+}
